@@ -1,0 +1,381 @@
+"""Activities of ExperimentWorkflow: all database, blob-store and model work.
+
+Every activity is idempotent: Temporal may run one again after a crash, so each checks what
+is already recorded before writing, and blobs are written under keys fixed by the round.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import update as sa_update
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from fedloom_core import weights
+from fedloom_core.aggregation import UpdateFile, fedavg
+from fedloom_core.blobstore import BlobStore
+from fedloom_core.contracts import (
+    AggregateInput,
+    CompleteRoundInput,
+    EvaluateInput,
+    Evaluation,
+    FinishInput,
+    InitInput,
+    ModelRef,
+    OpenRoundInput,
+    RoundRef,
+    SelectClientsInput,
+    Selection,
+    UpdateRef,
+)
+from fedloom_core.datasets import load_test
+from fedloom_core.db import Client, ClientMetrics, Experiment, GlobalModel, Round, RoundMetrics, Update, utcnow
+from fedloom_core.models import build_model, parameters_count
+from fedloom_core.repo import emit_event, model_id_for, session_scope
+
+INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
+SELECTION_POLL_S = 0.5
+
+
+def model_key(experiment_id: str, round: int) -> str:
+    """Blob key of an experiment's global model after ``round`` (0 is the initial model)."""
+    return f"models/{experiment_id}/round-{round}.safetensors"
+
+
+def _heartbeat(*details: object) -> None:
+    if activity.in_activity():
+        activity.heartbeat(*details)
+
+
+class ExperimentActivities:
+    """The activities, bound to a database engine and a blob store."""
+
+    def __init__(self, engine: Engine, blobs: BlobStore) -> None:
+        self.engine = engine
+        self.blobs = blobs
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _store_model(self, experiment_id: str, round: int, state: dict, params: int) -> ModelRef:
+        with tempfile.TemporaryDirectory(prefix="fedloom-model-") as tmp:
+            path = Path(tmp) / "model.safetensors"
+            weights.save_state(state, path)
+            info = self.blobs.put_file(model_key(experiment_id, round), path)
+        return ModelRef(
+            model_id=model_id_for(experiment_id, round),
+            blob_key=info.key,
+            sha256=info.sha256,
+            round=round,
+            size_bytes=info.size,
+            parameters_count=params,
+        )
+
+    @contextmanager
+    def _local(self, key: str) -> Iterator[Path]:
+        with self.blobs.open_local(key) as path:
+            yield path
+
+    # -- activities ------------------------------------------------------------------------
+
+    @activity.defn(name="init_experiment")
+    def init_experiment(self, inp: InitInput) -> ModelRef:
+        """Create the initial global model (round 0) and mark the experiment running."""
+        model = build_model(inp.architecture, inp.input_shape, inp.num_classes, seed=inp.seed)
+        ref = self._store_model(inp.experiment_id, 0, model.state_dict(), parameters_count(model))
+        with session_scope(self.engine) as s:
+            if s.get(GlobalModel, ref.model_id) is None:
+                s.add(
+                    GlobalModel(
+                        model_id=ref.model_id,
+                        experiment_id=inp.experiment_id,
+                        round=0,
+                        blob_key=ref.blob_key,
+                        sha256=ref.sha256,
+                        size_bytes=ref.size_bytes,
+                        parameters_count=ref.parameters_count,
+                    )
+                )
+            exp = s.get(Experiment, inp.experiment_id)
+            if exp is not None and exp.status != "running":
+                exp.status = "running"
+                exp.started_at = exp.started_at or utcnow()
+                s.add(exp)
+        return ref
+
+    @activity.defn(name="select_clients")
+    def select_clients(self, inp: SelectClientsInput) -> Selection:
+        """Sample the round's clients, waiting (with a deadline) until enough are registered."""
+        deadline = time.monotonic() + inp.timeout_s
+        while True:
+            with session_scope(self.engine) as s:
+                clients = s.exec(select(Client).order_by(Client.client_id)).all()
+            eligible = [c.client_id for c in clients if c.status != "inactive"]
+            excluded = {c.client_id: "client is inactive" for c in clients if c.status == "inactive"}
+            if len(eligible) >= inp.min_clients:
+                break
+            if time.monotonic() >= deadline:
+                raise ApplicationError(
+                    f"only {len(eligible)} eligible client(s) after {inp.timeout_s:g}s; "
+                    f"min_clients is {inp.min_clients}",
+                    type=INSUFFICIENT_CLIENTS,
+                    non_retryable=True,
+                )
+            _heartbeat(len(eligible))
+            if activity.in_activity() and activity.is_cancelled():
+                raise activity.CancelledError() if hasattr(activity, "CancelledError") else RuntimeError("cancelled")
+            time.sleep(SELECTION_POLL_S)
+        count = min(len(eligible), max(inp.min_clients, math.ceil(inp.client_fraction * len(eligible))))
+        # Seeded by experiment and round, so a rerun with the same seed selects the same clients.
+        rng = random.Random(inp.seed * 1_000_003 + inp.round)
+        selected = sorted(rng.sample(eligible, count))
+        for cid in eligible:
+            if cid not in selected:
+                excluded[cid] = f"not sampled (client_fraction {inp.client_fraction:g})"
+        return Selection(selected=selected, excluded=excluded)
+
+    @activity.defn(name="open_round")
+    def open_round(self, inp: OpenRoundInput) -> None:
+        """Record the round as open for uploads and announce it."""
+        with session_scope(self.engine) as s:
+            existing = s.exec(
+                select(Round).where(Round.experiment_id == inp.experiment_id, Round.round == inp.round)
+            ).first()
+            if existing is not None:
+                return
+            now = utcnow()
+            s.add(
+                Round(
+                    experiment_id=inp.experiment_id,
+                    round=inp.round,
+                    status="open",
+                    selected_clients=inp.selected,
+                    global_model_id=inp.global_model.model_id,
+                    started_at=now,
+                    deadline=now + timedelta(seconds=inp.deadline_s),
+                )
+            )
+            exp = s.get(Experiment, inp.experiment_id)
+            if exp is not None:
+                exp.current_round = inp.round
+                s.add(exp)
+            for client in s.exec(select(Client).where(Client.client_id.in_(inp.selected))).all():  # type: ignore[attr-defined]
+                client.current_round = inp.round
+                s.add(client)
+            emit_event(
+                s,
+                type="round_started",
+                experiment_id=inp.experiment_id,
+                round=inp.round,
+                selected_clients=inp.selected,
+                global_model_id=inp.global_model.model_id,
+            )
+
+    @activity.defn(name="close_round")
+    def close_round(self, inp: RoundRef) -> list[UpdateRef]:
+        """Stop taking uploads for the round and return the updates it received, by client id."""
+        with session_scope(self.engine) as s:
+            # Same row the upload path updates first, so the two serialise on every database.
+            s.execute(
+                sa_update(Round)
+                .where(Round.experiment_id == inp.experiment_id, Round.round == inp.round, Round.status == "open")
+                .values(status="closed", closed_at=utcnow())
+            )
+            rows = s.exec(
+                select(Update)
+                .where(
+                    Update.experiment_id == inp.experiment_id,
+                    Update.round == inp.round,
+                    Update.validation_status != "rejected",
+                )
+                .order_by(Update.client_id)
+            ).all()
+            return [
+                UpdateRef(update_id=u.update_id, client_id=u.client_id, blob_key=u.blob_key, num_samples=u.num_samples)
+                for u in rows
+            ]
+
+    @activity.defn(name="aggregate_round")
+    def aggregate_round(self, inp: AggregateInput) -> ModelRef:
+        """Weighted FedAvg of the round's updates, streamed one update at a time."""
+        keys = {u.client_id: u.blob_key for u in inp.updates}
+
+        @contextmanager
+        def opener(update: UpdateFile) -> Iterator[Path]:
+            _heartbeat(update.client_id)
+            with self._local(keys[update.client_id]) as path:
+                yield path
+
+        files = [UpdateFile(u.client_id, Path(u.blob_key), u.num_samples) for u in inp.updates]
+        with tempfile.TemporaryDirectory(prefix="fedloom-agg-") as tmp:
+            out = Path(tmp) / "global.safetensors"
+            result = fedavg(files, out, weighted=inp.weighted, opener=opener)
+            params = sum(t.numel() for t in result.values() if t.is_floating_point())
+            del result
+            info = self.blobs.put_file(model_key(inp.experiment_id, inp.round), out)
+        return ModelRef(
+            model_id=model_id_for(inp.experiment_id, inp.round),
+            blob_key=info.key,
+            sha256=info.sha256,
+            round=inp.round,
+            size_bytes=info.size,
+            parameters_count=params,
+        )
+
+    @activity.defn(name="evaluate_model")
+    def evaluate_model(self, inp: EvaluateInput) -> Evaluation:
+        """Accuracy and loss of a global model on the server's held-out test split."""
+        from fedloom_core.training import evaluate
+
+        started = time.perf_counter()
+        model = build_model(inp.architecture, inp.input_shape, inp.num_classes)
+        with self._local(inp.model.blob_key) as path:
+            model.load_state_dict(weights.load_state(path))
+        accuracy, loss = evaluate(model, load_test(inp.dataset))
+        return Evaluation(accuracy=accuracy, loss=loss, evaluation_time=time.perf_counter() - started)
+
+    @activity.defn(name="complete_round")
+    def complete_round(self, inp: CompleteRoundInput) -> None:
+        """Persist the round's model and metrics, mark its updates accepted, and announce it."""
+        ev = inp.evaluation
+        with session_scope(self.engine) as s:
+            done = s.exec(
+                select(RoundMetrics).where(
+                    RoundMetrics.experiment_id == inp.experiment_id, RoundMetrics.round == inp.round
+                )
+            ).first()
+            if done is not None:
+                return
+            now = utcnow()
+            s.add(
+                GlobalModel(
+                    model_id=inp.model.model_id,
+                    experiment_id=inp.experiment_id,
+                    round=inp.round,
+                    blob_key=inp.model.blob_key,
+                    sha256=inp.model.sha256,
+                    size_bytes=inp.model.size_bytes,
+                    parameters_count=inp.model.parameters_count,
+                    accuracy=ev.accuracy,
+                    loss=ev.loss,
+                )
+            )
+            s.add(
+                RoundMetrics(
+                    experiment_id=inp.experiment_id,
+                    round=inp.round,
+                    global_accuracy=ev.accuracy,
+                    global_loss=ev.loss,
+                    participating_clients=len(inp.updates),
+                    round_duration=inp.round_duration,
+                    aggregation_time=inp.aggregation_time,
+                    evaluation_time=ev.evaluation_time,
+                    model_id=inp.model.model_id,
+                )
+            )
+            included = {u.update_id for u in inp.updates}
+            rows = s.exec(
+                select(Update).where(Update.experiment_id == inp.experiment_id, Update.round == inp.round)
+            ).all()
+            for upd in rows:
+                if upd.update_id not in included:
+                    continue
+                upd.validation_status = "accepted"
+                s.add(upd)
+                m = upd.metrics
+                s.add(
+                    ClientMetrics(
+                        experiment_id=inp.experiment_id,
+                        round=inp.round,
+                        client_id=upd.client_id,
+                        local_accuracy=m.get("local_accuracy"),
+                        local_loss=m.get("local_loss"),
+                        training_time=m.get("training_time"),
+                        communication_time=m.get("communication_time"),
+                        data_samples=upd.num_samples,
+                        epochs_completed=m.get("epochs_completed"),
+                    )
+                )
+            rnd = s.exec(
+                select(Round).where(Round.experiment_id == inp.experiment_id, Round.round == inp.round)
+            ).one()
+            rnd.status = "completed"
+            rnd.completed_at = now
+            s.add(rnd)
+            delivered = {u.client_id for u in inp.updates}
+            for client in s.exec(select(Client).where(Client.client_id.in_(rnd.selected_clients))).all():  # type: ignore[attr-defined]
+                client.status = "active" if client.client_id in delivered else "inactive"
+                s.add(client)
+            progress = inp.round / inp.total_rounds
+            metrics = {"accuracy": ev.accuracy, "loss": ev.loss}
+            emit_event(
+                s,
+                type="round_completed",
+                experiment_id=inp.experiment_id,
+                round=inp.round,
+                global_metrics=metrics,
+                participating_clients=len(inp.updates),
+                round_duration=inp.round_duration,
+            )
+            emit_event(
+                s,
+                type="training_progress",
+                experiment_id=inp.experiment_id,
+                round=inp.round,
+                progress=progress,
+                metrics=metrics,
+            )
+
+    @activity.defn(name="finish_experiment")
+    def finish_experiment(self, inp: FinishInput) -> None:
+        """Record how the experiment ended and announce it."""
+        with session_scope(self.engine) as s:
+            exp = s.get(Experiment, inp.experiment_id)
+            if exp is None or exp.status in ("completed", "stopped", "failed"):
+                return
+            exp.status = inp.status
+            exp.finished_at = utcnow()
+            exp.final_model_id = inp.final_model_id
+            exp.stop_reason = inp.reason if inp.status == "stopped" else None
+            exp.error_code = inp.error_code
+            exp.error = inp.reason if inp.status == "failed" else None
+            s.add(exp)
+            # The open round, if any, takes no more uploads.
+            for rnd in s.exec(
+                select(Round).where(Round.experiment_id == inp.experiment_id, Round.status.in_(["open", "closed"]))  # type: ignore[attr-defined]
+            ).all():
+                rnd.status = "failed" if inp.status == "failed" else "stopped"
+                s.add(rnd)
+            emit_event(
+                s,
+                type=f"training_{inp.status}",
+                experiment_id=inp.experiment_id,
+                status=inp.status,
+                rounds_completed=inp.rounds_completed,
+                final_model_id=inp.final_model_id,
+                reason=inp.reason,
+            )
+
+    def all(self) -> list:
+        """The bound activity methods, for registration on a worker."""
+        return [
+            self.init_experiment,
+            self.select_clients,
+            self.open_round,
+            self.close_round,
+            self.finish_experiment,
+            self.complete_round,
+        ]
+
+    def heavy(self) -> list:
+        """Aggregation and evaluation, which run on their own task queue."""
+        return [self.aggregate_round, self.evaluate_model]

@@ -1,0 +1,79 @@
+"""Streaming, order-independent aggregation of client updates.
+
+Updates are folded one at a time into a single accumulator, in a canonical order (sorted by
+client id), so memory stays at about one model plus one memory-mapped update whatever the
+number of clients, and the same updates give the same bytes whatever order they arrived in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedloom_core.weights import mapped_tensors, save_state
+
+
+@dataclass(frozen=True)
+class UpdateFile:
+    client_id: str
+    path: Path
+    num_samples: int
+
+
+def fedavg_weights(updates: Sequence[UpdateFile], weighted: bool = True) -> list[float]:
+    """Each update's weight: its share of the samples, or equal shares when unweighted."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    if weighted:
+        total = sum(u.num_samples for u in updates)
+        if total <= 0:
+            raise ValueError("weighted aggregation needs a positive number of samples")
+        return [u.num_samples / total for u in updates]
+    return [1.0 / len(updates)] * len(updates)
+
+
+Opener = Callable[[UpdateFile], AbstractContextManager[Path]]
+
+
+def _open_path(update: UpdateFile) -> AbstractContextManager[Path]:
+    return nullcontext(update.path)
+
+
+def fedavg(
+    updates: Sequence[UpdateFile], out_path: str | Path, weighted: bool = True, opener: Opener = _open_path
+) -> dict[str, torch.Tensor]:
+    """Write the (weighted) average of ``updates`` to ``out_path`` and return it.
+
+    ``opener`` turns an update into a local file for the duration of its fold (for example a
+    download from S3), so only one update is materialised at a time.
+
+    Floating-point tensors are accumulated in float32 (or float64 when they are float64);
+    integer tensors are taken from the first update in canonical order.
+    """
+    ordered = sorted(updates, key=lambda u: u.client_id)
+    weights = fedavg_weights(ordered, weighted)
+    acc: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for update, weight in zip(ordered, weights):
+        with opener(update) as path, mapped_tensors(path) as tensors:
+            if not acc:
+                for name, t in tensors.items():
+                    dtypes[name] = t.dtype
+                    if t.is_floating_point():
+                        work = torch.float64 if t.dtype == torch.float64 else torch.float32
+                        acc[name] = torch.zeros(t.shape, dtype=work)
+                    else:
+                        acc[name] = t.clone()
+            elif tensors.keys() != acc.keys():
+                raise ValueError(f"update of {update.client_id} has different tensors than the others")
+            for name, t in tensors.items():
+                if t.is_floating_point():
+                    acc[name].add_(t, alpha=weight)
+            del tensors
+    result = {name: acc[name].to(dtypes[name]) for name in acc}
+    save_state(result, out_path)
+    return result

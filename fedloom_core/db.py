@@ -1,0 +1,211 @@
+"""Database schema (SQLModel) and engine set-up; the same code runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint, event, text
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, SQLModel, create_engine
+
+# Bump with every schema change, and add the step that brings version N-1 to N in MIGRATIONS.
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    """The current time in UTC, timezone-aware."""
+    return datetime.now(timezone.utc)
+
+
+def _json() -> Any:
+    return Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Experiment(SQLModel, table=True):
+    experiment_id: str = Field(primary_key=True, max_length=128)
+    name: str = ""
+    description: str = ""
+    # created | running | completed | failed | stopped
+    status: str = Field(default="created", index=True)
+    dataset: str = "digits"
+    model_architecture: str = "CNN"
+    total_rounds: int = 0
+    current_round: int = 0
+    # The full, validated start request (experiment, training and aggregation config).
+    config: dict = _json()
+    dataset_config: dict = _json()
+    model_config_: dict = Field(default_factory=dict, sa_column=Column("model_config", JSON, nullable=False))
+    training_config: dict = _json()
+    policy_config: dict = _json()
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    stop_reason: str | None = None
+    error_code: str | None = None
+    error: str | None = None
+    final_model_id: str | None = None
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+    id: int | None = Field(default=None, primary_key=True)
+    # sha256 of the key; the key itself is never stored.
+    key_hash: str = Field(index=True, unique=True, max_length=64)
+    # admin | client
+    role: str = "client"
+    client_id: str | None = Field(default=None, index=True, max_length=128)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked: bool = False
+
+
+class Client(SQLModel, table=True):
+    client_id: str = Field(primary_key=True, max_length=128)
+    registration_id: str
+    # registered | active | inactive
+    status: str = Field(default="registered", index=True)
+    client_config: dict = _json()
+    capabilities: dict = _json()
+    location: dict = _json()
+    registered_at: datetime = Field(default_factory=utcnow)
+    last_seen: datetime | None = None
+    last_update: datetime | None = None
+    current_round: int = 0
+    trust_score: float = 1.0
+    contribution_score: float = 0.0
+
+
+class Round(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("experiment_id", "round"),)
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(index=True, max_length=128)
+    round: int
+    # open (taking uploads) | closed (aggregating) | completed | failed
+    status: str = "open"
+    selected_clients: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    global_model_id: str = ""
+    upload_count: int = 0
+    started_at: datetime = Field(default_factory=utcnow)
+    deadline: datetime | None = None
+    closed_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+class Update(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("experiment_id", "round", "client_id"),)
+    update_id: str = Field(primary_key=True, max_length=64)
+    experiment_id: str = Field(index=True, max_length=128)
+    round: int
+    client_id: str = Field(index=True, max_length=128)
+    blob_key: str
+    sha256: str = Field(max_length=64)
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    num_samples: int
+    metrics: dict = _json()
+    # pending | accepted | rejected
+    validation_status: str = "pending"
+    reason: str | None = None
+    received_at: datetime = Field(default_factory=utcnow)
+
+
+class GlobalModel(SQLModel, table=True):
+    __tablename__ = "global_model"
+    model_id: str = Field(primary_key=True, max_length=200)
+    experiment_id: str = Field(index=True, max_length=128)
+    round: int
+    blob_key: str
+    sha256: str = Field(max_length=64)
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    parameters_count: int = 0
+    accuracy: float | None = None
+    loss: float | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class RoundMetrics(SQLModel, table=True):
+    __tablename__ = "round_metrics"
+    __table_args__ = (UniqueConstraint("experiment_id", "round"),)
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(index=True, max_length=128)
+    round: int
+    global_accuracy: float
+    global_loss: float
+    participating_clients: int
+    round_duration: float
+    aggregation_time: float
+    evaluation_time: float = 0.0
+    model_id: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ClientMetrics(SQLModel, table=True):
+    __tablename__ = "client_metrics"
+    __table_args__ = (UniqueConstraint("experiment_id", "round", "client_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(index=True, max_length=128)
+    round: int
+    client_id: str = Field(index=True, max_length=128)
+    local_accuracy: float | None = None
+    local_loss: float | None = None
+    training_time: float | None = None
+    communication_time: float | None = None
+    data_samples: int = 0
+    epochs_completed: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Event(SQLModel, table=True):
+    event_id: int | None = Field(default=None, primary_key=True)
+    type: str = Field(index=True, max_length=64)
+    experiment_id: str | None = Field(default=None, index=True, max_length=128)
+    client_id: str | None = Field(default=None, max_length=128)
+    payload: dict = _json()
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SchemaVersion(SQLModel, table=True):
+    __tablename__ = "schema_version"
+    id: int = Field(default=1, primary_key=True)
+    version: int
+
+
+# version -> SQL statements that bring the schema from version-1 to version.
+MIGRATIONS: dict[int, list[str]] = {}
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``, tuned for concurrent API and worker processes."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables and apply pending migrations; safe to run at every start-up."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # API and worker processes may start together: one creates, the others wait.
+            conn.execute(text("SELECT pg_advisory_xact_lock(7263001)"))
+        SQLModel.metadata.create_all(conn)
+        row = conn.execute(text("SELECT version FROM schema_version WHERE id = 1")).first()
+        current = row[0] if row else None
+        if current is None:
+            conn.execute(
+                text("INSERT INTO schema_version (id, version) VALUES (1, :v)"), {"v": SCHEMA_VERSION}
+            )
+            return
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS.get(version, []):
+                conn.execute(text(statement))
+        if current < SCHEMA_VERSION:
+            conn.execute(text("UPDATE schema_version SET version = :v WHERE id = 1"), {"v": SCHEMA_VERSION})

@@ -1,0 +1,90 @@
+"""Queries and writes shared by the API and the activities."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from fedloom_core.db import Event, Experiment, GlobalModel, Round, utcnow
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def iso(ts: datetime | None) -> str | None:
+    """ISO-8601 UTC with a trailing Z (naive datetimes from SQLite are UTC)."""
+    if ts is None:
+        return None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    return ts.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def emit_event(
+    session: Session, *, type: str, experiment_id: str | None = None, client_id: str | None = None, **payload: Any
+) -> Event:
+    """Append an event to the log that WebSocket listeners tail; committed with the session."""
+    now = utcnow()
+    body = {"type": type, **({"experiment_id": experiment_id} if experiment_id else {}), **payload}
+    if client_id and "client_id" not in body:
+        body["client_id"] = client_id
+    body["timestamp"] = iso(now)
+    event = Event(type=type, experiment_id=experiment_id, client_id=client_id, payload=body, created_at=now)
+    session.add(event)
+    return event
+
+
+def running_experiment(session: Session) -> Experiment | None:
+    """The experiment that is running now, if any."""
+    return session.exec(
+        select(Experiment).where(Experiment.status == "running").order_by(Experiment.started_at.desc())  # type: ignore[union-attr]
+    ).first()
+
+
+def latest_experiment(session: Session) -> Experiment | None:
+    """The running experiment, else the one started (or created) most recently."""
+    exp = running_experiment(session)
+    if exp is not None:
+        return exp
+    return session.exec(select(Experiment).order_by(Experiment.created_at.desc())).first()  # type: ignore[attr-defined]
+
+
+def open_round(session: Session, experiment_id: str) -> Round | None:
+    """The round of ``experiment_id`` that is taking uploads, if any."""
+    return session.exec(
+        select(Round).where(Round.experiment_id == experiment_id, Round.status == "open")
+    ).first()
+
+
+def current_round(session: Session, experiment_id: str) -> Round | None:
+    """The most recent round of an experiment."""
+    return session.exec(
+        select(Round).where(Round.experiment_id == experiment_id).order_by(Round.round.desc())  # type: ignore[attr-defined]
+    ).first()
+
+
+def latest_model(session: Session, experiment_id: str, round: int | None = None) -> GlobalModel | None:
+    """The global model of a round, or the newest one."""
+    query = select(GlobalModel).where(GlobalModel.experiment_id == experiment_id)
+    if round is not None:
+        query = query.where(GlobalModel.round == round)
+    return session.exec(query.order_by(GlobalModel.round.desc())).first()  # type: ignore[attr-defined]
+
+
+def model_id_for(experiment_id: str, round: int) -> str:
+    """The spec's model id: ``model_<experiment>_round_<n>``."""
+    return f"model_{experiment_id}_round_{round}"

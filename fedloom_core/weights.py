@@ -1,0 +1,204 @@
+"""Reading, writing and checking model weight files without ever unpickling them.
+
+Uploads are accepted as safetensors, or as a ``torch.save`` state_dict that
+``torch.load(weights_only=True)`` can read (converted to safetensors at once).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# Largest safetensors header we parse; real headers are a few KiB per hundred tensors.
+MAX_HEADER_BYTES = 16 << 20
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class WeightsFormatError(ValueError):
+    """A weights file is not something we read, or is malformed; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(path: str | Path) -> dict[str, TensorSpec]:
+    """Parse and bounds-check a safetensors header, reading no tensor data."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise WeightsFormatError("file is too short to be safetensors")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or header_len + 8 > size:
+            raise WeightsFormatError(f"safetensors header length {header_len} does not fit the file ({size} bytes)")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsFormatError(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WeightsFormatError("safetensors header is not a JSON object")
+    data_size = size - 8 - header_len
+    specs: dict[str, TensorSpec] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise WeightsFormatError(f"tensor {name!r}: header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise WeightsFormatError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape)):
+            raise WeightsFormatError(f"tensor {name!r}: invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise WeightsFormatError(f"tensor {name!r}: invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise WeightsFormatError(
+                f"tensor {name!r}: data_offsets {offsets} do not match shape {shape} and dtype {dtype} "
+                f"within {data_size} data bytes"
+            )
+        specs[name] = TensorSpec(dtype, tuple(shape), begin + 8 + header_len, end + 8 + header_len)
+    if not specs:
+        raise WeightsFormatError("the file holds no tensors")
+    return specs
+
+
+@contextmanager
+def mapped_tensors(path: str | Path) -> Iterator[dict[str, torch.Tensor]]:
+    """Tensors of a safetensors file as zero-copy views of a private memory map."""
+    specs = read_header(path)
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, spec in specs.items():
+            dtype = _DTYPES[spec.dtype]
+            count = (spec.end - spec.begin) // max(1, torch.empty((), dtype=dtype).element_size())
+            if count == 0:
+                tensors[name] = torch.empty(spec.shape, dtype=dtype)
+            elif spec.begin % torch.empty((), dtype=dtype).element_size():
+                tensors[name] = torch.frombuffer(bytearray(mm[spec.begin : spec.end]), dtype=dtype).reshape(spec.shape)
+            else:
+                tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=spec.begin).reshape(spec.shape)
+        yield tensors
+    finally:
+        tensors = {}
+        try:
+            mm.close()
+        except BufferError:  # a caller kept a view; the map closes when it is collected
+            pass
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict read (copied) from a safetensors file."""
+    with mapped_tensors(path) as tensors:
+        return {name: t.clone() for name, t in tensors.items()}
+
+
+def save_state(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state_dict as safetensors, tensors contiguous and on the CPU."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+
+
+def structure(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of a safetensors file."""
+    return {name: (s.dtype, s.shape) for name, s in read_header(path).items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors spelling of a torch dtype."""
+    return _DTYPE_NAMES[dtype]
+
+
+def normalize_upload(src: str | Path, dst: str | Path) -> str:
+    """Check an uploaded weights file and write it to ``dst`` as safetensors; return the source format.
+
+    Safetensors files are parsed (header bounds-checked, tensors read); zip files written by
+    ``torch.save`` are read with ``weights_only=True`` and must hold a flat dict of tensors.
+    Anything else raises WeightsFormatError.
+    """
+    with open(src, "rb") as fh:
+        magic = fh.read(4)
+    if magic.startswith(b"PK"):
+        try:
+            obj = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to read means "not a valid state_dict"
+            raise WeightsFormatError(f"not a state_dict readable with weights_only=True: {exc}") from None
+        if not isinstance(obj, dict) or not obj:
+            raise WeightsFormatError("the PyTorch file does not hold a non-empty dict of tensors")
+        for name, value in obj.items():
+            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                raise WeightsFormatError(f"entry {name!r} is not a named tensor")
+            if value.dtype not in _DTYPE_NAMES:
+                raise WeightsFormatError(f"tensor {name!r}: unsupported dtype {value.dtype}")
+        save_state(obj, dst)
+        return "pytorch"
+    read_header(src)
+    os.replace(src, dst) if Path(src).parent == Path(dst).parent else _copy(src, dst)
+    return "safetensors"
+
+
+def _copy(src: str | Path, dst: str | Path) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+
+
+def compare_structure(
+    actual: Mapping[str, tuple[str, tuple[int, ...]]], expected: Mapping[str, tuple[str, tuple[int, ...]]]
+) -> list[str]:
+    """Human-readable differences between two structures; empty when they match."""
+    problems = []
+    for name in sorted(expected.keys() - actual.keys()):
+        problems.append(f"tensor {name!r} is missing")
+    for name in sorted(actual.keys() - expected.keys()):
+        problems.append(f"tensor {name!r} is not in the global model")
+    for name in sorted(expected.keys() & actual.keys()):
+        (edt, eshape), (adt, ashape) = expected[name], actual[name]
+        if tuple(eshape) != tuple(ashape):
+            problems.append(f"tensor {name!r} has shape {list(ashape)}, expected {list(eshape)}")
+        if edt != adt:
+            problems.append(f"tensor {name!r} has dtype {adt}, expected {edt}")
+    return problems
+
+
+def nonfinite_tensors(path: str | Path) -> list[str]:
+    """Names of floating-point tensors holding NaN or infinity."""
+    bad = []
+    with mapped_tensors(path) as tensors:
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(name)
+    return bad

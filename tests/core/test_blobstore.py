@@ -1,0 +1,264 @@
+"""Contract tests for the blob store, run against the local-directory and the S3 (moto) backends."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from fedloom_core.blobstore import (
+    BlobInfo,
+    BlobIntegrityError,
+    BlobNotFoundError,
+    BlobStore,
+    InvalidBlobKeyError,
+    LocalBlobStore,
+    S3BlobStore,
+    open_blob_store,
+    validate_key,
+)
+
+KEY = "models/exp1/round-3.safetensors"
+INVALID_KEYS = ["../x", "/abs", "a//b", "a/../b", "a\x00b", "", "a/./b", "a/", "a b", "a\\b", "x" * 513]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """Run a real moto S3 HTTP server on a free local port for the whole session."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BlobStore:
+    """A fresh, empty store of each backend (S3: a unique bucket on the moto server)."""
+    if request.param == "local":
+        return open_blob_store(f"file://{tmp_path / 'blobs'}")
+    endpoint = request.getfixturevalue("moto_endpoint")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    bucket = f"fedloom-test-{uuid.uuid4().hex[:16]}"
+    return open_blob_store(f"s3://{bucket}/blobs", s3_endpoint_url=endpoint)
+
+
+def _payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic, non-repeating-looking test bytes."""
+    return hashlib.sha256(str(seed).encode()).digest() * (size // 32) + b"\x07" * (size % 32)
+
+
+def _read_all(store: BlobStore, key: str) -> bytes:
+    """Return the blob's bytes as materialised by open_local."""
+    with store.open_local(key) as path:
+        assert path.is_file()
+        return path.read_bytes()
+
+
+def _corrupt(store: BlobStore, key: str, data: bytes) -> None:
+    """Replace the stored bytes of ``key`` without updating its digest."""
+    if isinstance(store, LocalBlobStore):
+        (store.root / key).write_bytes(data)
+    else:
+        assert isinstance(store, S3BlobStore)
+        store.client.put_object(
+            Bucket=store.bucket, Key=f"{store.prefix}/{key}", Body=data, Metadata={"sha256": "0" * 64}
+        )
+
+
+def test_put_file_round_trip(store: BlobStore, tmp_path: Path) -> None:
+    data = _payload(100_000)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    info = store.put_file(KEY, src)
+    expected = BlobInfo(key=KEY, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    assert info == expected
+    assert store.info(KEY) == expected
+    assert _read_all(store, KEY) == data
+    assert src.read_bytes() == data  # source untouched
+
+
+def test_put_stream_round_trip(store: BlobStore) -> None:
+    data = _payload(3 * (1 << 20) + 123, seed=1)  # several 1 MiB chunks plus a remainder
+    info = store.put_stream(KEY, io.BytesIO(data))
+    assert info.size == len(data)
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.info(KEY) == info
+    assert _read_all(store, KEY) == data
+    assert b"".join(store.iter_bytes(KEY)) == data
+
+
+def test_empty_blob(store: BlobStore) -> None:
+    info = store.put_stream("updates/exp1/3/empty.safetensors", io.BytesIO(b""))
+    assert info.size == 0 and info.sha256 == hashlib.sha256(b"").hexdigest()
+    assert _read_all(store, info.key) == b""
+
+
+def test_overwrite_replaces_content(store: BlobStore) -> None:
+    store.put_stream(KEY, io.BytesIO(b"first version"))
+    info = store.put_stream(KEY, io.BytesIO(b"second"))
+    assert store.info(KEY) == info
+    assert _read_all(store, KEY) == b"second"
+
+
+def test_iter_bytes_streams_in_chunks(store: BlobStore) -> None:
+    data = _payload(3 * 1024 + 500, seed=2)
+    store.put_stream(KEY, io.BytesIO(data))
+    chunks = list(store.iter_bytes(KEY, chunk_size=1024))
+    assert len(chunks) == 4
+    assert all(len(c) <= 1024 for c in chunks)
+    assert b"".join(chunks) == data
+
+
+def test_exists_and_delete(store: BlobStore) -> None:
+    assert not store.exists(KEY)
+    store.put_stream(KEY, io.BytesIO(b"abc"))
+    assert store.exists(KEY)
+    assert not store.exists("models/exp1/round-4.safetensors")
+    store.delete(KEY)
+    assert not store.exists(KEY)
+    with pytest.raises(BlobNotFoundError):
+        store.info(KEY)
+    store.delete(KEY)  # deleting a missing key is fine
+
+
+def test_missing_key_raises_not_found(store: BlobStore) -> None:
+    missing = "models/nope/round-1.safetensors"
+    with pytest.raises(BlobNotFoundError):
+        store.info(missing)
+    with pytest.raises(BlobNotFoundError), store.open_local(missing):
+        pass
+    with pytest.raises(BlobNotFoundError):
+        list(store.iter_bytes(missing))
+
+
+@pytest.mark.parametrize("bad_key", INVALID_KEYS)
+def test_invalid_keys_rejected(store: BlobStore, bad_key: str, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x")
+    with pytest.raises(InvalidBlobKeyError):
+        validate_key(bad_key)
+    with pytest.raises(InvalidBlobKeyError):
+        store.put_file(bad_key, src)
+    with pytest.raises(InvalidBlobKeyError):
+        store.put_stream(bad_key, io.BytesIO(b"x"))
+    with pytest.raises(InvalidBlobKeyError):
+        store.info(bad_key)
+    with pytest.raises(InvalidBlobKeyError):
+        store.exists(bad_key)
+    with pytest.raises(InvalidBlobKeyError):
+        store.delete(bad_key)
+    with pytest.raises(InvalidBlobKeyError), store.open_local(bad_key):
+        pass
+    assert not (tmp_path / "x").exists() and not Path("/abs").exists()
+
+
+def test_valid_keys_accepted() -> None:
+    for key in [KEY, "updates/exp1/3/" + "ab" * 32 + ".safetensors", "a", "A-b_c.d/..e", "x" * 512]:
+        assert validate_key(key) == key
+    assert issubclass(InvalidBlobKeyError, ValueError)
+
+
+def test_corruption_detected(store: BlobStore) -> None:
+    data = _payload(10_000, seed=3)
+    store.put_stream(KEY, io.BytesIO(data))
+    _corrupt(store, KEY, b"tampered" + data[8:])
+    with pytest.raises(BlobIntegrityError), store.open_local(KEY):
+        pytest.fail("open_local must not yield corrupted content")
+    with pytest.raises(BlobIntegrityError):
+        list(store.iter_bytes(KEY))
+
+
+def test_five_mib_file(store: BlobStore, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    data = os.urandom(5 * (1 << 20) + 17)
+    src.write_bytes(data)
+    info = store.put_file(KEY, src)
+    assert info.size == len(data) and info.sha256 == hashlib.sha256(data).hexdigest()
+    with store.open_local(KEY) as path:
+        assert path.stat().st_size == len(data)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == info.sha256
+
+
+def test_open_local_path_lifecycle(store: BlobStore) -> None:
+    store.put_stream(KEY, io.BytesIO(b"payload"))
+    with store.open_local(KEY) as path:
+        assert path.read_bytes() == b"payload"
+    if isinstance(store, S3BlobStore):
+        assert not path.exists() and not path.parent.exists()
+    else:
+        assert path.exists()  # the local backend yields the stored file itself
+
+
+def test_ping(store: BlobStore) -> None:
+    store.ping()
+
+
+class _FailingStream(io.RawIOBase):
+    """A readable stream that yields some bytes and then raises, like a dropped upload."""
+
+    def __init__(self, good_bytes: int) -> None:
+        self._left = good_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            raise ConnectionResetError("client went away")
+        n = min(self._left, size if size > 0 else self._left)
+        self._left -= n
+        return b"z" * n
+
+
+def test_local_interrupted_write_leaves_nothing(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    with pytest.raises(ConnectionResetError):
+        store.put_stream(KEY, _FailingStream(3 * (1 << 20)))  # type: ignore[arg-type]
+    assert not store.exists(KEY)
+    with pytest.raises(BlobNotFoundError):
+        store.info(KEY)
+    leftovers = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_local_interrupted_overwrite_keeps_previous_version(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    old = store.put_stream(KEY, io.BytesIO(b"previous model"))
+    with pytest.raises(ConnectionResetError):
+        store.put_stream(KEY, _FailingStream(10))  # type: ignore[arg-type]
+    assert store.info(KEY) == old
+    assert _read_all(store, KEY) == b"previous model"
+
+
+def test_local_layout_and_root_confinement(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    store = LocalBlobStore(root)
+    info = store.put_stream(KEY, io.BytesIO(b"abc"))
+    assert (root / KEY).read_bytes() == b"abc"
+    assert (root / (KEY + ".sha256")).read_text().strip() == info.sha256
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "models" / "link").symlink_to(outside)
+    with pytest.raises(InvalidBlobKeyError):
+        store.put_stream("models/link/escape.bin", io.BytesIO(b"x"))
+    assert list(outside.iterdir()) == []
+
+
+def test_factory_rejects_bad_urls() -> None:
+    for url in ["", "http://x/y", "file://relative/path", "s3://"]:
+        with pytest.raises(ValueError):
+            open_blob_store(url)

@@ -1,0 +1,67 @@
+"""Worker entry point: which workflows and activities run on which task queue."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Sequence
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.experiment import ExperimentActivities
+from fedloom_core.blobstore import open_blob_store
+from fedloom_core.db import create_schema, make_engine
+from fedloom_core.settings import AGGREGATION_TASK_QUEUE, WORKFLOW_TASK_QUEUE, Settings
+from workflows.experiment import ExperimentWorkflow
+
+log = logging.getLogger("fedloom.worker")
+QUEUES = ("experiments", "aggregation")
+
+
+def build_workers(
+    client: Client,
+    settings: Settings,
+    queues: Sequence[str] = QUEUES,
+    *,
+    workflow_queue: str = WORKFLOW_TASK_QUEUE,
+    aggregation_queue: str = AGGREGATION_TASK_QUEUE,
+) -> list[Worker]:
+    """Workers for the named queues, sharing one database engine and blob store."""
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    blobs = open_blob_store(settings.blob_url, settings.s3_endpoint_url)
+    acts = ExperimentActivities(engine, blobs)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="fedloom-act")
+    workers = []
+    if "experiments" in queues:
+        workers.append(
+            Worker(
+                client,
+                task_queue=workflow_queue,
+                workflows=[ExperimentWorkflow],
+                activities=acts.all(),
+                activity_executor=executor,
+                max_concurrent_activities=16,
+            )
+        )
+    if "aggregation" in queues:
+        workers.append(
+            Worker(
+                client,
+                task_queue=aggregation_queue,
+                activities=acts.heavy(),
+                activity_executor=executor,
+                # Aggregation and evaluation are CPU- and memory-bound: one at a time per process.
+                max_concurrent_activities=1,
+            )
+        )
+    return workers
+
+
+async def run_workers(client: Client, settings: Settings, queues: Sequence[str] = QUEUES) -> None:
+    """Run the workers until cancelled."""
+    workers = build_workers(client, settings, queues)
+    log.info("worker polling %s", ", ".join(w.task_queue for w in workers))
+    await asyncio.gather(*(w.run() for w in workers))

@@ -1,0 +1,286 @@
+"""ExperimentWorkflow: one durable workflow per experiment, orchestrating its rounds.
+
+Deterministic orchestration only: every read or write of the database, the blob store or a
+model happens in an activity. Weights never pass through Temporal; the workflow carries
+``ModelRef`` references to blobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+
+with workflow.unsafe.imports_passed_through():
+    from fedloom_core.contracts import (
+        AggregateInput,
+        CompleteRoundInput,
+        EvaluateInput,
+        Evaluation,
+        ExperimentInput,
+        ExperimentResult,
+        FinishInput,
+        InitInput,
+        ModelRef,
+        OpenRoundInput,
+        RoundRef,
+        SelectClientsInput,
+        Selection,
+        UpdateNotice,
+        UpdateRef,
+    )
+    from fedloom_core.settings import AGGREGATION_TASK_QUEUE
+
+WORKFLOW_NAME = "ExperimentWorkflow"
+INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
+
+_SHORT = dict(
+    start_to_close_timeout=timedelta(seconds=60),
+    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
+)
+_HEAVY = dict(
+    task_queue=AGGREGATION_TASK_QUEUE,
+    start_to_close_timeout=timedelta(hours=1),
+    heartbeat_timeout=timedelta(seconds=60),
+    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+)
+
+
+def workflow_id(experiment_id: str) -> str:
+    """The business id of an experiment's workflow."""
+    return f"experiment-{experiment_id}"
+
+
+@workflow.defn(name=WORKFLOW_NAME)
+class ExperimentWorkflow:
+    def __init__(self) -> None:
+        self._status = "starting"
+        self._round = 0
+        self._total_rounds = 0
+        self._selected: list[str] = []
+        self._reported: set[str] = set()
+        self._stop_reason: str | None = None
+        self._last: dict[str, float] = {}
+        self._global_model_id: str | None = None
+
+    @workflow.run
+    async def run(self, inp: ExperimentInput) -> ExperimentResult:
+        cfg = inp.config
+        exp = cfg.experiment_config
+        self._total_rounds = exp.rounds
+        state = inp.state
+        rounds_done = state.next_round - 1
+        try:
+            if state.global_model is None:
+                state.global_model = await workflow.execute_activity(
+                    "init_experiment",
+                    InitInput(
+                        experiment_id=inp.experiment_id,
+                        architecture=exp.model_architecture,
+                        input_shape=inp.input_shape,
+                        num_classes=inp.num_classes,
+                        seed=exp.seed,
+                    ),
+                    result_type=ModelRef,
+                    **_SHORT,
+                )
+            self._global_model_id = state.global_model.model_id
+            self._status = "running"
+            for rnd in range(state.next_round, exp.rounds + 1):
+                started = workflow.now()
+                state.global_model = await self._run_round(inp, rnd, state.global_model)
+                self._global_model_id = state.global_model.model_id
+                state.round_durations.append((workflow.now() - started).total_seconds())
+                rounds_done = rnd
+                state.next_round = rnd + 1
+                if rnd < exp.rounds and workflow.info().is_continue_as_new_suggested():
+                    await workflow.wait_condition(workflow.all_handlers_finished)
+                    workflow.continue_as_new(inp.model_copy(update={"state": state}))
+            self._status = "completed"
+            await self._finish(inp, "completed", rounds_done, state.global_model)
+            return ExperimentResult(
+                experiment_id=inp.experiment_id,
+                status="completed",
+                rounds_completed=rounds_done,
+                final_model_id=state.global_model.model_id,
+                final_accuracy=self._last.get("accuracy"),
+            )
+        except (asyncio.CancelledError, ActivityError, ApplicationError) as exc:
+            if not is_cancelled_exception(exc):
+                code = exc.type if isinstance(exc, ApplicationError) and exc.type else "INTERNAL_ERROR"
+                await self._fail(inp, rounds_done, state.global_model, code, str(exc))
+                raise
+            self._status = "stopped"
+            reason = self._stop_reason or "cancelled"
+            await self._finish(inp, "stopped", rounds_done, state.global_model, reason=reason)
+            return ExperimentResult(
+                experiment_id=inp.experiment_id,
+                status="stopped",
+                rounds_completed=rounds_done,
+                final_model_id=state.global_model.model_id if state.global_model else None,
+                final_accuracy=self._last.get("accuracy"),
+                reason=reason,
+            )
+
+    async def _run_round(self, inp: ExperimentInput, rnd: int, model: ModelRef) -> ModelRef:
+        cfg = inp.config
+        exp = cfg.experiment_config
+        self._round = rnd
+        self._selected = []
+        self._reported = set()
+        self._status = "selecting"
+        round_started = workflow.now()
+        try:
+            selection = await workflow.execute_activity(
+                "select_clients",
+                SelectClientsInput(
+                    experiment_id=inp.experiment_id,
+                    round=rnd,
+                    min_clients=exp.min_clients,
+                    client_fraction=exp.client_fraction,
+                    seed=exp.seed,
+                    timeout_s=inp.selection_timeout_s,
+                ),
+                result_type=Selection,
+                start_to_close_timeout=timedelta(seconds=inp.selection_timeout_s + 60),
+                heartbeat_timeout=timedelta(seconds=20),
+                retry_policy=RetryPolicy(
+                    maximum_interval=timedelta(seconds=5), non_retryable_error_types=[INSUFFICIENT_CLIENTS]
+                ),
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type == INSUFFICIENT_CLIENTS:
+                raise ApplicationError(cause.message, type=INSUFFICIENT_CLIENTS, non_retryable=True) from None
+            raise
+        self._selected = list(selection.selected)
+        await workflow.execute_activity(
+            "open_round",
+            OpenRoundInput(
+                experiment_id=inp.experiment_id,
+                round=rnd,
+                selected=self._selected,
+                global_model=model,
+                deadline_s=inp.round_timeout_s,
+            ),
+            **_SHORT,
+        )
+        self._status = "waiting_for_updates"
+        try:
+            await workflow.wait_condition(
+                lambda: self._reported >= set(self._selected), timeout=timedelta(seconds=inp.round_timeout_s)
+            )
+        except asyncio.TimeoutError:
+            pass
+        # The database is the record of what was accepted; signals only wake us early.
+        self._status = "aggregating"
+        updates: list[UpdateRef] = await workflow.execute_activity(
+            "close_round", RoundRef(experiment_id=inp.experiment_id, round=rnd), result_type=list[UpdateRef], **_SHORT
+        )
+        min_updates = cfg.aggregation_config.min_updates or exp.min_clients
+        if len(updates) < min_updates:
+            raise ApplicationError(
+                f"round {rnd} closed with {len(updates)} update(s), fewer than min_updates={min_updates}",
+                type=INSUFFICIENT_CLIENTS,
+                non_retryable=True,
+            )
+        agg_started = workflow.now()
+        new_model: ModelRef = await workflow.execute_activity(
+            "aggregate_round",
+            AggregateInput(
+                experiment_id=inp.experiment_id,
+                round=rnd,
+                updates=updates,
+                weighted=cfg.aggregation_config.weighted,
+                previous=model,
+            ),
+            result_type=ModelRef,
+            **_HEAVY,
+        )
+        aggregation_time = (workflow.now() - agg_started).total_seconds()
+        self._status = "evaluating"
+        evaluation: Evaluation = await workflow.execute_activity(
+            "evaluate_model",
+            EvaluateInput(
+                experiment_id=inp.experiment_id,
+                model=new_model,
+                dataset=exp.dataset,
+                architecture=exp.model_architecture,
+                input_shape=inp.input_shape,
+                num_classes=inp.num_classes,
+            ),
+            result_type=Evaluation,
+            **_HEAVY,
+        )
+        self._last = {"accuracy": evaluation.accuracy, "loss": evaluation.loss}
+        await workflow.execute_activity(
+            "complete_round",
+            CompleteRoundInput(
+                experiment_id=inp.experiment_id,
+                round=rnd,
+                total_rounds=exp.rounds,
+                model=new_model,
+                evaluation=evaluation,
+                updates=updates,
+                round_duration=(workflow.now() - round_started).total_seconds(),
+                aggregation_time=aggregation_time,
+            ),
+            **_SHORT,
+        )
+        return new_model
+
+    async def _finish(
+        self,
+        inp: ExperimentInput,
+        status: str,
+        rounds_done: int,
+        model: ModelRef | None,
+        reason: str | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        await workflow.execute_activity(
+            "finish_experiment",
+            FinishInput(
+                experiment_id=inp.experiment_id,
+                status=status,
+                rounds_completed=rounds_done,
+                final_model_id=model.model_id if model else None,
+                reason=reason,
+                error_code=error_code,
+            ),
+            **_SHORT,
+        )
+
+    async def _fail(
+        self, inp: ExperimentInput, rounds_done: int, model: ModelRef | None, code: str, message: str
+    ) -> None:
+        self._status = "failed"
+        await self._finish(inp, "failed", rounds_done, model, reason=message, error_code=code)
+
+    @workflow.signal
+    def update_received(self, notice: UpdateNotice) -> None:
+        """An upload for this experiment was stored and recorded."""
+        if notice.round == self._round:
+            self._reported.add(notice.client_id)
+
+    @workflow.signal
+    def request_stop(self, reason: str) -> None:
+        """Record why the experiment is being stopped; the cancellation that follows ends it."""
+        self._stop_reason = reason
+
+    @workflow.query
+    def status(self) -> dict:
+        """Where the experiment stands now."""
+        return {
+            "status": self._status,
+            "current_round": self._round,
+            "total_rounds": self._total_rounds,
+            "selected_clients": list(self._selected),
+            "reported_clients": sorted(self._reported),
+            "global_model_id": self._global_model_id,
+            "last_metrics": dict(self._last),
+            "stop_reason": self._stop_reason,
+        }
