@@ -1,0 +1,65 @@
+"""The FastAPI application: lifespan (engine, blob store, one Temporal client), routers, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import errors
+from api.auth import hash_key, load_or_create_admin_key
+from api.routes import clients, models, status, training
+from fedloom_core.blobstore import open_blob_store
+from fedloom_core.db import create_schema, make_engine
+from fedloom_core.settings import Settings
+from fedloom_core.temporal import connect
+
+log = logging.getLogger("fedloom.api")
+API_PREFIX = "/api/v1"
+VERSION = "1.0.0"
+
+
+async def _connect_temporal(settings: Settings, attempts: int = 30) -> object:
+    address = settings.temporal_address or "127.0.0.1:7233"
+    for attempt in range(attempts):
+        try:
+            return await connect(address, settings.temporal_namespace)
+        except Exception as exc:  # noqa: BLE001 - the server may still be starting
+            if attempt == attempts - 1:
+                log.error("cannot reach Temporal at %s: %s", address, exc)
+                return None
+            await asyncio.sleep(1)
+    return None
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for ``settings`` (read from the environment when omitted)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.started = time.time()
+        app.state.engine = make_engine(settings.database_url)
+        await asyncio.to_thread(create_schema, app.state.engine)
+        app.state.blobs = open_blob_store(settings.blob_url, settings.s3_endpoint_url)
+        admin_key, _ = load_or_create_admin_key(settings.data_dir, settings.admin_api_key)
+        app.state.admin_key_hash = hash_key(admin_key)
+        app.state.temporal = await _connect_temporal(settings)
+        yield
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="fedloom FL Framework API",
+        version=VERSION,
+        description="Federated-learning orchestration: clients, training, models, metrics.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for router in (status.router, clients.router, training.router, models.router):
+        app.include_router(router, prefix=API_PREFIX)
+    return app

@@ -1,0 +1,98 @@
+"""API keys: generation, hashing at rest, and resolving a request's key to a principal."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from fedloom_core.db import ApiKey
+from fedloom_core.errors import Forbidden, Unauthorized
+from fedloom_core.repo import session_scope
+
+ADMIN_KEY_FILE = "admin_api_key"
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: str  # admin | client
+    client_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def require_admin(self) -> None:
+        """Raise FORBIDDEN unless this is the admin key."""
+        if not self.is_admin:
+            raise Forbidden("Insufficient permissions", "this operation needs the admin API key")
+
+    def require_client(self, client_id: str) -> None:
+        """Raise FORBIDDEN unless this is the admin key or ``client_id``'s own key."""
+        if not self.is_admin and self.client_id != client_id:
+            raise Forbidden("Insufficient permissions", f"this key may not act for client '{client_id}'")
+
+
+def new_key(prefix: str = "fl") -> str:
+    """A fresh random API key."""
+    return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def hash_key(key: str) -> str:
+    """The sha256 of a key, which is all we store."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_or_create_admin_key(data_dir: Path, configured: str | None) -> tuple[str, bool]:
+    """The admin key: the configured one, else the one in the data dir, else a new one saved there (0600).
+
+    Returns the key and whether it was created now.
+    """
+    if configured:
+        return configured, False
+    path = data_dir / ADMIN_KEY_FILE
+    if path.exists():
+        return path.read_text().strip(), False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = new_key("fladmin")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key, True
+
+
+def store_client_key(engine: Engine, client_id: str) -> str:
+    """Create a key for ``client_id``, store its hash, and return the key (shown once)."""
+    key = new_key()
+    with session_scope(engine) as s:
+        s.add(ApiKey(key_hash=hash_key(key), role="client", client_id=client_id))
+    return key
+
+
+def resolve(engine: Engine, admin_key_hash: str, authorization: str | None) -> Principal:
+    """The principal behind an ``Authorization: Bearer <key>`` header, or UNAUTHORIZED."""
+    if not authorization:
+        raise Unauthorized("Missing or invalid authentication", "send 'Authorization: Bearer <api-key>'")
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise Unauthorized("Missing or invalid authentication", "the Authorization header must be 'Bearer <api-key>'")
+    return resolve_key(engine, admin_key_hash, key)
+
+
+def resolve_key(engine: Engine, admin_key_hash: str, key: str) -> Principal:
+    """The principal owning ``key``, or UNAUTHORIZED."""
+    digest = hash_key(key)
+    if hmac.compare_digest(digest, admin_key_hash):
+        return Principal("admin")
+    with session_scope(engine) as s:
+        row = s.exec(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked == False)).first()  # noqa: E712
+    if row is None:
+        raise Unauthorized("Missing or invalid authentication", "the API key is not known")
+    return Principal(row.role, row.client_id)

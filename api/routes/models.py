@@ -1,0 +1,193 @@
+"""Global models (metadata and download) and client model updates."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from api.deps import BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
+from fedloom_core import uploads, weights
+from fedloom_core.contracts import UpdateNotice
+from fedloom_core.db import GlobalModel
+from fedloom_core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from fedloom_core.repo import iso, latest_experiment, latest_model, session_scope
+from workflows.experiment import ExperimentWorkflow, workflow_id
+
+router = APIRouter(tags=["models"])
+log = logging.getLogger("fedloom.api")
+FORMATS = ("pytorch", "safetensors")
+CHUNK = 1 << 20
+
+
+def _check_format(fmt: str | None) -> str:
+    fmt = (fmt or "safetensors").lower()
+    if fmt not in FORMATS:
+        raise InvalidRequest("Unsupported model format", f"format {fmt!r} is not available; formats: {', '.join(FORMATS)}")
+    return fmt
+
+
+def _global_model(engine, experiment_id: str | None, round: int | None) -> GlobalModel:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        exp_id = experiment_id
+        if exp_id is None:
+            exp = latest_experiment(s)
+            if exp is None:
+                raise NotFound("Resource not found", "no experiment has been started")
+            exp_id = exp.experiment_id
+        model = latest_model(s, exp_id, round)
+    if model is None:
+        where = f"round {round} of " if round is not None else ""
+        raise NotFound("Resource not found", f"no global model for {where}experiment '{exp_id}'")
+    return model
+
+
+@router.get("/model/global")
+async def get_global_model(
+    engine: EngineDep,
+    _: PrincipalDep,
+    round: int | None = Query(default=None, ge=0),
+    format: str | None = Query(default=None),
+    experiment_id: str | None = Query(default=None),
+) -> dict:
+    """Metadata of the global model of a round (default: the latest) and where to download it."""
+    fmt = _check_format(format or "pytorch")
+    if experiment_id is not None:
+        valid_id(experiment_id, "experiment_id")
+    model = await run_in_threadpool(_global_model, engine, experiment_id, round)
+    return {
+        "model_id": model.model_id,
+        "experiment_id": model.experiment_id,
+        "round": model.round,
+        "accuracy": model.accuracy,
+        "loss": model.loss,
+        "parameters_count": model.parameters_count,
+        "model_size_mb": round_mb(model.size_bytes),
+        "created_at": iso(model.created_at),
+        "format": fmt,
+        "sha256": model.sha256,
+        "download_url": f"/model/download/{model.model_id}?format={fmt}",
+    }
+
+
+def round_mb(size: int) -> float:
+    return round(size / 1e6, 3)
+
+
+def _find_model(engine, model_id: str) -> GlobalModel:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        model = s.get(GlobalModel, model_id)
+    if model is None:
+        raise NotFound("Resource not found", f"model '{model_id}' does not exist")
+    return model
+
+
+def _to_pytorch(blobs, key: str) -> tuple[str, str, int]:  # type: ignore[no-untyped-def]
+    import torch
+
+    fd, out = tempfile.mkstemp(prefix="fedloom-dl-", suffix=".pt")
+    os.close(fd)
+    with blobs.open_local(key) as path:
+        torch.save(weights.load_state(path), out)
+    digest = hashlib.sha256(Path(out).read_bytes()).hexdigest()
+    return out, digest, os.path.getsize(out)
+
+
+def _stream_file(path: str):  # type: ignore[no-untyped-def]
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
+@router.get("/model/download/{model_id}")
+async def download_model(
+    model_id: str, engine: EngineDep, blobs: BlobsDep, _: PrincipalDep, format: str | None = Query(default=None)
+) -> StreamingResponse:
+    """The model file, streamed, with its length and sha256."""
+    valid_id(model_id, "model_id")
+    fmt = _check_format(format)
+    model = await run_in_threadpool(_find_model, engine, model_id)
+    if fmt == "safetensors":
+        return StreamingResponse(
+            blobs.iter_bytes(model.blob_key),
+            media_type="application/octet-stream",
+            headers={
+                "Content-Length": str(model.size_bytes),
+                "X-Model-SHA256": model.sha256,
+                "Content-Disposition": f'attachment; filename="{model_id}.safetensors"',
+            },
+        )
+    path, digest, size = await run_in_threadpool(_to_pytorch, blobs, model.blob_key)
+    return StreamingResponse(
+        _stream_file(path),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(size),
+            "X-Model-SHA256": digest,
+            "Content-Disposition": f'attachment; filename="{model_id}.pt"',
+        },
+        background=BackgroundTask(os.unlink, path),
+    )
+
+
+async def _spool(upload: UploadFile, directory: Path, limit: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="upload-", dir=directory)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            while chunk := await upload.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge("Model file too large", f"the upload exceeds {limit} bytes")
+                fh.write(chunk)
+    except BaseException:
+        uploads.cleanup(Path(name))
+        raise
+    return Path(name)
+
+
+@router.post("/model/update/{client_id}")
+async def upload_update(
+    client_id: str,
+    engine: EngineDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    temporal: TemporalDep,
+    principal: PrincipalDep,
+    model_file: UploadFile = File(...),
+    metrics: str = Form(...),
+) -> dict:
+    """Receive a client's locally trained model; it is validated before aggregation."""
+    valid_id(client_id, "client_id")
+    principal.require_client(client_id)
+    parsed = uploads.parse_metrics(metrics)
+    path = await _spool(model_file, settings.data_dir / "tmp", int(settings.max_upload_mb * 1e6))
+    try:
+        stored = await run_in_threadpool(
+            uploads.store_update, engine, blobs, client_id=client_id, upload_path=path, metrics=parsed
+        )
+    finally:
+        uploads.cleanup(path)
+    upd = stored.update
+    # Always signal, also on a repeat: the first attempt may have died before it could.
+    await temporal.get_workflow_handle(workflow_id(upd.experiment_id)).signal(
+        ExperimentWorkflow.update_received,
+        UpdateNotice(update_id=upd.update_id, client_id=client_id, round=upd.round),
+    )
+    return {
+        "update_id": upd.update_id,
+        "client_id": client_id,
+        "round": upd.round,
+        "status": "received",
+        "model_size_mb": round_mb(upd.size_bytes),
+        "received_at": iso(upd.received_at),
+        "validation_status": upd.validation_status,
+    }

@@ -1,0 +1,240 @@
+"""Starting, stopping and following training."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import timedelta
+
+from fastapi import APIRouter, Body
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from sqlalchemy import func
+from sqlmodel import select
+from temporalio.client import WorkflowHandle
+from temporalio.common import WorkflowIDReusePolicy
+
+from api.deps import AdminDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
+from fedloom_core.contracts import ExperimentInput, StartRequest, check_id
+from fedloom_core.datasets import dataset_info
+from fedloom_core.db import Client, Experiment, RoundMetrics, utcnow
+from fedloom_core.errors import Conflict, ExperimentNotActive, InsufficientClients, InvalidRequest, TrainingAlreadyRunning
+from fedloom_core.repo import current_round, emit_event, iso, latest_experiment, running_experiment, session_scope
+from fedloom_core.settings import WORKFLOW_TASK_QUEUE
+from workflows.experiment import ExperimentWorkflow, workflow_id
+
+router = APIRouter(tags=["training"])
+DEFAULT_ROUND_SECONDS = 30.0
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+    )
+
+
+def _avg_round_seconds(session) -> float:  # type: ignore[no-untyped-def]
+    avg = session.exec(select(func.avg(RoundMetrics.round_duration))).one()
+    return float(avg) if avg else DEFAULT_ROUND_SECONDS
+
+
+def _humanize(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:.0f} minutes" if minutes >= 1 else f"{seconds:.0f} seconds"
+
+
+def _prepare(engine, req: StartRequest) -> tuple[Experiment, float]:  # type: ignore[no-untyped-def]
+    ec = req.experiment_config
+    with session_scope(engine) as s:
+        running = running_experiment(s)
+        if running is not None:
+            raise TrainingAlreadyRunning(
+                "Cannot start - training already in progress",
+                f"experiment '{running.experiment_id}' is running; stop it first",
+            )
+        eligible = s.exec(select(func.count()).select_from(Client).where(Client.status != "inactive")).one()
+        if eligible < ec.min_clients:
+            raise InsufficientClients(
+                "Not enough clients for training",
+                f"{eligible} eligible client(s) registered, min_clients is {ec.min_clients}",
+            )
+        exp_id = ec.experiment_id or f"exp_{utcnow():%Y%m%d}_{secrets.token_hex(3)}"
+        exp = s.get(Experiment, exp_id)
+        if exp is not None and exp.status != "created":
+            raise Conflict("Resource already exists", f"experiment '{exp_id}' already exists with status {exp.status}")
+        info = dataset_info(ec.dataset)
+        if exp is None:
+            exp = Experiment(experiment_id=exp_id, name=exp_id)
+        req.experiment_config.experiment_id = exp_id
+        exp.status = "running"
+        exp.started_at = utcnow()
+        exp.dataset = ec.dataset
+        exp.model_architecture = ec.model_architecture
+        exp.total_rounds = ec.rounds
+        exp.current_round = 0
+        exp.config = req.model_dump(mode="json")
+        exp.model_config_ = {
+            "architecture": ec.model_architecture,
+            "input_shape": list(info.input_shape),
+            "num_classes": info.num_classes,
+        }
+        exp.training_config = req.training_config.model_dump(mode="json")
+        s.add(exp)
+        emit_event(s, type="training_started", experiment_id=exp_id, total_rounds=ec.rounds)
+        return exp, _avg_round_seconds(s)
+
+
+def _mark_failed(engine, exp_id: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        exp = s.get(Experiment, exp_id)
+        if exp is not None:
+            exp.status, exp.error, exp.finished_at = "failed", message, utcnow()
+            s.add(exp)
+
+
+def _selected(engine, exp_id: str) -> list[str] | None:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        rnd = current_round(s, exp_id)
+        return list(rnd.selected_clients) if rnd else None
+
+
+@router.post("/training/start")
+async def start_training(
+    engine: EngineDep, settings: SettingsDep, temporal: TemporalDep, _: AdminDep, body: dict = Body(...)
+) -> dict:
+    """Start an experiment: a durable workflow that runs its rounds."""
+    try:
+        req = StartRequest.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequest("Malformed request body or parameters", _describe(exc)) from None
+    exp, per_round = await run_in_threadpool(_prepare, engine, req)
+    ec = req.experiment_config
+    info = exp.model_config_
+    wf_input = ExperimentInput(
+        experiment_id=exp.experiment_id,
+        config=req,
+        input_shape=info["input_shape"],
+        num_classes=info["num_classes"],
+        round_timeout_s=ec.round_timeout_s or settings.round_timeout_s,
+        selection_timeout_s=ec.selection_timeout_s or settings.selection_timeout_s,
+    )
+    try:
+        await temporal.start_workflow(
+            ExperimentWorkflow.run,
+            wf_input,
+            id=workflow_id(exp.experiment_id),
+            task_queue=WORKFLOW_TASK_QUEUE,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            memo={"experiment_id": exp.experiment_id, "dataset": ec.dataset, "rounds": ec.rounds},
+        )
+    except Exception as exc:
+        await run_in_threadpool(_mark_failed, engine, exp.experiment_id, f"workflow did not start: {exc}")
+        raise
+    selected: list[str] | None = None
+    for _attempt in range(20):  # the first round usually opens within a second
+        selected = await run_in_threadpool(_selected, engine, exp.experiment_id)
+        if selected is not None:
+            break
+        await asyncio.sleep(0.1)
+    return {
+        "experiment_id": exp.experiment_id,
+        "status": "started",
+        "start_time": iso(exp.started_at),
+        "total_rounds": ec.rounds,
+        "current_round": 1,
+        "selected_clients": selected or [],
+        "estimated_duration": _humanize(per_round * ec.rounds),
+    }
+
+
+class StopRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    experiment_id: str | None = None
+    reason: str = "manual_stop"
+
+    @field_validator("experiment_id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "experiment_id")
+
+
+def _stop_target(engine, experiment_id: str | None) -> str:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        exp = s.get(Experiment, experiment_id) if experiment_id else running_experiment(s)
+        if exp is None or exp.status != "running":
+            what = f"experiment '{experiment_id}'" if experiment_id else "no experiment"
+            raise ExperimentNotActive("No active experiment running", f"{what} is not running")
+        return exp.experiment_id
+
+
+def _experiment(engine, experiment_id: str) -> Experiment | None:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        return s.get(Experiment, experiment_id)
+
+
+@router.post("/training/stop")
+async def stop_training(body: StopRequest, engine: EngineDep, temporal: TemporalDep, _: AdminDep) -> dict:
+    """Stop a running experiment; its last global model is kept."""
+    exp_id = await run_in_threadpool(_stop_target, engine, body.experiment_id)
+    handle: WorkflowHandle = temporal.get_workflow_handle(workflow_id(exp_id))
+    await handle.signal(ExperimentWorkflow.request_stop, body.reason)
+    await handle.cancel()
+    exp = None
+    for _attempt in range(100):
+        exp = await run_in_threadpool(_experiment, engine, exp_id)
+        if exp is not None and exp.status != "running":
+            break
+        await asyncio.sleep(0.1)
+    return {
+        "experiment_id": exp_id,
+        "status": exp.status if exp and exp.status != "running" else "stopping",
+        "reason": body.reason,
+        "rounds_completed": max(0, (exp.current_round if exp else 0) - (1 if exp and exp.status == "stopped" else 0)),
+        "final_model_id": exp.final_model_id if exp else None,
+        "timestamp": iso(utcnow()),
+    }
+
+
+def _training_status(engine) -> dict:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        exp = latest_experiment(s)
+        if exp is None:
+            return {"experiment_id": None, "status": "idle", "current_round": 0, "total_rounds": 0, "progress": 0.0,
+                    "start_time": None, "estimated_completion": None, "selected_clients": [], "round_metrics": None}
+        metrics = s.exec(
+            select(RoundMetrics).where(RoundMetrics.experiment_id == exp.experiment_id).order_by(RoundMetrics.round)
+        ).all()
+        rnd = current_round(s, exp.experiment_id)
+    done = len(metrics)
+    last = metrics[-1] if metrics else None
+    estimated = None
+    if exp.started_at is not None:
+        per_round = (sum(m.round_duration for m in metrics) / done) if done else DEFAULT_ROUND_SECONDS
+        estimated = iso(exp.started_at + timedelta(seconds=per_round * exp.total_rounds))
+    return {
+        "experiment_id": exp.experiment_id,
+        "status": exp.status,
+        "current_round": exp.current_round,
+        "total_rounds": exp.total_rounds,
+        "progress": done / exp.total_rounds if exp.total_rounds else 0.0,
+        "start_time": iso(exp.started_at),
+        "estimated_completion": estimated,
+        "selected_clients": list(rnd.selected_clients) if rnd else [],
+        "round_metrics": {
+            "accuracy": last.global_accuracy,
+            "loss": last.global_loss,
+            "round_duration": last.round_duration,
+            "participating_clients": last.participating_clients,
+        }
+        if last
+        else None,
+        "final_model_id": exp.final_model_id,
+        "error": {"code": exp.error_code, "message": exp.error} if exp.error_code else None,
+        "stop_reason": exp.stop_reason,
+    }
+
+
+@router.get("/training/status")
+async def training_status(engine: EngineDep, _: PrincipalDep) -> dict:
+    """Progress of the current (or last) experiment."""
+    return await run_in_threadpool(_training_status, engine)

@@ -1,0 +1,132 @@
+"""FLClient: the spec's client calls over HTTP (httpx)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class FLAPIError(Exception):
+    """An error answer from the server, in the spec's format."""
+
+    def __init__(self, status: int, code: str, message: str, details: str = "") -> None:
+        super().__init__(f"{status} {code}: {message} ({details})")
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+class FLClient:
+    """A client of the FL Framework API at ``server_url`` (without ``/api/v1``)."""
+
+    def __init__(self, server_url: str = "http://localhost:8080", api_key: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.base_url = f"{self.server_url}/api/v1"
+        self.api_key = api_key
+        self._http = httpx.Client(timeout=timeout)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> "FLClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, f"{self.base_url}{path}", headers=self._headers(), **kwargs)
+        if response.status_code >= 400:
+            try:
+                err = response.json()["error"]
+                raise FLAPIError(response.status_code, err["code"], err["message"], err.get("details", ""))
+            except (ValueError, KeyError, TypeError):
+                raise FLAPIError(response.status_code, "HTTP_ERROR", response.text[:200]) from None
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return self._request(method, path, **kwargs).json()
+
+    # -- server --------------------------------------------------------------------------
+    def get_status(self) -> dict[str, Any]:
+        """The server's status and configuration."""
+        return self._json("GET", "/status")
+
+    def get_health(self) -> dict[str, Any]:
+        """Health of the server and its components."""
+        return self._json("GET", "/health")
+
+    # -- clients ---------------------------------------------------------------------------
+    def register_client(self, client_id: str, config: dict[str, Any] | None = None,
+                        capabilities: dict[str, Any] | None = None,
+                        location: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Register a client (admin key); the answer's ``api_key`` is the client's own key."""
+        payload: dict[str, Any] = {"client_id": client_id, "client_config": config or {}}
+        if capabilities:
+            payload["capabilities"] = capabilities
+        if location:
+            payload["location"] = location
+        return self._json("POST", "/clients/register", json=payload)
+
+    def get_client(self, client_id: str) -> dict[str, Any]:
+        """A client's status and scores."""
+        return self._json("GET", f"/clients/{client_id}")
+
+    def get_task(self, client_id: str) -> dict[str, Any]:
+        """What the client should do now: ``train``, ``wait``, ``idle`` or ``done``."""
+        return self._json("GET", f"/clients/{client_id}/task")
+
+    # -- training --------------------------------------------------------------------------
+    def start_training(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start an experiment with the spec's ``POST /training/start`` body."""
+        return self._json("POST", "/training/start", json=body)
+
+    def stop_training(self, reason: str = "manual_stop", experiment_id: str | None = None) -> dict[str, Any]:
+        """Stop the running experiment."""
+        payload: dict[str, Any] = {"reason": reason}
+        if experiment_id:
+            payload["experiment_id"] = experiment_id
+        return self._json("POST", "/training/stop", json=payload)
+
+    def get_training_status(self) -> dict[str, Any]:
+        """Progress of the current or last experiment."""
+        return self._json("GET", "/training/status")
+
+    # -- models ----------------------------------------------------------------------------
+    def get_global_model(self, round: int | None = None, format: str | None = None) -> dict[str, Any]:
+        """Metadata of a global model."""
+        params = {k: v for k, v in {"round": round, "format": format}.items() if v is not None}
+        return self._json("GET", "/model/global", params=params)
+
+    def download_model(self, model_id: str, dest: str | Path, format: str = "safetensors") -> dict[str, str]:
+        """Stream a model file to ``dest``; returns its sha256 as sent by the server."""
+        url = f"{self.base_url}/model/download/{model_id}"
+        with self._http.stream("GET", url, params={"format": format}, headers=self._headers()) as response:
+            if response.status_code >= 400:
+                response.read()
+                err = response.json().get("error", {})
+                raise FLAPIError(response.status_code, err.get("code", "HTTP_ERROR"), err.get("message", ""),
+                                 err.get("details", ""))
+            with open(dest, "wb") as fh:
+                for chunk in response.iter_bytes():
+                    fh.write(chunk)
+            return {"sha256": response.headers.get("x-model-sha256", "")}
+
+    def upload_model_update(self, client_id: str, model_file: str | Path | bytes | BinaryIO,
+                            metrics: dict[str, Any]) -> dict[str, Any]:
+        """Upload a locally trained model with its training metrics."""
+        data = {"metrics": json.dumps(metrics)}
+        if isinstance(model_file, (str, Path)):
+            with open(model_file, "rb") as fh:
+                return self._json("POST", f"/model/update/{client_id}",
+                                  files={"model_file": ("model.safetensors", fh)}, data=data)
+        return self._json("POST", f"/model/update/{client_id}",
+                          files={"model_file": ("model.safetensors", model_file)}, data=data)

@@ -1,0 +1,143 @@
+"""The ``fedloom`` command: serve, worker, api, client, demo.
+
+Server subcommands import the server packages only when they run, so the SDK stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from fedloom.serve import serve
+
+    return serve(
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        temporal_address=args.temporal_address,
+        temporal_port=args.temporal_port,
+        temporal_ui_port=args.temporal_ui_port,
+        headless=args.temporal_headless,
+    )
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from fedloom_core.settings import Settings
+    from fedloom_core.temporal import connect_with_retry
+    from workers.main import run_workers
+
+    settings = Settings()
+
+    async def main() -> None:
+        client = await connect_with_retry(settings.temporal_address or "127.0.0.1:7233", settings.temporal_namespace)
+        await run_workers(client, settings, args.queues.split(","))
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from fedloom.runtime import run_client
+
+    api_key = args.api_key or os.environ.get("FEDLOOM_API_KEY")
+    if not api_key:
+        print("fedloom client: --api-key (or FEDLOOM_API_KEY) is required", file=sys.stderr)
+        return 2
+    try:
+        run_client(
+            server=args.server,
+            api_key=api_key,
+            client_id=args.client_id,
+            dataset=args.dataset,
+            partition=args.partition,
+            seed=args.seed,
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedloom.demo import run_demo
+
+    return run_demo(clients=args.clients, rounds=args.rounds, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fedloom`` command."""
+    parser = argparse.ArgumentParser(prog="fedloom", description="Federated-learning orchestration server.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run Temporal's dev server, a worker and the API on this machine")
+    serve.add_argument("--data-dir", default=None, help="data directory (default: FEDLOOM_DATA_DIR or ./.fedloom)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080, help="API port")
+    serve.add_argument("--temporal-address", default=None, help="use this Temporal server instead of starting one")
+    serve.add_argument("--temporal-port", type=int, default=7233, help="gRPC port of the embedded Temporal server")
+    serve.add_argument("--temporal-ui-port", type=int, default=8233, help="Web UI port of the embedded Temporal server")
+    serve.add_argument("--temporal-headless", action="store_true", help="do not start the Temporal Web UI")
+    serve.set_defaults(func=_cmd_serve)
+
+    worker = sub.add_parser("worker", help="run the workflow and activity workers")
+    worker.add_argument("--queues", default="experiments,aggregation",
+                        help="comma-separated: experiments (workflow + light activities), aggregation")
+    worker.set_defaults(func=_cmd_worker)
+
+    api = sub.add_parser("api", help="run the REST API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8080)
+    api.set_defaults(func=_cmd_api)
+
+    client = sub.add_parser("client", help="join experiments as a training client")
+    client.add_argument("--server", default="http://127.0.0.1:8080")
+    client.add_argument("--api-key", default=None)
+    client.add_argument("--client-id", required=True)
+    client.add_argument("--dataset", default="digits")
+    client.add_argument("--partition", default="1/1", help="I/N: this client's IID shard (1-based)")
+    client.add_argument("--seed", type=int, default=0, help="partition and training seed")
+    client.set_defaults(func=_cmd_client)
+
+    demo = sub.add_parser("demo", help="run a complete federated experiment on this machine")
+    demo.add_argument("--clients", type=int, default=5)
+    demo.add_argument("--rounds", type=int, default=10)
+    demo.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedloom`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The client runtime: wait to be selected, train on the local slice, upload, until the experiment ends."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+from fedloom._client import FLAPIError, FLClient
+
+log = logging.getLogger("fedloom.client")
+POLL_S = 0.3
+
+
+def parse_partition(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1-based I) -> (0-based index, count)."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--partition must look like I/N, got {text!r}") from None
+    if not 1 <= index <= count:
+        raise ValueError(f"--partition {text}: I must be between 1 and N")
+    return index - 1, count
+
+
+def run_client(
+    *,
+    server: str,
+    api_key: str,
+    client_id: str,
+    dataset: str = "digits",
+    partition: str = "1/1",
+    seed: int = 0,
+    max_idle_s: float | None = None,
+) -> int:
+    """Take part in experiments until one this client has seen running ends; returns rounds trained."""
+    import torch
+
+    from fedloom_core.datasets import client_partition
+    from fedloom_core.models import build_model
+    from fedloom_core.training import train_local
+    from fedloom_core.weights import load_state, save_state
+
+    torch.set_num_threads(1)
+    index, count = parse_partition(partition)
+    data = client_partition(dataset, index, count, seed=seed)
+    api = FLClient(server, api_key)
+    try:
+        reg = api.register_client(client_id, {"dataset": dataset, "partition": partition},
+                                  capabilities={"compute_power": "cpu", "data_samples": len(data)})
+        api = FLClient(server, reg["api_key"])
+        log.info("%s registered (%d samples)", client_id, len(data))
+    except FLAPIError as exc:
+        if exc.code != "CONFLICT":
+            raise
+        log.info("%s already registered; continuing with the given key", client_id)
+    seen_running: set[str] = set()
+    trained = 0
+    idle_since = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"fedloom-{client_id}-") as tmp:
+        work = Path(tmp)
+        while True:
+            try:
+                task = api.get_task(client_id)
+            except (FLAPIError, OSError) as exc:  # server restarting: keep trying
+                log.warning("task poll failed: %s", exc)
+                time.sleep(1.0)
+                continue
+            status = task.get("status")
+            exp_id = task.get("experiment_id")
+            if task.get("experiment_status") == "running" and exp_id:
+                seen_running.add(exp_id)
+            if status == "done" and exp_id in seen_running:
+                log.info("%s: experiment %s ended (%s)", client_id, exp_id, task.get("experiment_status"))
+                return trained
+            if status != "train":
+                if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
+                    return trained
+                time.sleep(POLL_S)
+                continue
+            idle_since = time.monotonic()
+            try:
+                trained += _train_round(api, client_id, task, data, work, seed, build_model, train_local,
+                                        load_state, save_state)
+            except FLAPIError as exc:
+                # The round may have closed while we trained; the next poll says what to do.
+                log.warning("%s round %s: %s", client_id, task.get("round"), exc)
+                time.sleep(POLL_S)
+
+
+def _train_round(api, client_id, task, data, work, seed, build_model, train_local, load_state, save_state) -> int:  # type: ignore[no-untyped-def]
+    cfg = task["model_config"]
+    tc = task["training_config"]
+    started = time.perf_counter()
+    model_path = work / "global.safetensors"
+    api.download_model(task["model_id"], model_path)
+    download_time = time.perf_counter() - started
+    model = build_model(task["model_architecture"], cfg["input_shape"], cfg["num_classes"])
+    model.load_state_dict(load_state(model_path))
+    result = train_local(
+        model,
+        data,
+        epochs=int(tc.get("local_epochs", 1)),
+        batch_size=int(tc.get("batch_size", 32)),
+        learning_rate=float(tc.get("learning_rate", 0.01)),
+        optimizer=str(tc.get("optimizer", "SGD")),
+        seed=seed * 100_003 + int(task["round"]) * 101 + zlib.crc32(client_id.encode()) % 9973,
+    )
+    out = work / "update.safetensors"
+    save_state(model.state_dict(), out)
+    upload_started = time.perf_counter()
+    metrics = {
+        "local_accuracy": result.local_accuracy,
+        "local_loss": result.local_loss,
+        "training_time": result.training_time,
+        "data_samples": result.data_samples,
+        "epochs_completed": result.epochs_completed,
+        "communication_time": download_time,
+    }
+    api.upload_model_update(client_id, out, metrics)
+    log.info("%s round %s: acc %.3f loss %.3f (%.1fs train, %.2fs upload)", client_id, task["round"],
+             result.local_accuracy, result.local_loss, result.training_time, time.perf_counter() - upload_started)
+    return 1

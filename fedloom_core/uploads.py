@@ -1,0 +1,232 @@
+"""Accepting a client's model update: check it, store the blob, record it exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update as sa_update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from fedloom_core import weights
+from fedloom_core.blobstore import BlobStore
+from fedloom_core.db import Client, GlobalModel, Round, Update, utcnow
+from fedloom_core.errors import (
+    ClientNotRegistered,
+    Conflict,
+    ExperimentNotActive,
+    InvalidRequest,
+    ModelValidationFailed,
+    RoundNotActive,
+)
+from fedloom_core.repo import emit_event, open_round, running_experiment, session_scope
+
+_structure_cache: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an upload goes: the running experiment's open round."""
+
+    experiment_id: str
+    round: int
+    global_model_id: str
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    update: Update
+    created: bool
+
+
+def parse_metrics(raw: str | None) -> dict[str, Any]:
+    """The upload's ``metrics`` form field, which must be a JSON object with ``data_samples`` > 0."""
+    import json
+
+    if raw is None or raw == "":
+        raise InvalidRequest("metrics are required", "form field 'metrics' must be a JSON object with data_samples")
+    try:
+        metrics = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest("metrics are not valid JSON", f"form field 'metrics': {exc}") from None
+    if not isinstance(metrics, dict):
+        raise InvalidRequest("metrics must be a JSON object", "form field 'metrics' must be a JSON object")
+    samples = metrics.get("data_samples")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
+        raise InvalidRequest(
+            "metrics.data_samples must be a positive integer", f"got data_samples={samples!r}"
+        )
+    for key, value in metrics.items():
+        if key in ("local_accuracy", "local_loss", "training_time", "communication_time") and not (
+            value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        ):
+            raise InvalidRequest(f"metrics.{key} must be a number", f"got {key}={value!r}")
+    return metrics
+
+
+def find_target(engine: Engine, client_id: str) -> Target:
+    """The open round this client may upload to, or the spec's error saying why there is none."""
+    with session_scope(engine) as s:
+        if s.get(Client, client_id) is None:
+            raise ClientNotRegistered(
+                "Client not registered with server", f"The specified client ID '{client_id}' is not registered"
+            )
+        exp = running_experiment(s)
+        if exp is None:
+            raise ExperimentNotActive("No active experiment running", "no experiment is running; start one first")
+        rnd = open_round(s, exp.experiment_id)
+        if rnd is None:
+            raise RoundNotActive(
+                "No round is taking uploads",
+                f"experiment '{exp.experiment_id}' has no open round (current round {exp.current_round})",
+            )
+        if client_id not in rnd.selected_clients:
+            raise RoundNotActive(
+                "Client is not part of the current round",
+                f"client '{client_id}' was not selected for round {rnd.round} of '{exp.experiment_id}'",
+            )
+        return Target(exp.experiment_id, rnd.round, rnd.global_model_id)
+
+
+def expected_structure(engine: Engine, blobs: BlobStore, model_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor names, dtypes and shapes of a global model (cached: models never change)."""
+    cached = _structure_cache.get(model_id)
+    if cached is not None:
+        return cached
+    with session_scope(engine) as s:
+        model = s.get(GlobalModel, model_id)
+        if model is None:
+            raise RoundNotActive("The round's global model is not available yet", f"model {model_id} not found")
+        key = model.blob_key
+    with blobs.open_local(key) as path:
+        found = weights.structure(path)
+    if len(_structure_cache) > 64:
+        _structure_cache.clear()
+    _structure_cache[model_id] = found
+    return found
+
+
+def check_update_file(path: Path, out: Path, expected: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+    """Normalise an uploaded file to safetensors at ``out`` and check it against the global model."""
+    try:
+        fmt = weights.normalize_upload(path, out)
+        problems = weights.compare_structure(weights.structure(out), expected)
+    except weights.WeightsFormatError as exc:
+        raise ModelValidationFailed("Uploaded model failed validation", str(exc)) from None
+    if problems:
+        raise ModelValidationFailed("Uploaded model failed validation", "; ".join(problems[:20]))
+    nonfinite = weights.nonfinite_tensors(out)
+    if nonfinite:
+        raise ModelValidationFailed(
+            "Uploaded model failed validation", f"tensor(s) with NaN or infinite values: {', '.join(nonfinite[:10])}"
+        )
+    return fmt
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def store_update(
+    engine: Engine,
+    blobs: BlobStore,
+    *,
+    client_id: str,
+    upload_path: Path,
+    metrics: dict[str, Any],
+) -> StoredUpdate:
+    """Validate, store and record one uploaded update; a repeat of the same file returns the first record."""
+    target = find_target(engine, client_id)
+    expected = expected_structure(engine, blobs, target.global_model_id)
+    with tempfile.TemporaryDirectory(prefix="fedloom-upload-", dir=upload_path.parent) as tmp:
+        normalized = Path(tmp) / "update.safetensors"
+        check_update_file(upload_path, normalized, expected)
+        digest = sha256_file(normalized)
+        existing = _existing(engine, target, client_id)
+        if existing is not None:
+            return _repeat(existing, digest)
+        key = f"updates/{target.experiment_id}/{target.round}/{client_id}-{digest[:32]}.safetensors"
+        info = blobs.put_file(key, normalized)
+    update = Update(
+        update_id=f"update_{secrets.token_hex(8)}",
+        experiment_id=target.experiment_id,
+        round=target.round,
+        client_id=client_id,
+        blob_key=info.key,
+        sha256=info.sha256,
+        size_bytes=info.size,
+        num_samples=int(metrics["data_samples"]),
+        metrics=metrics,
+    )
+    try:
+        with session_scope(engine) as s:
+            # Taking the round row first serialises this insert with close_round.
+            opened = s.execute(
+                sa_update(Round)
+                .where(Round.experiment_id == target.experiment_id, Round.round == target.round, Round.status == "open")
+                .values(upload_count=Round.upload_count + 1)
+            )
+            if opened.rowcount == 0:
+                raise RoundNotActive(
+                    "Specified round is not currently active", f"round {target.round} closed before the upload finished"
+                )
+            s.add(update)
+            client = s.get(Client, client_id)
+            if client is not None:
+                client.last_update = utcnow()
+                client.last_seen = client.last_update
+                s.add(client)
+            emit_event(
+                s,
+                type="client_update",
+                experiment_id=target.experiment_id,
+                client_id=client_id,
+                status="training_completed",
+                round=target.round,
+                metrics={k: metrics.get(k) for k in ("local_accuracy", "local_loss", "training_time") if k in metrics},
+            )
+    except IntegrityError:
+        existing = _existing(engine, target, client_id)
+        if existing is None:
+            raise
+        return _repeat(existing, digest)
+    return StoredUpdate(update, True)
+
+
+def _existing(engine: Engine, target: Target, client_id: str) -> Update | None:
+    with session_scope(engine) as s:
+        return s.exec(
+            select(Update).where(
+                Update.experiment_id == target.experiment_id, Update.round == target.round, Update.client_id == client_id
+            )
+        ).first()
+
+
+def _repeat(existing: Update, digest: str) -> StoredUpdate:
+    if existing.sha256 != digest:
+        raise Conflict(
+            "An update for this round was already received",
+            f"client '{existing.client_id}' already uploaded a different model for round {existing.round} "
+            f"({existing.update_id})",
+        )
+    return StoredUpdate(existing, False)
+
+
+def cleanup(path: Path) -> None:
+    """Remove a spooled upload, if it is still there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
