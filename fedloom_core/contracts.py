@@ -14,6 +14,11 @@ KNOWN_ARCHITECTURES = ("CNN", "MLP")
 KNOWN_STRATEGIES = ("FedAvg",)
 KNOWN_OPTIMIZERS = ("SGD", "Adam")
 
+# Task queues: the workflow and light activities on one; aggregation and evaluation on another,
+# so they can run on bigger machines.
+WORKFLOW_TASK_QUEUE = "fedloom-experiments"
+AGGREGATION_TASK_QUEUE = "fedloom-aggregation"
+
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -143,6 +148,8 @@ class ExperimentInput(BaseModel):
     num_classes: int
     round_timeout_s: float
     selection_timeout_s: float
+    # Where aggregation and evaluation run; tests give each run its own queue.
+    aggregation_queue: str = AGGREGATION_TASK_QUEUE
     state: ExperimentState = Field(default_factory=ExperimentState)
 
 

