@@ -1,0 +1,38 @@
+# fedloom: `make demo` runs a real federated experiment; `make test` runs the test suite.
+# Both create .venv and install everything on a fresh machine.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; installed before the project so pip never fetches a CUDA build.
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test serve lint clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedloom demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+serve: $(STAMP)
+	$(BIN)/fedloom serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedloom fedloom_core workflows activities api workers tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_aggregation.py
+
+clean:
+	rm -rf $(VENV) .fedloom

@@ -1,0 +1,81 @@
+"""The demo's flow end to end: fedloom serve, 5 client processes, 10 rounds of FedAvg on digits."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from fedloom.demo import start_body
+from fedloom_core.datasets import load_test
+from fedloom_core.models import build_model
+from fedloom_core.training import evaluate
+from fedloom_core.weights import load_state
+from tests.conftest import start_serve, stop_serve
+
+pytestmark = pytest.mark.e2e
+CLIENTS, ROUNDS = 5, 10
+
+
+def test_five_clients_reach_90_percent_and_the_downloaded_model_agrees(tmp_path: Path) -> None:
+    server = start_serve(tmp_path / "data")
+    procs: list[subprocess.Popen] = []
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
+        for i in range(1, CLIENTS + 1):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fedloom.cli", "client", "--server", server.url, "--api-key", server.admin_key,
+                 "--client-id", f"c{i}", "--partition", f"{i}/{CLIENTS}"],
+                env=env, stdout=open(tmp_path / f"client-{i}.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            ))
+        http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=60)
+        deadline = time.monotonic() + 120
+        while http.get("/status").json()["registered_clients"] < CLIENTS:
+            assert time.monotonic() < deadline, "clients did not register"
+            assert all(p.poll() is None for p in procs), "a client died"
+            time.sleep(0.3)
+        started = http.post("/training/start", json=start_body(ROUNDS, CLIENTS, experiment_id="e2e"))
+        assert started.status_code == 200, started.text
+        deadline = time.monotonic() + 400
+        while (status := http.get("/training/status").json())["status"] == "running":
+            assert time.monotonic() < deadline, f"experiment did not finish: {status}"
+            time.sleep(1)
+        assert status["status"] == "completed", status
+        assert status["current_round"] == ROUNDS and status["progress"] == 1.0
+        accuracy = status["round_metrics"]["accuracy"]
+        assert accuracy >= 0.90, status
+        assert status["round_metrics"]["participating_clients"] == CLIENTS
+
+        # Clients exit on their own when the experiment ends.
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+
+        meta = http.get("/model/global").json()
+        assert meta["round"] == ROUNDS and meta["model_id"] == status["final_model_id"]
+        assert meta["accuracy"] == pytest.approx(accuracy)
+        blob = http.get(f"/model/download/{meta['model_id']}", params={"format": "safetensors"})
+        assert blob.status_code == 200
+        assert blob.headers["x-model-sha256"] == hashlib.sha256(blob.content).hexdigest() == meta["sha256"]
+        path = tmp_path / "final.safetensors"
+        path.write_bytes(blob.content)
+        model = build_model("CNN", (8, 8, 1), 10)
+        model.load_state_dict(load_state(path))
+        independent_acc, _ = evaluate(model, load_test("digits"))
+        assert independent_acc == pytest.approx(accuracy, abs=1e-9)
+
+        pt = http.get(f"/model/download/{meta['model_id']}", params={"format": "pytorch"})
+        model.load_state_dict(torch.load(io.BytesIO(pt.content), weights_only=True))
+        assert evaluate(model, load_test("digits"))[0] == pytest.approx(accuracy, abs=1e-9)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        stop_serve(server)
