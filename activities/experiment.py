@@ -39,7 +39,16 @@ from fedloom_core.contracts import (
     UpdateRef,
 )
 from fedloom_core.datasets import load_test
-from fedloom_core.db import Client, ClientMetrics, Experiment, GlobalModel, Round, RoundMetrics, Update, utcnow
+from fedloom_core.db import (
+    Client,
+    ClientMetrics,
+    Experiment,
+    GlobalModel,
+    Round,
+    RoundMetrics,
+    Update,
+    utcnow,
+)
 from fedloom_core.models import build_model, parameters_count
 from fedloom_core.repo import emit_event, model_id_for, session_scope
 
@@ -305,9 +314,7 @@ class ExperimentActivities:
                         epochs_completed=m.get("epochs_completed"),
                     )
                 )
-            rnd = s.exec(
-                select(Round).where(Round.experiment_id == inp.experiment_id, Round.round == inp.round)
-            ).one()
+            rnd = s.exec(select(Round).where(Round.experiment_id == inp.experiment_id, Round.round == inp.round)).one()
             rnd.status = "completed"
             rnd.completed_at = now
             s.add(rnd)

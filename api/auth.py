@@ -92,7 +92,7 @@ def resolve_key(engine: Engine, admin_key_hash: str, key: str) -> Principal:
     if hmac.compare_digest(digest, admin_key_hash):
         return Principal("admin")
     with session_scope(engine) as s:
-        row = s.exec(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked == False)).first()  # noqa: E712
+        row = s.exec(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked.is_(False))).first()  # type: ignore[attr-defined]
     if row is None:
         raise Unauthorized("Missing or invalid authentication", "the API key is not known")
     return Principal(row.role, row.client_id)

@@ -39,9 +39,7 @@ def get_temporal(request: Request) -> TemporalClient:
     return client
 
 
-async def get_principal(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> auth.Principal:
+async def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
     state = _state(request)
     return await run_in_threadpool(auth.resolve, state.engine, state.admin_key_hash, authorization)
 

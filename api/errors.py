@@ -70,7 +70,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
-        return error_response(503, "SERVICE_UNAVAILABLE", "Service temporarily unavailable", "the database is not reachable")
+        return error_response(
+            503, "SERVICE_UNAVAILABLE", "Service temporarily unavailable", "the database is not reachable"
+        )
 
     @app.exception_handler(BlobStoreError)
     async def _blob_down(_: Request, exc: BlobStoreError) -> JSONResponse:

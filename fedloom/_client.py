@@ -22,8 +22,9 @@ class FLAPIError(Exception):
 class FLClient:
     """A client of the FL Framework API at ``server_url`` (without ``/api/v1``)."""
 
-    def __init__(self, server_url: str = "http://localhost:8080", api_key: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, server_url: str = "http://localhost:8080", api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self.server_url = server_url.rstrip("/")
         self.base_url = f"{self.server_url}/api/v1"
         self.api_key = api_key
@@ -33,7 +34,7 @@ class FLClient:
         """Close the connection pool."""
         self._http.close()
 
-    def __enter__(self) -> "FLClient":
+    def __enter__(self) -> FLClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -65,9 +66,13 @@ class FLClient:
         return self._json("GET", "/health")
 
     # -- clients ---------------------------------------------------------------------------
-    def register_client(self, client_id: str, config: dict[str, Any] | None = None,
-                        capabilities: dict[str, Any] | None = None,
-                        location: dict[str, Any] | None = None) -> dict[str, Any]:
+    def register_client(
+        self,
+        client_id: str,
+        config: dict[str, Any] | None = None,
+        capabilities: dict[str, Any] | None = None,
+        location: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Register a client (admin key); the answer's ``api_key`` is the client's own key."""
         payload: dict[str, Any] = {"client_id": client_id, "client_config": config or {}}
         if capabilities:
@@ -113,20 +118,23 @@ class FLClient:
             if response.status_code >= 400:
                 response.read()
                 err = response.json().get("error", {})
-                raise FLAPIError(response.status_code, err.get("code", "HTTP_ERROR"), err.get("message", ""),
-                                 err.get("details", ""))
+                raise FLAPIError(
+                    response.status_code, err.get("code", "HTTP_ERROR"), err.get("message", ""), err.get("details", "")
+                )
             with open(dest, "wb") as fh:
-                for chunk in response.iter_bytes():
-                    fh.write(chunk)
+                fh.writelines(response.iter_bytes())
             return {"sha256": response.headers.get("x-model-sha256", "")}
 
-    def upload_model_update(self, client_id: str, model_file: str | Path | bytes | BinaryIO,
-                            metrics: dict[str, Any]) -> dict[str, Any]:
+    def upload_model_update(
+        self, client_id: str, model_file: str | Path | bytes | BinaryIO, metrics: dict[str, Any]
+    ) -> dict[str, Any]:
         """Upload a locally trained model with its training metrics."""
         data = {"metrics": json.dumps(metrics)}
         if isinstance(model_file, (str, Path)):
             with open(model_file, "rb") as fh:
-                return self._json("POST", f"/model/update/{client_id}",
-                                  files={"model_file": ("model.safetensors", fh)}, data=data)
-        return self._json("POST", f"/model/update/{client_id}",
-                          files={"model_file": ("model.safetensors", model_file)}, data=data)
+                return self._json(
+                    "POST", f"/model/update/{client_id}", files={"model_file": ("model.safetensors", fh)}, data=data
+                )
+        return self._json(
+            "POST", f"/model/update/{client_id}", files={"model_file": ("model.safetensors", model_file)}, data=data
+        )

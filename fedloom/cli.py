@@ -106,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     worker = sub.add_parser("worker", help="run the workflow and activity workers")
-    worker.add_argument("--queues", default="experiments,aggregation",
-                        help="comma-separated: experiments (workflow + light activities), aggregation")
+    worker.add_argument(
+        "--queues",
+        default="experiments,aggregation",
+        help="comma-separated: experiments (workflow + light activities), aggregation",
+    )
     worker.set_defaults(func=_cmd_worker)
 
     api = sub.add_parser("api", help="run the REST API")

@@ -69,15 +69,23 @@ def _wait_clients(api: FLClient, count: int, procs: list[subprocess.Popen], time
 def _follow(api: FLClient, experiment_id: str, rounds: int) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[metrics]}"), TimeElapsedColumn()) as progress:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+    ) as progress:
         task = progress.add_task("rounds", total=rounds, metrics="waiting for round 1")
         while True:
             status = api.get_training_status()
             metrics = status.get("round_metrics")
             done = round(status["progress"] * rounds)
-            text = (f"round {done}: accuracy {metrics['accuracy']:.3f} loss {metrics['loss']:.3f}"
-                    if metrics else f"round {status['current_round']} training")
+            text = (
+                f"round {done}: accuracy {metrics['accuracy']:.3f} loss {metrics['loss']:.3f}"
+                if metrics
+                else f"round {status['current_round']} training"
+            )
             progress.update(task, completed=done, metrics=text)
             if status["status"] != "running":
                 return status
@@ -97,9 +105,21 @@ def run_demo(clients: int = 5, rounds: int = 10, port: int = 0) -> int:
         try:
             print(f"demo: starting fedloom serve in {data_dir}", flush=True)
             server = subprocess.Popen(
-                [sys.executable, "-m", "fedloom.cli", "serve", "--port", str(port),
-                 "--temporal-port", str(free_port()), "--temporal-ui-port", str(free_port())],
-                env=env, stdout=open(logs / "serve.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                [
+                    sys.executable,
+                    "-m",
+                    "fedloom.cli",
+                    "serve",
+                    "--port",
+                    str(port),
+                    "--temporal-port",
+                    str(free_port()),
+                    "--temporal-ui-port",
+                    str(free_port()),
+                ],
+                env=env,
+                stdout=open(logs / "serve.log", "wb"),
+                stderr=subprocess.STDOUT,  # noqa: SIM115
             )
             procs.append(server)
             deadline = time.monotonic() + 60
@@ -111,23 +131,46 @@ def run_demo(clients: int = 5, rounds: int = 10, port: int = 0) -> int:
             _wait_ready(api, server)
             print(f"demo: server ready at {server_url}; starting {clients} clients", flush=True)
             for i in range(1, clients + 1):
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "fedloom.cli", "client", "--server", server_url, "--api-key", admin_key,
-                     "--client-id", f"demo-client-{i}", "--dataset", "digits", "--partition", f"{i}/{clients}"],
-                    env=env, stdout=open(logs / f"client-{i}.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                ))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "fedloom.cli",
+                            "client",
+                            "--server",
+                            server_url,
+                            "--api-key",
+                            admin_key,
+                            "--client-id",
+                            f"demo-client-{i}",
+                            "--dataset",
+                            "digits",
+                            "--partition",
+                            f"{i}/{clients}",
+                        ],
+                        env=env,
+                        stdout=open(logs / f"client-{i}.log", "wb"),
+                        stderr=subprocess.STDOUT,  # noqa: SIM115
+                    )
+                )
             _wait_clients(api, clients, procs[1:])
             started = api.start_training(start_body(rounds, clients))
             exp_id = started["experiment_id"]
-            print(f"demo: experiment {exp_id} started with {clients} clients, {rounds} rounds of FedAvg on digits",
-                  flush=True)
+            print(
+                f"demo: experiment {exp_id} started with {clients} clients, {rounds} rounds of FedAvg on digits",
+                flush=True,
+            )
             final = _follow(api, exp_id, rounds)
             if final["status"] != "completed":
                 print(f"demo: experiment {exp_id} ended as {final['status']}: {final.get('error')}", flush=True)
                 return 1
             acc = final["round_metrics"]["accuracy"]
-            print(f"demo: experiment {exp_id} completed: {final['current_round']} rounds, {clients} clients, "
-                  f"final accuracy {acc:.4f}", flush=True)
+            print(
+                f"demo: experiment {exp_id} completed: {final['current_round']} rounds, {clients} clients, "
+                f"final accuracy {acc:.4f}",
+                flush=True,
+            )
             return 0
         except KeyboardInterrupt:
             print("demo: interrupted; stopping everything", flush=True)

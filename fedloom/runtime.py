@@ -48,8 +48,11 @@ def run_client(
     data = client_partition(dataset, index, count, seed=seed)
     api = FLClient(server, api_key)
     try:
-        reg = api.register_client(client_id, {"dataset": dataset, "partition": partition},
-                                  capabilities={"compute_power": "cpu", "data_samples": len(data)})
+        reg = api.register_client(
+            client_id,
+            {"dataset": dataset, "partition": partition},
+            capabilities={"compute_power": "cpu", "data_samples": len(data)},
+        )
         api = FLClient(server, reg["api_key"])
         log.info("%s registered (%d samples)", client_id, len(data))
     except FLAPIError as exc:
@@ -82,8 +85,9 @@ def run_client(
                 continue
             idle_since = time.monotonic()
             try:
-                trained += _train_round(api, client_id, task, data, work, seed, build_model, train_local,
-                                        load_state, save_state)
+                trained += _train_round(
+                    api, client_id, task, data, work, seed, build_model, train_local, load_state, save_state
+                )
             except FLAPIError as exc:
                 # The round may have closed while we trained; the next poll says what to do.
                 log.warning("%s round %s: %s", client_id, task.get("round"), exc)
@@ -120,6 +124,13 @@ def _train_round(api, client_id, task, data, work, seed, build_model, train_loca
         "communication_time": download_time,
     }
     api.upload_model_update(client_id, out, metrics)
-    log.info("%s round %s: acc %.3f loss %.3f (%.1fs train, %.2fs upload)", client_id, task["round"],
-             result.local_accuracy, result.local_loss, result.training_time, time.perf_counter() - upload_started)
+    log.info(
+        "%s round %s: acc %.3f loss %.3f (%.1fs train, %.2fs upload)",
+        client_id,
+        task["round"],
+        result.local_accuracy,
+        result.local_loss,
+        result.training_time,
+        time.perf_counter() - upload_started,
+    )
     return 1

@@ -53,8 +53,9 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
 def spawn(cmd: list[str], env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
     """Start a child that dies with us; its output goes to ``log_path`` or ours."""
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - lives as long as the child
-    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                            preexec_fn=_die_with_parent)
+    return subprocess.Popen(
+        cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, preexec_fn=_die_with_parent
+    )
 
 
 def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
@@ -108,9 +109,23 @@ def serve(
     try:
         address = temporal_address or settings.temporal_address
         if not address:
-            cmd = [temporal_binary(), "server", "start-dev", "--db-filename", str(settings.data_dir / "temporal.db"),
-                   "--ip", "127.0.0.1", "--port", str(temporal_port), "--ui-port", str(temporal_ui_port),
-                   "--log-level", "warn", "--namespace", settings.temporal_namespace]
+            cmd = [
+                temporal_binary(),
+                "server",
+                "start-dev",
+                "--db-filename",
+                str(settings.data_dir / "temporal.db"),
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(temporal_port),
+                "--ui-port",
+                str(temporal_ui_port),
+                "--log-level",
+                "warn",
+                "--namespace",
+                settings.temporal_namespace,
+            ]
             if headless:
                 cmd.append("--headless")
             temporal = spawn(cmd, env, logs / "temporal.log")
@@ -125,16 +140,23 @@ def serve(
         wait_for_port(host, port, 90, api)
         print(f"fedloom: API      http://{host}:{port}/api/v1  (docs: http://{host}:{port}/docs)", flush=True)
         if not temporal_address and not settings.temporal_address:
-            print(f"fedloom: Temporal {address}  (Web UI: http://127.0.0.1:{temporal_ui_port})" if not headless
-                  else f"fedloom: Temporal {address}", flush=True)
+            print(
+                f"fedloom: Temporal {address}  (Web UI: http://127.0.0.1:{temporal_ui_port})"
+                if not headless
+                else f"fedloom: Temporal {address}",
+                flush=True,
+            )
         where = "generated and saved" if created else "stored"
         print(f"fedloom: admin API key ({where} in {settings.data_dir / ADMIN_KEY_FILE}): {admin_key}", flush=True)
         print(f"fedloom: data dir {settings.data_dir}; logs in {logs}", flush=True)
         while not stopping:
             for proc in procs:
                 if proc.poll() is not None:
-                    print(f"fedloom: {' '.join(proc.args[:4])} exited with {proc.returncode}; stopping",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"fedloom: {' '.join(proc.args[:4])} exited with {proc.returncode}; stopping",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return 1
             time.sleep(0.3)
         return 0

@@ -58,7 +58,7 @@ def fedavg(
     weights = fedavg_weights(ordered, weighted)
     acc: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
-    for update, weight in zip(ordered, weights):
+    for update, weight in zip(ordered, weights, strict=True):
         with opener(update) as path, mapped_tensors(path) as tensors:
             if not acc:
                 for name, t in tensors.items():

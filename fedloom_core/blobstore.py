@@ -298,9 +298,7 @@ class S3BlobStore(BlobStore):
         with open(path, "rb") as fh:
             size, sha = _copy_hashing(fh, None)
         with self._errors(key):
-            self.client.upload_file(
-                str(path), self.bucket, object_key, ExtraArgs={"Metadata": {"sha256": sha}}
-            )
+            self.client.upload_file(str(path), self.bucket, object_key, ExtraArgs={"Metadata": {"sha256": sha}})
         return BlobInfo(key=key, size=size, sha256=sha)
 
     def put_stream(self, key: str, stream: BinaryIO) -> BlobInfo:
@@ -310,9 +308,7 @@ class S3BlobStore(BlobStore):
             size, sha = _copy_hashing(stream, spool)  # type: ignore[arg-type]
             spool.seek(0)
             with self._errors(key):
-                self.client.upload_fileobj(
-                    spool, self.bucket, object_key, ExtraArgs={"Metadata": {"sha256": sha}}
-                )
+                self.client.upload_fileobj(spool, self.bucket, object_key, ExtraArgs={"Metadata": {"sha256": sha}})
         return BlobInfo(key=key, size=size, sha256=sha)
 
     def info(self, key: str) -> BlobInfo:

@@ -8,8 +8,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 KNOWN_DATASETS = ("digits",)
-DATASET_ALIASES = {"digits": "digits", "cifar-10": "cifar10", "cifar10": "cifar10", "mnist": "mnist",
-                   "synthetic": "synthetic"}
+DATASET_ALIASES = {
+    "digits": "digits",
+    "cifar-10": "cifar10",
+    "cifar10": "cifar10",
+    "mnist": "mnist",
+    "synthetic": "synthetic",
+}
 KNOWN_ARCHITECTURES = ("CNN", "MLP")
 KNOWN_STRATEGIES = ("FedAvg",)
 KNOWN_OPTIMIZERS = ("SGD", "Adam")
@@ -116,7 +121,7 @@ class StartRequest(_Strict):
     aggregation_config: AggregationConfig = Field(default_factory=AggregationConfig)
 
     @model_validator(mode="after")
-    def _min_updates(self) -> "StartRequest":
+    def _min_updates(self) -> StartRequest:
         if self.aggregation_config.min_updates is None:
             self.aggregation_config.min_updates = self.experiment_config.min_clients
         return self

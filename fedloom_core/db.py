@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint, event, text
@@ -15,7 +15,7 @@ SCHEMA_VERSION = 1
 
 def utcnow() -> datetime:
     """The current time in UTC, timezone-aware."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _json() -> Any:
@@ -200,9 +200,7 @@ def create_schema(engine: Engine) -> None:
         row = conn.execute(text("SELECT version FROM schema_version WHERE id = 1")).first()
         current = row[0] if row else None
         if current is None:
-            conn.execute(
-                text("INSERT INTO schema_version (id, version) VALUES (1, :v)"), {"v": SCHEMA_VERSION}
-            )
+            conn.execute(text("INSERT INTO schema_version (id, version) VALUES (1, :v)"), {"v": SCHEMA_VERSION})
             return
         for version in range(current + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS.get(version, []):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -30,8 +30,8 @@ def iso(ts: datetime | None) -> str | None:
     if ts is None:
         return None
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def emit_event(
@@ -65,9 +65,7 @@ def latest_experiment(session: Session) -> Experiment | None:
 
 def open_round(session: Session, experiment_id: str) -> Round | None:
     """The round of ``experiment_id`` that is taking uploads, if any."""
-    return session.exec(
-        select(Round).where(Round.experiment_id == experiment_id, Round.status == "open")
-    ).first()
+    return session.exec(select(Round).where(Round.experiment_id == experiment_id, Round.status == "open")).first()
 
 
 def current_round(session: Session, experiment_id: str) -> Round | None:

@@ -8,9 +8,10 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fedloom_core.contracts import AGGREGATION_TASK_QUEUE, WORKFLOW_TASK_QUEUE  # noqa: F401 - re-exported
+
 DEFAULT_DATA_DIR = Path("./.fedloom")
 
-from fedloom_core.contracts import AGGREGATION_TASK_QUEUE, WORKFLOW_TASK_QUEUE  # noqa: F401 - re-exported
 NAMESPACE = "default"
 
 
@@ -39,7 +40,7 @@ class Settings(BaseSettings):
         return value or None
 
     @model_validator(mode="after")
-    def _fill_defaults(self) -> "Settings":
+    def _fill_defaults(self) -> Settings:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'fedloom.db'}"
@@ -49,8 +50,7 @@ class Settings(BaseSettings):
             raise ValueError(f"FEDLOOM_BLOB_URL must start with file:// or s3://, got {self.blob_url!r}")
         if not (self.database_url.startswith("sqlite") or self.database_url.startswith("postgresql")):
             raise ValueError(
-                "FEDLOOM_DATABASE_URL must be a sqlite:// or postgresql+psycopg:// URL, "
-                f"got {self.database_url!r}"
+                f"FEDLOOM_DATABASE_URL must be a sqlite:// or postgresql+psycopg:// URL, got {self.database_url!r}"
             )
         return self
 

@@ -18,7 +18,7 @@ async def connect_with_retry(address: str, namespace: str = "default", attempts:
     for attempt in range(attempts):
         try:
             return await connect(address, namespace)
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(1)

@@ -60,9 +60,7 @@ def parse_metrics(raw: str | None) -> dict[str, Any]:
         raise InvalidRequest("metrics must be a JSON object", "form field 'metrics' must be a JSON object")
     samples = metrics.get("data_samples")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
-        raise InvalidRequest(
-            "metrics.data_samples must be a positive integer", f"got data_samples={samples!r}"
-        )
+        raise InvalidRequest("metrics.data_samples must be a positive integer", f"got data_samples={samples!r}")
     for key, value in metrics.items():
         if key in ("local_accuracy", "local_loss", "training_time", "communication_time") and not (
             value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
@@ -209,7 +207,9 @@ def _existing(engine: Engine, target: Target, client_id: str) -> Update | None:
     with session_scope(engine) as s:
         return s.exec(
             select(Update).where(
-                Update.experiment_id == target.experiment_id, Update.round == target.round, Update.client_id == client_id
+                Update.experiment_id == target.experiment_id,
+                Update.round == target.round,
+                Update.client_id == client_id,
             )
         ).first()
 

@@ -60,18 +60,31 @@ class LiveServer:
         return {"Authorization": f"Bearer {key or self.admin_key}"}
 
 
-def start_serve(data_dir: Path, env_extra: dict[str, str] | None = None, port: int | None = None,
-                temporal_port: int | None = None) -> LiveServer:
+def start_serve(
+    data_dir: Path, env_extra: dict[str, str] | None = None, port: int | None = None, temporal_port: int | None = None
+) -> LiveServer:
     """``fedloom serve`` (embedded Temporal, worker, API) on free ports, waited on until healthy."""
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
     env.update({"FEDLOOM_DATA_DIR": str(data_dir), **(env_extra or {})})
     log = open(data_dir.parent / f"serve-{data_dir.name}.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedloom.cli", "serve", "--port", str(port),
-         "--temporal-port", str(temporal_port or free_port()), "--temporal-ui-port", str(free_port()),
-         "--temporal-headless"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "fedloom.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--temporal-port",
+            str(temporal_port or free_port()),
+            "--temporal-ui-port",
+            str(free_port()),
+            "--temporal-headless",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -39,8 +39,13 @@ def test_fedloom_services_run_real_subcommands_with_valid_settings() -> None:
         env = {k: str(v) for k, v in svc["environment"].items()}
         unknown = {k for k in env if k.startswith("FEDLOOM_")} - fields
         assert not unknown, f"{name} sets settings that do not exist: {unknown}"
-        settings = Settings(**{k.removeprefix("FEDLOOM_").lower(): v for k, v in env.items()
-                               if k.startswith("FEDLOOM_") and "${" not in v})
+        settings = Settings(
+            **{
+                k.removeprefix("FEDLOOM_").lower(): v
+                for k, v in env.items()
+                if k.startswith("FEDLOOM_") and "${" not in v
+            }
+        )
         assert settings.database_url.startswith("postgresql+psycopg://")
         assert settings.blob_url.startswith("s3://") and settings.s3_endpoint_url
     queues = {services[n]["command"][-1] for n in ("worker", "aggregator")}

@@ -170,7 +170,7 @@ class ExperimentWorkflow:
             await workflow.wait_condition(
                 lambda: self._reported >= set(self._selected), timeout=timedelta(seconds=inp.round_timeout_s)
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         # The database is the record of what was accepted; signals only wake us early.
         self._status = "aggregating"

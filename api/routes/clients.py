@@ -16,7 +16,14 @@ from api.deps import AdminDep, EngineDep, PrincipalDep, valid_id
 from fedloom_core.contracts import check_id
 from fedloom_core.db import Client, ClientMetrics, Update, utcnow
 from fedloom_core.errors import ClientNotRegistered, Conflict
-from fedloom_core.repo import emit_event, iso, latest_experiment, open_round, running_experiment, session_scope
+from fedloom_core.repo import (
+    emit_event,
+    iso,
+    latest_experiment,
+    open_round,
+    running_experiment,
+    session_scope,
+)
 
 router = APIRouter(tags=["clients"])
 
@@ -77,9 +84,7 @@ def _client_status(engine, client_id: str) -> dict:  # type: ignore[no-untyped-d
     with session_scope(engine) as s:
         client = s.get(Client, client_id)
         if client is None:
-            raise ClientNotRegistered(
-                "Client ID not found", f"The specified client ID '{client_id}' is not registered"
-            )
+            raise ClientNotRegistered("Client ID not found", f"The specified client ID '{client_id}' is not registered")
         last = s.exec(
             select(ClientMetrics).where(ClientMetrics.client_id == client_id).order_by(ClientMetrics.created_at.desc())  # type: ignore[attr-defined]
         ).first()

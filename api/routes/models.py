@@ -30,7 +30,9 @@ CHUNK = 1 << 20
 def _check_format(fmt: str | None) -> str:
     fmt = (fmt or "safetensors").lower()
     if fmt not in FORMATS:
-        raise InvalidRequest("Unsupported model format", f"format {fmt!r} is not available; formats: {', '.join(FORMATS)}")
+        raise InvalidRequest(
+            "Unsupported model format", f"format {fmt!r} is not available; formats: {', '.join(FORMATS)}"
+        )
     return fmt
 
 

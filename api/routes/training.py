@@ -18,8 +18,21 @@ from api.deps import AdminDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
 from fedloom_core.contracts import ExperimentInput, StartRequest, check_id
 from fedloom_core.datasets import dataset_info
 from fedloom_core.db import Client, Experiment, RoundMetrics, utcnow
-from fedloom_core.errors import Conflict, ExperimentNotActive, InsufficientClients, InvalidRequest, TrainingAlreadyRunning
-from fedloom_core.repo import current_round, emit_event, iso, latest_experiment, running_experiment, session_scope
+from fedloom_core.errors import (
+    Conflict,
+    ExperimentNotActive,
+    InsufficientClients,
+    InvalidRequest,
+    TrainingAlreadyRunning,
+)
+from fedloom_core.repo import (
+    current_round,
+    emit_event,
+    iso,
+    latest_experiment,
+    running_experiment,
+    session_scope,
+)
 from fedloom_core.settings import WORKFLOW_TASK_QUEUE
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
@@ -199,8 +212,17 @@ def _training_status(engine) -> dict:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
         exp = latest_experiment(s)
         if exp is None:
-            return {"experiment_id": None, "status": "idle", "current_round": 0, "total_rounds": 0, "progress": 0.0,
-                    "start_time": None, "estimated_completion": None, "selected_clients": [], "round_metrics": None}
+            return {
+                "experiment_id": None,
+                "status": "idle",
+                "current_round": 0,
+                "total_rounds": 0,
+                "progress": 0.0,
+                "start_time": None,
+                "estimated_completion": None,
+                "selected_clients": [],
+                "round_metrics": None,
+            }
         metrics = s.exec(
             select(RoundMetrics).where(RoundMetrics.experiment_id == exp.experiment_id).order_by(RoundMetrics.round)
         ).all()

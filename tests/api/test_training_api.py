@@ -37,8 +37,15 @@ def http(live_server: LiveServer):  # type: ignore[no-untyped-def]
 
 
 def register(http: httpx.Client, client_id: str) -> str:
-    resp = http.post("/clients/register", json={"client_id": client_id, "client_config": {"batch_size": 16},
-                                                "capabilities": {"memory": "8GB"}, "location": {"region": "eu"}})
+    resp = http.post(
+        "/clients/register",
+        json={
+            "client_id": client_id,
+            "client_config": {"batch_size": 16},
+            "capabilities": {"memory": "8GB"},
+            "location": {"region": "eu"},
+        },
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["client_id"] == client_id and body["status"] == "registered"
@@ -49,8 +56,16 @@ def register(http: httpx.Client, client_id: str) -> str:
 
 def start_body(exp_id: str, **ec: object) -> dict:
     return {
-        "experiment_config": {"experiment_id": exp_id, "rounds": 2, "min_clients": 2, "client_fraction": 1.0,
-                              "dataset": "digits", "model_architecture": "MLP", "round_timeout_s": 120, **ec},
+        "experiment_config": {
+            "experiment_id": exp_id,
+            "rounds": 2,
+            "min_clients": 2,
+            "client_fraction": 1.0,
+            "dataset": "digits",
+            "model_architecture": "MLP",
+            "round_timeout_s": 120,
+            **ec,
+        },
         "training_config": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.05, "optimizer": "SGD"},
         "aggregation_config": {"strategy": "FedAvg", "weighted": True, "min_updates": 2},
     }
@@ -66,10 +81,16 @@ def wait_task(http: httpx.Client, client_id: str, status: str = "train", timeout
     raise AssertionError(f"{client_id} never got a {status!r} task")
 
 
-def upload(http: httpx.Client, client_id: str, data: bytes, key: str | None = None, samples: int = 50) -> httpx.Response:
+def upload(
+    http: httpx.Client, client_id: str, data: bytes, key: str | None = None, samples: int = 50
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else None
-    return http.post(f"/model/update/{client_id}", headers=headers, files={"model_file": ("m.safetensors", data)},
-                     data={"metrics": f'{{"data_samples": {samples}, "local_accuracy": 0.5}}'})
+    return http.post(
+        f"/model/update/{client_id}",
+        headers=headers,
+        files={"model_file": ("m.safetensors", data)},
+        data={"metrics": f'{{"data_samples": {samples}, "local_accuracy": 0.5}}'},
+    )
 
 
 class Boom:
@@ -91,7 +112,11 @@ def test_auth_is_required_except_for_health(live_server: LiveServer) -> None:
 
 def test_health_reports_real_process_numbers(live_server: LiveServer) -> None:
     body = httpx.get(f"{live_server.api}/health").json()
-    assert body["status"] == "healthy" and body["components"] == {"database": "up", "blob_store": "up", "temporal": "up"}
+    assert body["status"] == "healthy" and body["components"] == {
+        "database": "up",
+        "blob_store": "up",
+        "temporal": "up",
+    }
     assert body["memory_usage"].endswith("MB") and int(body["memory_usage"][:-2]) > 10
     assert body["cpu_usage"].endswith("%") and isinstance(body["uptime"], int)
 
@@ -102,8 +127,11 @@ def test_register_conflict_and_bad_ids(http: httpx.Client) -> None:
     assert_error(http.post("/clients/register", json={"client_id": "../etc"}), 400, "INVALID_REQUEST")
     assert_error(http.post("/clients/register", json={"client_id": "x", "bogus": 1}), 400, "INVALID_REQUEST")
     # A client key may not register others, nor read another client's record.
-    assert_error(http.post("/clients/register", json={"client_id": "y"}, headers={"Authorization": f"Bearer {key}"}),
-                 403, "FORBIDDEN")
+    assert_error(
+        http.post("/clients/register", json={"client_id": "y"}, headers={"Authorization": f"Bearer {key}"}),
+        403,
+        "FORBIDDEN",
+    )
     assert http.get("/clients/lonely", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     assert_error(http.get("/clients/bad id!"), 400, "INVALID_REQUEST")
     assert_error(http.get("/clients/ghost"), 404, "CLIENT_NOT_REGISTERED")
@@ -116,8 +144,9 @@ def test_upload_with_no_experiment_is_not_active(http: httpx.Client) -> None:
 def test_start_rejects_unknown_names_and_too_few_clients(http: httpx.Client) -> None:
     err = assert_error(http.post("/training/start", json=start_body("e1", dataset="imagenet")), 400, "INVALID_REQUEST")
     assert "digits" in err["details"]
-    err = assert_error(http.post("/training/start", json=start_body("e1", model_architecture="ResNet")), 400,
-                       "INVALID_REQUEST")
+    err = assert_error(
+        http.post("/training/start", json=start_body("e1", model_architecture="ResNet")), 400, "INVALID_REQUEST"
+    )
     assert "CNN" in err["details"] and "MLP" in err["details"]
     assert_error(http.post("/training/start", json=start_body("e1", min_clients=50)), 400, "INSUFFICIENT_CLIENTS")
     assert_error(http.post("/training/start", json=start_body("bad/id")), 400, "INVALID_REQUEST")

@@ -31,11 +31,27 @@ def test_five_clients_reach_90_percent_and_the_downloaded_model_agrees(tmp_path:
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
         for i in range(1, CLIENTS + 1):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fedloom.cli", "client", "--server", server.url, "--api-key", server.admin_key,
-                 "--client-id", f"c{i}", "--partition", f"{i}/{CLIENTS}"],
-                env=env, stdout=open(tmp_path / f"client-{i}.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "fedloom.cli",
+                        "client",
+                        "--server",
+                        server.url,
+                        "--api-key",
+                        server.admin_key,
+                        "--client-id",
+                        f"c{i}",
+                        "--partition",
+                        f"{i}/{CLIENTS}",
+                    ],
+                    env=env,
+                    stdout=open(tmp_path / f"client-{i}.log", "wb"),
+                    stderr=subprocess.STDOUT,  # noqa: SIM115
+                )
+            )
         http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=60)
         deadline = time.monotonic() + 120
         while http.get("/status").json()["registered_clients"] < CLIENTS:

@@ -43,27 +43,48 @@ class Harness:
             for cid in client_ids:
                 s.add(Client(client_id=cid, registration_id=f"reg-{cid}"))
 
-    def input(self, *, min_clients: int, min_updates: int, rounds: int = 1, selection_timeout_s: float = 30) -> ExperimentInput:
-        req = StartRequest.model_validate({
-            "experiment_config": {"experiment_id": self.exp_id, "rounds": rounds, "min_clients": min_clients,
-                                  "dataset": "digits", "model_architecture": "MLP"},
-            "aggregation_config": {"min_updates": min_updates},
-        })
+    def input(
+        self, *, min_clients: int, min_updates: int, rounds: int = 1, selection_timeout_s: float = 30
+    ) -> ExperimentInput:
+        req = StartRequest.model_validate(
+            {
+                "experiment_config": {
+                    "experiment_id": self.exp_id,
+                    "rounds": rounds,
+                    "min_clients": min_clients,
+                    "dataset": "digits",
+                    "model_architecture": "MLP",
+                },
+                "aggregation_config": {"min_updates": min_updates},
+            }
+        )
         with session_scope(self.engine) as s:
-            s.add(Experiment(experiment_id=self.exp_id, status="running", total_rounds=rounds,
-                             config=req.model_dump(mode="json")))
-        return ExperimentInput(experiment_id=self.exp_id, config=req, input_shape=[8, 8, 1], num_classes=10,
-                               round_timeout_s=ROUND_TIMEOUT_S, selection_timeout_s=selection_timeout_s,
-                               aggregation_queue=self.agg_queue)
+            s.add(
+                Experiment(
+                    experiment_id=self.exp_id, status="running", total_rounds=rounds, config=req.model_dump(mode="json")
+                )
+            )
+        return ExperimentInput(
+            experiment_id=self.exp_id,
+            config=req,
+            input_shape=[8, 8, 1],
+            num_classes=10,
+            round_timeout_s=ROUND_TIMEOUT_S,
+            selection_timeout_s=selection_timeout_s,
+            aggregation_queue=self.agg_queue,
+        )
 
     def workers(self):  # type: ignore[no-untyped-def]
-        return build_workers(self.env.client, self.settings, workflow_queue=self.queue, aggregation_queue=self.agg_queue)
+        return build_workers(
+            self.env.client, self.settings, workflow_queue=self.queue, aggregation_queue=self.agg_queue
+        )
 
     async def wait_open_round(self, rnd: int = 1, timeout: float = 30) -> Round:
         for _ in range(int(timeout / 0.1)):
             with session_scope(self.engine) as s:
-                row = s.exec(select(Round).where(Round.experiment_id == self.exp_id, Round.round == rnd,
-                                                 Round.status == "open")).first()
+                row = s.exec(
+                    select(Round).where(Round.experiment_id == self.exp_id, Round.round == rnd, Round.status == "open")
+                ).first()
             if row is not None:
                 return row
             await asyncio.sleep(0.1)
@@ -74,17 +95,26 @@ class Harness:
         state = {k: v * scale for k, v in model.state_dict().items()}
         path = tmp / f"{client_id}.safetensors"
         save_state(state, path)
-        stored = uploads.store_update(self.engine, self.blobs, client_id=client_id, upload_path=path,
-                                      metrics={"data_samples": 100, "local_accuracy": 0.5})
-        await handle.signal(ExperimentWorkflow.update_received,
-                            UpdateNotice(update_id=stored.update.update_id, client_id=client_id, round=stored.update.round))
+        stored = uploads.store_update(
+            self.engine,
+            self.blobs,
+            client_id=client_id,
+            upload_path=path,
+            metrics={"data_samples": 100, "local_accuracy": 0.5},
+        )
+        await handle.signal(
+            ExperimentWorkflow.update_received,
+            UpdateNotice(update_id=stored.update.update_id, client_id=client_id, round=stored.update.round),
+        )
 
 
 async def _run(h: Harness, inp: ExperimentInput):  # type: ignore[no-untyped-def]
     return await h.env.client.start_workflow(ExperimentWorkflow.run, inp, id=workflow_id(h.exp_id), task_queue=h.queue)
 
 
-async def test_round_deadline_closes_with_enough_updates(time_skipping_env: WorkflowEnvironment, tmp_path: Path) -> None:
+async def test_round_deadline_closes_with_enough_updates(
+    time_skipping_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
     h = Harness(time_skipping_env, tmp_path)
     h.register("a", "b", "c")
     inp = h.input(min_clients=3, min_updates=2)
@@ -153,7 +183,9 @@ async def test_selection_deadline_without_enough_clients_fails(
     assert "min_clients is 2" in str(cause)
 
 
-async def test_stop_cancels_cleanly_and_keeps_last_model(time_skipping_env: WorkflowEnvironment, tmp_path: Path) -> None:
+async def test_stop_cancels_cleanly_and_keeps_last_model(
+    time_skipping_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
     h = Harness(time_skipping_env, tmp_path)
     h.register("a", "b")
     inp = h.input(min_clients=2, min_updates=2, rounds=3)
