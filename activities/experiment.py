@@ -6,8 +6,6 @@ is already recorded before writing, and blobs are written under keys fixed by th
 
 from __future__ import annotations
 
-import math
-import random
 import tempfile
 import time
 from collections.abc import Iterator
@@ -51,6 +49,7 @@ from fedloom_core.db import (
 )
 from fedloom_core.models import build_model, parameters_count
 from fedloom_core.repo import emit_event, model_id_for, session_scope
+from fedloom_core.selection import Candidate, select_clients
 
 INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
 SELECTION_POLL_S = 0.5
@@ -123,34 +122,33 @@ class ExperimentActivities:
 
     @activity.defn(name="select_clients")
     def select_clients(self, inp: SelectClientsInput) -> Selection:
-        """Sample the round's clients, waiting (with a deadline) until enough are registered."""
+        """Sample the round's clients, waiting (with a deadline) until enough are eligible."""
         deadline = time.monotonic() + inp.timeout_s
         while True:
             with session_scope(self.engine) as s:
-                clients = s.exec(select(Client).order_by(Client.client_id)).all()
-            eligible = [c.client_id for c in clients if c.status != "inactive"]
-            excluded = {c.client_id: "client is inactive" for c in clients if c.status == "inactive"}
-            if len(eligible) >= inp.min_clients:
-                break
+                clients = s.exec(select(Client)).all()
+                candidates = [Candidate(c.client_id, c.status, c.trust_score) for c in clients]
+            outcome = select_clients(
+                candidates,
+                round=inp.round,
+                min_clients=inp.min_clients,
+                client_fraction=inp.client_fraction,
+                seed=inp.seed,
+                trust_threshold=inp.trust_threshold,
+            )
+            if outcome.selected:
+                return Selection(
+                    selected=outcome.selected, excluded=outcome.excluded, policy_results=outcome.policy_results
+                )
             if time.monotonic() >= deadline:
                 raise ApplicationError(
-                    f"only {len(eligible)} eligible client(s) after {inp.timeout_s:g}s; "
+                    f"only {outcome.eligible} eligible client(s) after {inp.timeout_s:g}s; "
                     f"min_clients is {inp.min_clients}",
                     type=INSUFFICIENT_CLIENTS,
                     non_retryable=True,
                 )
-            _heartbeat(len(eligible))
-            if activity.in_activity() and activity.is_cancelled():
-                raise activity.CancelledError() if hasattr(activity, "CancelledError") else RuntimeError("cancelled")
+            _heartbeat(outcome.eligible)
             time.sleep(SELECTION_POLL_S)
-        count = min(len(eligible), max(inp.min_clients, math.ceil(inp.client_fraction * len(eligible))))
-        # Seeded by experiment and round, so a rerun with the same seed selects the same clients.
-        rng = random.Random(inp.seed * 1_000_003 + inp.round)
-        selected = sorted(rng.sample(eligible, count))
-        for cid in eligible:
-            if cid not in selected:
-                excluded[cid] = f"not sampled (client_fraction {inp.client_fraction:g})"
-        return Selection(selected=selected, excluded=excluded)
 
     @activity.defn(name="open_round")
     def open_round(self, inp: OpenRoundInput) -> None:
@@ -168,6 +166,8 @@ class ExperimentActivities:
                     round=inp.round,
                     status="open",
                     selected_clients=inp.selected,
+                    exclusions=inp.excluded,
+                    policy_results=inp.policy_results,
                     global_model_id=inp.global_model.model_id,
                     started_at=now,
                     deadline=now + timedelta(seconds=inp.deadline_s),

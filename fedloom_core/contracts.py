@@ -127,6 +127,14 @@ class StartRequest(_Strict):
         return self
 
 
+class PolicyConfig(_Strict):
+    """An experiment's policy: the spec's ``policy_config``."""
+
+    min_clients: int | None = Field(default=None, ge=1, le=100_000)
+    max_client_failures: int | None = Field(default=None, ge=0, le=100_000)
+    trust_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
 class ModelRef(BaseModel):
     """A global model stored in the blob store; the workflow carries this, never the weights."""
 
@@ -153,6 +161,7 @@ class ExperimentInput(BaseModel):
     num_classes: int
     round_timeout_s: float
     selection_timeout_s: float
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     # Where aggregation and evaluation run; tests give each run its own queue.
     aggregation_queue: str = AGGREGATION_TASK_QUEUE
     state: ExperimentState = Field(default_factory=ExperimentState)
@@ -174,17 +183,21 @@ class SelectClientsInput(BaseModel):
     client_fraction: float
     seed: int
     timeout_s: float
+    trust_threshold: float | None = None
 
 
 class Selection(BaseModel):
     selected: list[str]
     excluded: dict[str, str] = Field(default_factory=dict)
+    policy_results: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class OpenRoundInput(BaseModel):
     experiment_id: str
     round: int
     selected: list[str]
+    excluded: dict[str, str] = Field(default_factory=dict)
+    policy_results: dict[str, dict[str, Any]] = Field(default_factory=dict)
     global_model: ModelRef
     deadline_s: float
 

@@ -83,6 +83,9 @@ class Round(SQLModel, table=True):
     # open (taking uploads) | closed (aggregating) | completed | failed
     status: str = "open"
     selected_clients: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # client id -> why it was not selected; client id -> {trust_score, compliance, policies_applied}
+    exclusions: dict = _json()
+    policy_results: dict = _json()
     global_model_id: str = ""
     upload_count: int = 0
     started_at: datetime = Field(default_factory=utcnow)
@@ -161,6 +164,15 @@ class Event(SQLModel, table=True):
     client_id: str | None = Field(default=None, max_length=128)
     payload: dict = _json()
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class RateCounter(SQLModel, table=True):
+    """One fixed-window request counter, shared by API replicas using the database limiter."""
+
+    __tablename__ = "rate_counter"
+    bucket: str = Field(primary_key=True, max_length=300)
+    window_start: int = Field(sa_column=Column(BigInteger, nullable=False))
+    count: int = 0
 
 
 class SchemaVersion(SQLModel, table=True):

@@ -33,8 +33,19 @@ class Settings(BaseSettings):
     round_timeout_s: float = Field(default=300.0, gt=0)
     # Largest accepted upload.
     max_upload_mb: float = Field(default=512.0, gt=0)
+    # Self-registration: clients presenting this token may register themselves (off when unset).
+    enrollment_token: str | None = None
+    # Rate limits per key, fixed windows: (requests, window seconds). "memory" or "database".
+    rate_limit_backend: str = Field(default="memory", pattern="^(memory|database)$")
+    rate_limit_general: int = Field(default=100, ge=1)
+    rate_limit_general_window_s: float = Field(default=60.0, gt=0)
+    rate_limit_uploads: int = Field(default=10, ge=1)
+    rate_limit_uploads_window_s: float = Field(default=60.0, gt=0)
+    rate_limit_training_start: int = Field(default=5, ge=1)
+    rate_limit_training_start_window_s: float = Field(default=3600.0, gt=0)
+    rate_limit_websockets: int = Field(default=1, ge=1)
 
-    @field_validator("temporal_address")
+    @field_validator("temporal_address", "enrollment_token", "admin_api_key")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

@@ -15,7 +15,7 @@ from temporalio.client import WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
 from api.deps import AdminDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
-from fedloom_core.contracts import ExperimentInput, StartRequest, check_id
+from fedloom_core.contracts import ExperimentInput, PolicyConfig, StartRequest, check_id
 from fedloom_core.datasets import dataset_info
 from fedloom_core.db import Client, Experiment, RoundMetrics, utcnow
 from fedloom_core.errors import (
@@ -130,6 +130,7 @@ async def start_training(
         num_classes=info["num_classes"],
         round_timeout_s=ec.round_timeout_s or settings.round_timeout_s,
         selection_timeout_s=ec.selection_timeout_s or settings.selection_timeout_s,
+        policy=PolicyConfig.model_validate(exp.policy_config or {}),
     )
     try:
         await temporal.start_workflow(
