@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,7 +83,7 @@ class Round(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     experiment_id: str = Field(index=True, max_length=128)
     round: int
-    # open (taking uploads) | closed (aggregating) | completed | failed
+    # open (taking uploads) | closed (aggregating) | completed | failed | stopped
     status: str = "open"
     selected_clients: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     # client id -> why it was not selected; client id -> {trust_score, compliance, policies_applied}
@@ -202,9 +205,24 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+@contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """Serialise schema creation between processes sharing one SQLite file (no-op for memory DBs)."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.schema-lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def create_schema(engine: Engine) -> None:
-    """Create missing tables and apply pending migrations; safe to run at every start-up."""
-    with engine.begin() as conn:
+    """Create missing tables and apply pending migrations; safe to run at every start-up, from many processes."""
+    with _sqlite_file_lock(engine), engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             # API and worker processes may start together: one creates, the others wait.
             conn.execute(text("SELECT pg_advisory_xact_lock(7263001)"))
