@@ -132,6 +132,7 @@ def serve(
             procs.append(temporal)
             wait_for_port("127.0.0.1", temporal_port, 60, temporal)
             address = f"127.0.0.1:{temporal_port}"
+            env["FEDLOOM_TEMPORAL_UI_URL"] = f"http://127.0.0.1:{temporal_ui_port}"
         env["FEDLOOM_TEMPORAL_ADDRESS"] = address
         exe = [sys.executable, "-m", "fedloom.cli"]
         procs.append(spawn(exe + ["worker"], env, logs / "worker.log"))

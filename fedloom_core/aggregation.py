@@ -68,8 +68,8 @@ def fedavg(
                         acc[name] = torch.zeros(t.shape, dtype=work)
                     else:
                         acc[name] = t.clone()
-            elif tensors.keys() != acc.keys():
-                raise ValueError(f"update of {update.client_id} has different tensors than the others")
+            else:
+                _check_like(update.client_id, tensors, acc, dtypes)
             for name, t in tensors.items():
                 if t.is_floating_point():
                     acc[name].add_(t, alpha=weight)
@@ -77,3 +77,17 @@ def fedavg(
     result = {name: acc[name].to(dtypes[name]) for name in acc}
     save_state(result, out_path)
     return result
+
+
+def _check_like(
+    client_id: str, tensors: dict[str, torch.Tensor], acc: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]
+) -> None:
+    """Raise ValueError unless ``tensors`` has the names, shapes and dtypes of the first update."""
+    if tensors.keys() != acc.keys():
+        raise ValueError(f"update of {client_id} has different tensors than the others")
+    for name, t in tensors.items():
+        if t.shape != acc[name].shape or t.dtype != dtypes[name]:
+            raise ValueError(
+                f"update of {client_id}: tensor {name!r} is {t.dtype} {list(t.shape)}, "
+                f"expected {dtypes[name]} {list(acc[name].shape)}"
+            )

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     temporal_address: str | None = None
     temporal_namespace: str = NAMESPACE
+    # Where operators open the Temporal Web UI; API answers link experiments there.
+    temporal_ui_url: str = "http://127.0.0.1:8233"
     admin_api_key: str | None = None
     # How long the workflow waits for enough registered clients before a round fails.
     selection_timeout_s: float = Field(default=120.0, gt=0)

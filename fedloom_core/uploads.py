@@ -24,6 +24,7 @@ from fedloom_core.errors import (
     ExperimentNotActive,
     InvalidRequest,
     ModelValidationFailed,
+    NotFound,
     RoundNotActive,
 )
 from fedloom_core.repo import emit_event, open_round, running_experiment, session_scope
@@ -230,3 +231,63 @@ def cleanup(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    details: str
+
+
+def dry_run(
+    engine: Engine, blobs: BlobStore, *, client_id: str, upload_path: Path, raw_metrics: str | None
+) -> list[Check]:
+    """Every check an upload goes through, run without storing anything; an unknown client still raises."""
+    checks: list[Check] = []
+    expected = None
+    try:
+        target = find_target(engine, client_id)
+        checks.append(Check("round_active", True, f"round {target.round} of '{target.experiment_id}' is open"))
+        expected = expected_structure(engine, blobs, target.global_model_id)
+    except ClientNotRegistered:
+        raise
+    except (ExperimentNotActive, RoundNotActive) as exc:
+        checks.append(Check("round_active", False, exc.details))
+    if raw_metrics is not None:
+        try:
+            parse_metrics(raw_metrics)
+            checks.append(Check("metrics", True, "metrics are a JSON object with data_samples > 0"))
+        except InvalidRequest as exc:
+            checks.append(Check("metrics", False, exc.details))
+    with tempfile.TemporaryDirectory(prefix="fedloom-validate-", dir=upload_path.parent) as tmp:
+        out = Path(tmp) / "update.safetensors"
+        try:
+            fmt = weights.normalize_upload(upload_path, out)
+        except weights.WeightsFormatError as exc:
+            checks.append(Check("format", False, str(exc)))
+            return checks
+        checks.append(Check("format", True, f"readable {fmt} weights"))
+        if expected is None:
+            checks.append(Check("structure", False, "no open round: there is no global model to compare with"))
+        else:
+            problems = weights.compare_structure(weights.structure(out), expected)
+            checks.append(
+                Check("structure", not problems, "; ".join(problems[:20]) or "names, shapes and dtypes match")
+            )
+        bad = weights.nonfinite_tensors(out)
+        checks.append(
+            Check(
+                "finite_values", not bad, f"NaN or infinite values in: {', '.join(bad[:10])}" if bad else "all finite"
+            )
+        )
+    return checks
+
+
+def get_update(engine: Engine, update_id: str) -> Update:
+    """An update record, or NOT_FOUND."""
+    with session_scope(engine) as s:
+        upd = s.get(Update, update_id)
+    if upd is None:
+        raise NotFound("Resource not found", f"update '{update_id}' does not exist")
+    return upd

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -48,6 +49,10 @@ class TensorSpec:
     end: int
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_header(path: str | Path) -> dict[str, TensorSpec]:
     """Parse and bounds-check a safetensors header, reading no tensor data."""
     size = os.path.getsize(path)
@@ -61,7 +66,7 @@ def read_header(path: str | Path) -> dict[str, TensorSpec]:
         raw = fh.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WeightsFormatError(f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise WeightsFormatError("safetensors header is not a JSON object")
@@ -75,9 +80,9 @@ def read_header(path: str | Path) -> dict[str, TensorSpec]:
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in _DTYPES:
             raise WeightsFormatError(f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape)):
+        if not (isinstance(shape, list) and all(_is_int(d) and 0 <= d < 1 << 40 for d in shape)):
             raise WeightsFormatError(f"tensor {name!r}: invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise WeightsFormatError(f"tensor {name!r}: invalid data_offsets {offsets!r}")
         begin, end = offsets
         numel = 1
@@ -95,29 +100,50 @@ def read_header(path: str | Path) -> dict[str, TensorSpec]:
     return specs
 
 
+_NUMPY_VIEW = {
+    torch.float64: np.float64,
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.bfloat16: np.int16,  # numpy has no bfloat16: map the bits, then view them as bfloat16
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+}
+
+
 @contextmanager
 def mapped_tensors(path: str | Path) -> Iterator[dict[str, torch.Tensor]]:
-    """Tensors of a safetensors file as zero-copy views of a private memory map."""
+    """Tensors of a safetensors file as zero-copy views of a private (copy-on-write) memory map.
+
+    Each view holds a numpy array that holds the map, so a view kept past the block stays valid;
+    the map is released when the last view is gone.
+    """
     specs = read_header(path)
     with open(path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors: dict[str, torch.Tensor] = {}
     try:
-        tensors: dict[str, torch.Tensor] = {}
         for name, spec in specs.items():
             dtype = _DTYPES[spec.dtype]
-            count = (spec.end - spec.begin) // max(1, torch.empty((), dtype=dtype).element_size())
+            size = torch.empty((), dtype=dtype).element_size()
+            count = (spec.end - spec.begin) // size
             if count == 0:
                 tensors[name] = torch.empty(spec.shape, dtype=dtype)
-            elif spec.begin % torch.empty((), dtype=dtype).element_size():
-                tensors[name] = torch.frombuffer(bytearray(mm[spec.begin : spec.end]), dtype=dtype).reshape(spec.shape)
+            elif spec.begin % size:  # misaligned data (not written by safetensors): copy it
+                raw = bytearray(mm[spec.begin : spec.end])
+                tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(spec.shape)
             else:
-                tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=spec.begin).reshape(spec.shape)
+                view = torch.from_numpy(np.frombuffer(mm, dtype=_NUMPY_VIEW[dtype], count=count, offset=spec.begin))
+                tensors[name] = (view.view(dtype) if view.dtype != dtype else view).reshape(spec.shape)
         yield tensors
     finally:
         tensors = {}
         try:
             mm.close()
-        except BufferError:  # a caller kept a view; the map closes when it is collected
+        except BufferError:  # views are still alive; the map closes with the last of them
             pass
 
 
@@ -151,19 +177,24 @@ def normalize_upload(src: str | Path, dst: str | Path) -> str:
     """
     with open(src, "rb") as fh:
         magic = fh.read(4)
-    if magic.startswith(b"PK"):
+    if magic == b"PK\x03\x04":  # a zip archive, as torch.save writes; as a safetensors length it is absurd
         try:
             obj = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure to read means "not a valid state_dict"
             raise WeightsFormatError(f"not a state_dict readable with weights_only=True: {exc}") from None
         if not isinstance(obj, dict) or not obj:
             raise WeightsFormatError("the PyTorch file does not hold a non-empty dict of tensors")
+        tensors = {}
         for name, value in obj.items():
             if not isinstance(name, str) or not isinstance(value, torch.Tensor):
                 raise WeightsFormatError(f"entry {name!r} is not a named tensor")
             if value.dtype not in _DTYPE_NAMES:
                 raise WeightsFormatError(f"tensor {name!r}: unsupported dtype {value.dtype}")
-        save_state(obj, dst)
+            if value.layout != torch.strided:
+                raise WeightsFormatError(f"tensor {name!r}: only dense tensors are accepted, not {value.layout}")
+            # A copy of each: tied weights share storage, which safetensors refuses to write.
+            tensors[name] = value.detach().clone()
+        save_state(tensors, dst)
         return "pytorch"
     read_header(src)
     os.replace(src, dst) if Path(src).parent == Path(dst).parent else _copy(src, dst)

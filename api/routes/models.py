@@ -16,15 +16,17 @@ from starlette.background import BackgroundTask
 from api.deps import BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
 from fedloom_core import uploads, weights
 from fedloom_core.contracts import UpdateNotice
-from fedloom_core.db import GlobalModel
+from fedloom_core.db import Experiment, GlobalModel
 from fedloom_core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from fedloom_core.export import export_onnx
 from fedloom_core.repo import iso, latest_experiment, latest_model, session_scope
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
 router = APIRouter(tags=["models"])
 log = logging.getLogger("fedloom.api")
-FORMATS = ("pytorch", "safetensors")
+FORMATS = ("pytorch", "safetensors", "onnx")
 CHUNK = 1 << 20
+_SUFFIX = {"pytorch": "pt", "onnx": "onnx", "safetensors": "safetensors"}
 
 
 def _check_format(fmt: str | None) -> str:
@@ -91,15 +93,30 @@ def _find_model(engine, model_id: str) -> GlobalModel:  # type: ignore[no-untype
     return model
 
 
-def _to_pytorch(blobs, key: str) -> tuple[str, str, int]:  # type: ignore[no-untyped-def]
-    import torch
-
-    fd, out = tempfile.mkstemp(prefix="fedloom-dl-", suffix=".pt")
+def _export(engine, blobs, model: GlobalModel, fmt: str) -> tuple[str, str, int]:  # type: ignore[no-untyped-def]
+    """Write ``model`` in ``fmt`` (pytorch or onnx) to a temp file; return its path, sha256 and size."""
+    fd, out = tempfile.mkstemp(prefix="fedloom-dl-", suffix=f".{fmt}")
     os.close(fd)
-    with blobs.open_local(key) as path:
-        torch.save(weights.load_state(path), out)
-    digest = hashlib.sha256(Path(out).read_bytes()).hexdigest()
-    return out, digest, os.path.getsize(out)
+    try:
+        with blobs.open_local(model.blob_key) as path:
+            state = weights.load_state(path)
+        if fmt == "pytorch":
+            import torch
+
+            torch.save(state, out)
+        else:
+            with session_scope(engine) as s:
+                exp = s.get(Experiment, model.experiment_id)
+            cfg = exp.model_config_ if exp else {}
+            export_onnx(state, cfg["architecture"], cfg["input_shape"], cfg["num_classes"], out)
+    except BaseException:
+        os.unlink(out)
+        raise
+    digest = hashlib.sha256()
+    with open(out, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return out, digest.hexdigest(), os.path.getsize(out)
 
 
 def _stream_file(path: str):  # type: ignore[no-untyped-def]
@@ -126,14 +143,14 @@ async def download_model(
                 "Content-Disposition": f'attachment; filename="{model_id}.safetensors"',
             },
         )
-    path, digest, size = await run_in_threadpool(_to_pytorch, blobs, model.blob_key)
+    path, digest, size = await run_in_threadpool(_export, engine, blobs, model, fmt)
     return StreamingResponse(
         _stream_file(path),
         media_type="application/octet-stream",
         headers={
             "Content-Length": str(size),
             "X-Model-SHA256": digest,
-            "Content-Disposition": f'attachment; filename="{model_id}.pt"',
+            "Content-Disposition": f'attachment; filename="{model_id}.{_SUFFIX[fmt]}"',
         },
         background=BackgroundTask(os.unlink, path),
     )
@@ -184,12 +201,56 @@ async def upload_update(
         ExperimentWorkflow.update_received,
         UpdateNotice(update_id=upd.update_id, client_id=client_id, round=upd.round),
     )
+    return _update_body(upd)
+
+
+def _update_body(upd) -> dict:  # type: ignore[no-untyped-def]
     return {
         "update_id": upd.update_id,
-        "client_id": client_id,
+        "client_id": upd.client_id,
+        "experiment_id": upd.experiment_id,
         "round": upd.round,
         "status": "received",
         "model_size_mb": round_mb(upd.size_bytes),
         "received_at": iso(upd.received_at),
         "validation_status": upd.validation_status,
+        "reason": upd.reason,
+        "data_samples": upd.num_samples,
+        "metrics": upd.metrics,
+    }
+
+
+@router.get("/model/update/{update_id}")
+async def get_update(update_id: str, engine: EngineDep, principal: PrincipalDep) -> dict:
+    """Extension: an uploaded update's final validation status and the reason."""
+    valid_id(update_id, "update_id")
+    upd = await run_in_threadpool(uploads.get_update, engine, update_id)
+    principal.require_client(upd.client_id)
+    return _update_body(upd)
+
+
+@router.post("/model/validate/{client_id}")
+async def validate_update(
+    client_id: str,
+    engine: EngineDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    model_file: UploadFile = File(...),
+    metrics: str | None = Form(default=None),
+) -> dict:
+    """Run an upload's checks as a dry run that stores nothing."""
+    valid_id(client_id, "client_id")
+    principal.require_client(client_id)
+    path = await _spool(model_file, settings.data_dir / "tmp", int(settings.max_upload_mb * 1e6))
+    try:
+        checks = await run_in_threadpool(
+            uploads.dry_run, engine, blobs, client_id=client_id, upload_path=path, raw_metrics=metrics
+        )
+    finally:
+        uploads.cleanup(path)
+    return {
+        "client_id": client_id,
+        "valid": all(c.passed for c in checks),
+        "checks": [{"name": c.name, "passed": c.passed, "details": c.details} for c in checks],
     }
