@@ -8,6 +8,8 @@ import time
 import zlib
 from pathlib import Path
 
+import httpx
+
 from fedloom._client import FLAPIError, FLClient
 
 log = logging.getLogger("fedloom.client")
@@ -67,7 +69,7 @@ def run_client(
         while True:
             try:
                 task = api.get_task(client_id)
-            except (FLAPIError, OSError) as exc:  # server restarting: keep trying
+            except (FLAPIError, httpx.HTTPError, OSError) as exc:  # server restarting: keep trying
                 log.warning("task poll failed: %s", exc)
                 time.sleep(1.0)
                 continue
@@ -88,8 +90,9 @@ def run_client(
                 trained += _train_round(
                     api, client_id, task, data, work, seed, build_model, train_local, load_state, save_state
                 )
-            except FLAPIError as exc:
-                # The round may have closed while we trained; the next poll says what to do.
+            except (FLAPIError, httpx.HTTPError, OSError) as exc:
+                # The round may have closed while we trained, or the server is restarting: the next poll
+                # says what to do.
                 log.warning("%s round %s: %s", client_id, task.get("round"), exc)
                 time.sleep(POLL_S)
 

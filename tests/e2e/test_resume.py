@@ -1,0 +1,100 @@
+"""Ctrl-C stops `fedloom serve` cleanly; a second `serve` on the same data dir finishes the experiment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlmodel import select
+
+from fedloom_core.db import Experiment, RoundMetrics, make_engine
+from fedloom_core.repo import session_scope
+from tests.conftest import free_port, start_serve, stop_serve
+
+pytestmark = pytest.mark.e2e
+CLIENTS, ROUNDS = 3, 4
+
+
+def _body() -> dict:
+    return {
+        "experiment_config": {
+            "experiment_id": "resume",
+            "rounds": ROUNDS,
+            "min_clients": CLIENTS,
+            "dataset": "digits",
+            "model_architecture": "MLP",
+            "round_timeout_s": 120,
+        },
+        "training_config": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.05},
+        "aggregation_config": {"min_updates": CLIENTS},
+    }
+
+
+def test_interrupted_serve_resumes_on_the_same_data_dir(tmp_path: Path) -> None:
+    data_dir, port, temporal_port = tmp_path / "data", free_port(), free_port()
+    server = start_serve(data_dir, port=port, temporal_port=temporal_port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
+    clients = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedloom.cli",
+                "client",
+                "--server",
+                server.url,
+                "--api-key",
+                server.admin_key,
+                "--client-id",
+                f"r{i}",
+                "--partition",
+                f"{i}/{CLIENTS}",
+            ],
+            env=env,
+            stdout=open(tmp_path / f"client-{i}.log", "wb"),
+            stderr=subprocess.STDOUT,  # noqa: SIM115
+        )
+        for i in range(1, CLIENTS + 1)
+    ]
+    try:
+        http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
+        deadline = time.monotonic() + 60
+        while http.get("/status").json()["registered_clients"] < CLIENTS:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert http.post("/training/start", json=_body()).status_code == 200
+        while http.get("/training/status").json()["current_round"] < 2:
+            assert time.monotonic() < deadline + 120
+            time.sleep(0.2)
+        http.close()
+
+        server.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert server.proc.wait(timeout=60) == 0
+        time.sleep(1)
+
+        server = start_serve(data_dir, port=port, temporal_port=temporal_port)
+        http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
+        deadline = time.monotonic() + 240
+        while (status := http.get("/training/status").json())["status"] == "running":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status["status"] == "completed" and status["experiment_id"] == "resume", status
+        assert status["current_round"] == ROUNDS and status["progress"] == 1.0
+    finally:
+        for proc in clients:
+            if proc.poll() is None:
+                proc.kill()
+        stop_serve(server)
+    engine = make_engine(f"sqlite:///{data_dir / 'fedloom.db'}")
+    with session_scope(engine) as s:
+        rounds = s.exec(select(RoundMetrics).where(RoundMetrics.experiment_id == "resume")).all()
+        exp = s.get(Experiment, "resume")
+    assert sorted(r.round for r in rounds) == list(range(1, ROUNDS + 1))
+    assert all(r.participating_clients == CLIENTS for r in rounds)
+    assert exp is not None and exp.final_model_id == f"model_resume_round_{ROUNDS}"
