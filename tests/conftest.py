@@ -66,7 +66,16 @@ def start_serve(
     """``fedloom serve`` (embedded Temporal, worker, API) on free ports, waited on until healthy."""
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
-    env.update({"FEDLOOM_DATA_DIR": str(data_dir), **(env_extra or {})})
+    # Generous limits: tests that are about rate limiting pass their own in env_extra.
+    env.update(
+        {
+            "FEDLOOM_DATA_DIR": str(data_dir),
+            "FEDLOOM_RATE_LIMIT_GENERAL": "1000000",
+            "FEDLOOM_RATE_LIMIT_UPLOADS": "1000000",
+            "FEDLOOM_RATE_LIMIT_TRAINING_START": "1000000",
+            **(env_extra or {}),
+        }
+    )
     log = open(data_dir.parent / f"serve-{data_dir.name}.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
         [

@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
+from api import openapi
 from api.deps import BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
 from fedloom_core import uploads, weights
 from fedloom_core.contracts import UpdateNotice
@@ -53,7 +54,7 @@ def _global_model(engine, experiment_id: str | None, round: int | None) -> Globa
     return model
 
 
-@router.get("/model/global")
+@router.get("/model/global", responses=openapi.ok(openapi.GLOBAL_MODEL, 400, 404))
 async def get_global_model(
     engine: EngineDep,
     _: PrincipalDep,
@@ -125,7 +126,14 @@ def _stream_file(path: str):  # type: ignore[no-untyped-def]
             yield chunk
 
 
-@router.get("/model/download/{model_id}")
+@router.get(
+    "/model/download/{model_id}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The model file"},
+        **openapi.errors(400, 404),
+    },
+)
 async def download_model(
     model_id: str, engine: EngineDep, blobs: BlobsDep, _: PrincipalDep, format: str | None = Query(default=None)
 ) -> StreamingResponse:
@@ -173,7 +181,7 @@ async def _spool(upload: UploadFile, directory: Path, limit: int) -> Path:
     return Path(name)
 
 
-@router.post("/model/update/{client_id}")
+@router.post("/model/update/{client_id}", responses=openapi.ok(openapi.UPLOAD_RESPONSE, 400, 404, 409, 413))
 async def upload_update(
     client_id: str,
     engine: EngineDep,
@@ -220,7 +228,7 @@ def _update_body(upd) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
-@router.get("/model/update/{update_id}")
+@router.get("/model/update/{update_id}", responses=openapi.ok(openapi.UPLOAD_RESPONSE, 400, 404))
 async def get_update(update_id: str, engine: EngineDep, principal: PrincipalDep) -> dict:
     """Extension: an uploaded update's final validation status and the reason."""
     valid_id(update_id, "update_id")
@@ -229,7 +237,7 @@ async def get_update(update_id: str, engine: EngineDep, principal: PrincipalDep)
     return _update_body(upd)
 
 
-@router.post("/model/validate/{client_id}")
+@router.post("/model/validate/{client_id}", responses=openapi.errors(400, 404, 413))
 async def validate_update(
     client_id: str,
     engine: EngineDep,

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import func, text
 from sqlmodel import select
 
+from api import openapi
 from api.deps import BlobsDep, EngineDep, PrincipalDep
 from fedloom_core.db import Client, utcnow
 from fedloom_core.repo import iso, latest_experiment, session_scope
@@ -48,7 +49,7 @@ def _status_body(engine) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
-@router.get("/status")
+@router.get("/status", responses=openapi.ok(openapi.STATUS))
 async def get_status(engine: EngineDep, _: PrincipalDep) -> dict:
     """Current FL server status and configuration."""
     return await run_in_threadpool(_status_body, engine)
@@ -75,7 +76,7 @@ async def _check(fn, *args) -> str:  # type: ignore[no-untyped-def]
         return f"down: {type(exc).__name__}"
 
 
-@router.get("/health")
+@router.get("/health", responses=openapi.ok(openapi.HEALTH, 503))
 async def get_health(request: Request, engine: EngineDep, blobs: BlobsDep) -> JSONResponse:
     """Liveness and dependencies; open without a key so load balancers can probe it."""
     state = request.app.state

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import secrets
 from datetime import timedelta
+from typing import Annotated
 
 from fastapi import APIRouter, Body
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy import func
 from sqlmodel import select
 from temporalio.client import WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
+from api import openapi
 from api.deps import AdminDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
 from fedloom_core.contracts import ExperimentInput, PolicyConfig, StartRequest, check_id
 from fedloom_core.datasets import dataset_info
@@ -22,7 +24,6 @@ from fedloom_core.errors import (
     Conflict,
     ExperimentNotActive,
     InsufficientClients,
-    InvalidRequest,
     TrainingAlreadyRunning,
 )
 from fedloom_core.repo import (
@@ -38,12 +39,6 @@ from workflows.experiment import ExperimentWorkflow, workflow_id
 
 router = APIRouter(tags=["training"])
 DEFAULT_ROUND_SECONDS = 30.0
-
-
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-    )
 
 
 def _avg_round_seconds(session) -> float:  # type: ignore[no-untyped-def]
@@ -111,15 +106,15 @@ def _selected(engine, exp_id: str) -> list[str] | None:  # type: ignore[no-untyp
         return list(rnd.selected_clients) if rnd else None
 
 
-@router.post("/training/start")
+@router.post("/training/start", responses=openapi.ok(openapi.START_RESPONSE, 400, 409))
 async def start_training(
-    engine: EngineDep, settings: SettingsDep, temporal: TemporalDep, _: AdminDep, body: dict = Body(...)
+    engine: EngineDep,
+    settings: SettingsDep,
+    temporal: TemporalDep,
+    _: AdminDep,
+    req: Annotated[StartRequest, Body(openapi_examples=openapi.body(openapi.START_REQUEST))],
 ) -> dict:
     """Start an experiment: a durable workflow that runs its rounds."""
-    try:
-        req = StartRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest("Malformed request body or parameters", _describe(exc)) from None
     exp, per_round = await run_in_threadpool(_prepare, engine, req)
     ec = req.experiment_config
     info = exp.model_config_
@@ -186,8 +181,13 @@ def _experiment(engine, experiment_id: str) -> Experiment | None:  # type: ignor
         return s.get(Experiment, experiment_id)
 
 
-@router.post("/training/stop")
-async def stop_training(body: StopRequest, engine: EngineDep, temporal: TemporalDep, _: AdminDep) -> dict:
+@router.post("/training/stop", responses=openapi.ok({**openapi.STOP_REQUEST, "status": "stopped"}, 400, 409))
+async def stop_training(
+    body: Annotated[StopRequest, Body(openapi_examples=openapi.body(openapi.STOP_REQUEST))],
+    engine: EngineDep,
+    temporal: TemporalDep,
+    _: AdminDep,
+) -> dict:
     """Stop a running experiment; its last global model is kept."""
     exp_id = await run_in_threadpool(_stop_target, engine, body.experiment_id)
     handle: WorkflowHandle = temporal.get_workflow_handle(workflow_id(exp_id))
@@ -257,7 +257,7 @@ def _training_status(engine) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
-@router.get("/training/status")
+@router.get("/training/status", responses=openapi.ok(openapi.TRAINING_STATUS))
 async def training_status(engine: EngineDep, _: PrincipalDep) -> dict:
     """Progress of the current (or last) experiment."""
     return await run_in_threadpool(_training_status, engine)
