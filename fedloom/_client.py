@@ -14,9 +14,11 @@ DEFAULT_TIMEOUT = 60.0
 class FLAPIError(Exception):
     """An error answer from the server, in the spec's format."""
 
-    def __init__(self, status: int, code: str, message: str, details: str = "") -> None:
+    def __init__(self, status: int, code: str, message: str, details: str = "", retry_after: float | None = None):
         super().__init__(f"{status} {code}: {message} ({details})")
         self.status, self.code, self.message, self.details = status, code, message, details
+        # Seconds to wait before retrying, from a 429's Retry-After header.
+        self.retry_after = retry_after
 
 
 class FLClient:
@@ -46,11 +48,7 @@ class FLClient:
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = self._http.request(method, f"{self.base_url}{path}", headers=self._headers(), **kwargs)
         if response.status_code >= 400:
-            try:
-                err = response.json()["error"]
-                raise FLAPIError(response.status_code, err["code"], err["message"], err.get("details", ""))
-            except (ValueError, KeyError, TypeError):
-                raise FLAPIError(response.status_code, "HTTP_ERROR", response.text[:200]) from None
+            raise _error(response)
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -85,9 +83,9 @@ class FLClient:
         """A client's status and scores."""
         return self._json("GET", f"/clients/{client_id}")
 
-    def get_task(self, client_id: str) -> dict[str, Any]:
-        """What the client should do now: ``train``, ``wait``, ``idle`` or ``done``."""
-        return self._json("GET", f"/clients/{client_id}/task")
+    def get_task(self, client_id: str, wait: float = 0.0) -> dict[str, Any]:
+        """What the client should do now: ``train``, ``wait``, ``idle`` or ``done`` (long-polls up to ``wait`` s)."""
+        return self._json("GET", f"/clients/{client_id}/task", params={"wait": wait} if wait else None)
 
     # -- training --------------------------------------------------------------------------
     def start_training(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -138,3 +136,13 @@ class FLClient:
         return self._json(
             "POST", f"/model/update/{client_id}", files={"model_file": ("model.safetensors", model_file)}, data=data
         )
+
+
+def _error(response: httpx.Response) -> FLAPIError:
+    retry = response.headers.get("retry-after")
+    retry_after = float(retry) if retry and retry.replace(".", "", 1).isdigit() else None
+    try:
+        err = response.json()["error"]
+        return FLAPIError(response.status_code, err["code"], err["message"], err.get("details", ""), retry_after)
+    except (ValueError, KeyError, TypeError):
+        return FLAPIError(response.status_code, "HTTP_ERROR", response.text[:200], "", retry_after)

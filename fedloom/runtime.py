@@ -13,7 +13,8 @@ import httpx
 from fedloom._client import FLAPIError, FLClient
 
 log = logging.getLogger("fedloom.client")
-POLL_S = 0.3
+# The server holds a task request up to this long while there is nothing to do.
+LONG_POLL_S = 10.0
 
 
 def parse_partition(text: str) -> tuple[int, int]:
@@ -48,6 +49,7 @@ def run_client(
     torch.set_num_threads(1)
     index, count = parse_partition(partition)
     data = client_partition(dataset, index, count, seed=seed)
+    _warm_up(build_model, train_local, data)
     api = FLClient(server, api_key)
     try:
         reg = api.register_client(
@@ -68,10 +70,10 @@ def run_client(
         work = Path(tmp)
         while True:
             try:
-                task = api.get_task(client_id)
-            except (FLAPIError, httpx.HTTPError, OSError) as exc:  # server restarting: keep trying
+                task = api.get_task(client_id, wait=LONG_POLL_S)
+            except (FLAPIError, httpx.HTTPError, OSError) as exc:  # server restarting or rate limit: keep trying
                 log.warning("task poll failed: %s", exc)
-                time.sleep(1.0)
+                time.sleep(_backoff(exc))
                 continue
             status = task.get("status")
             exp_id = task.get("experiment_id")
@@ -83,7 +85,6 @@ def run_client(
             if status != "train":
                 if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
                     return trained
-                time.sleep(POLL_S)
                 continue
             idle_since = time.monotonic()
             try:
@@ -94,7 +95,23 @@ def run_client(
                 # The round may have closed while we trained, or the server is restarting: the next poll
                 # says what to do.
                 log.warning("%s round %s: %s", client_id, task.get("round"), exc)
-                time.sleep(POLL_S)
+                time.sleep(_backoff(exc))
+
+
+def _backoff(exc: Exception) -> float:
+    """How long to wait after a failed call: a 429's Retry-After, else a second."""
+    if isinstance(exc, FLAPIError) and exc.retry_after is not None:
+        return min(exc.retry_after, 60.0)
+    return 1.0
+
+
+def _warm_up(build_model, train_local, data) -> None:  # type: ignore[no-untyped-def]
+    """One tiny training step, so torch's lazy imports happen now rather than inside the first round."""
+    from fedloom_core.datasets import Split
+
+    sample = Split(data.x[:2], data.y[:2])
+    shape = (int(data.x.shape[2]), int(data.x.shape[3]), int(data.x.shape[1]))
+    train_local(build_model("MLP", shape, 10), sample, epochs=1, batch_size=2, learning_rate=0.01)
 
 
 def _train_round(api, client_id, task, data, work, seed, build_model, train_local, load_state, save_state) -> int:  # type: ignore[no-untyped-def]

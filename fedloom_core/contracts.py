@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 KNOWN_DATASETS = ("digits",)
 DATASET_ALIASES = {
@@ -119,12 +119,6 @@ class StartRequest(_Strict):
     experiment_config: ExperimentConfig = Field(default_factory=ExperimentConfig)
     training_config: TrainingConfig = Field(default_factory=TrainingConfig)
     aggregation_config: AggregationConfig = Field(default_factory=AggregationConfig)
-
-    @model_validator(mode="after")
-    def _min_updates(self) -> StartRequest:
-        if self.aggregation_config.min_updates is None:
-            self.aggregation_config.min_updates = self.experiment_config.min_clients
-        return self
 
 
 class PolicyConfig(_Strict):

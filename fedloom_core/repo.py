@@ -51,15 +51,22 @@ def emit_event(
 def running_experiment(session: Session) -> Experiment | None:
     """The experiment that is running now, if any."""
     return session.exec(
-        select(Experiment).where(Experiment.status == "running").order_by(Experiment.started_at.desc())  # type: ignore[union-attr]
+        select(Experiment).where(Experiment.status == "running").order_by(Experiment.started_at.desc().nulls_last())  # type: ignore[union-attr]
     ).first()
 
 
 def latest_experiment(session: Session) -> Experiment | None:
-    """The running experiment, else the one started (or created) most recently."""
+    """The running experiment, else the one started most recently, else the one created most recently."""
     exp = running_experiment(session)
     if exp is not None:
         return exp
+    started = session.exec(
+        select(Experiment)
+        .where(Experiment.started_at.is_not(None))  # type: ignore[union-attr]
+        .order_by(Experiment.started_at.desc())  # type: ignore[union-attr]
+    ).first()
+    if started is not None:
+        return started
     return session.exec(select(Experiment).order_by(Experiment.created_at.desc())).first()  # type: ignore[attr-defined]
 
 

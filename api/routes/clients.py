@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
@@ -14,9 +16,10 @@ from sqlmodel import select
 from api.auth import store_client_key
 from api.deps import AdminDep, EngineDep, PrincipalDep, valid_id
 from fedloom_core.contracts import check_id
-from fedloom_core.db import Client, ClientMetrics, Update, utcnow
-from fedloom_core.errors import ClientNotRegistered, Conflict
+from fedloom_core.db import Client, ClientMetrics, Experiment, Round, Update, utcnow
+from fedloom_core.errors import ClientNotRegistered, Conflict, InvalidRequest, NotFound
 from fedloom_core.repo import (
+    current_round,
     emit_event,
     iso,
     latest_experiment,
@@ -24,8 +27,13 @@ from fedloom_core.repo import (
     running_experiment,
     session_scope,
 )
+from fedloom_core.selection import Candidate, select_clients
 
 router = APIRouter(tags=["clients"])
+TASK_POLL_S = 0.25
+# last_seen is written at most this often, so long-polling clients do not write on every check.
+LAST_SEEN_RESOLUTION_S = 5.0
+CLIENT_STATUSES = ("registered", "active", "inactive")
 
 
 class RegisterRequest(BaseModel):
@@ -104,6 +112,143 @@ def _client_status(engine, client_id: str) -> dict:  # type: ignore[no-untyped-d
     }
 
 
+def _experiment_or_latest(session, experiment_id: str | None) -> Experiment | None:  # type: ignore[no-untyped-def]
+    if experiment_id is None:
+        return latest_experiment(session)
+    exp = session.get(Experiment, experiment_id)
+    if exp is None:
+        raise NotFound("Resource not found", f"experiment '{experiment_id}' does not exist")
+    return exp
+
+
+def _list_clients(engine, status: str | None, round: int | None, experiment_id: str | None) -> dict:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        query = select(Client)
+        if status is not None:
+            query = query.where(Client.status == status)
+        if round is not None or experiment_id is not None:
+            exp = _experiment_or_latest(s, experiment_id)
+            took_part: set[str] = set()
+            if exp is not None:
+                uq = select(Update.client_id).where(
+                    Update.experiment_id == exp.experiment_id, Update.validation_status != "rejected"
+                )
+                if round is not None:
+                    uq = uq.where(Update.round == round)
+                took_part = set(s.exec(uq).all())
+            query = query.where(Client.client_id.in_(took_part))  # type: ignore[attr-defined]
+        clients = s.exec(query.order_by(Client.client_id)).all()
+    return {
+        "clients": [
+            {
+                "client_id": c.client_id,
+                "status": c.status,
+                "current_round": c.current_round,
+                "trust_score": c.trust_score,
+            }
+            for c in clients
+        ],
+        "total_count": len(clients),
+        "active_count": sum(1 for c in clients if c.status == "active"),
+        "timestamp": iso(utcnow()),
+    }
+
+
+@router.get("/clients")
+async def list_clients(
+    engine: EngineDep,
+    _: AdminDep,
+    status: str | None = Query(default=None),
+    round: int | None = Query(default=None, ge=1),
+    experiment_id: str | None = Query(default=None),
+) -> dict:
+    """All clients, filtered by ``status`` and by taking part in a ``round`` of an experiment (default: the latest).
+
+    Taking part means having uploaded an update to that round that was not rejected; ``experiment_id``
+    without ``round`` keeps the clients that took part in any of its rounds. ``total_count`` and
+    ``active_count`` count the clients matching the filters.
+    """
+    if status is not None and status not in CLIENT_STATUSES:
+        raise InvalidRequest("Invalid status filter", f"status {status!r} is not one of {', '.join(CLIENT_STATUSES)}")
+    if experiment_id is not None:
+        valid_id(experiment_id, "experiment_id")
+    return await run_in_threadpool(_list_clients, engine, status, round, experiment_id)
+
+
+def _default_round(exp: Experiment, latest: Round | None) -> int:
+    """The round in progress, else the next one to select (the last one once the experiment is over)."""
+    if latest is None:
+        return 1
+    if latest.status in ("open", "closed"):
+        return latest.round
+    if exp.status in ("created", "running") and (not exp.total_rounds or latest.round < exp.total_rounds):
+        return latest.round + 1
+    return latest.round
+
+
+def _selection(engine, experiment_id: str | None, round: int | None, policy_check: bool) -> dict:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        exp = _experiment_or_latest(s, experiment_id)
+        if exp is None:
+            raise NotFound("Resource not found", "no experiment has been created or started")
+        if round is None:
+            round = _default_round(exp, current_round(s, exp.experiment_id))
+        elif exp.total_rounds and round > exp.total_rounds:
+            raise InvalidRequest(
+                "Invalid round", f"round {round} is beyond experiment '{exp.experiment_id}''s {exp.total_rounds} rounds"
+            )
+        stored = s.exec(select(Round).where(Round.experiment_id == exp.experiment_id, Round.round == round)).first()
+        candidates = (
+            [Candidate(c.client_id, c.status, c.trust_score) for c in s.exec(select(Client)).all()]
+            if stored is None
+            else []
+        )
+    if stored is not None:
+        selected, excluded = list(stored.selected_clients), dict(stored.exclusions)
+        results = dict(stored.policy_results)
+    else:
+        ec = exp.config.get("experiment_config", {})
+        outcome = select_clients(
+            candidates,
+            round=round,
+            min_clients=int(ec.get("min_clients", 2)),
+            client_fraction=float(ec.get("client_fraction", 1.0)),
+            seed=int(ec.get("seed", 0)),
+            trust_threshold=(exp.policy_config or {}).get("trust_threshold"),
+        )
+        selected, excluded, results = outcome.selected, outcome.excluded, outcome.policy_results
+    return {
+        "experiment_id": exp.experiment_id,
+        "round": round,
+        "dry_run": stored is None,
+        "selected_clients": selected,
+        "policy_results": results if policy_check else {},
+        "excluded_clients": sorted(excluded),
+        "exclusion_reasons": excluded,
+        "eligible_count": sum(1 for r in results.values() if r.get("compliance")),
+    }
+
+
+@router.get("/clients/select")
+async def select_round_clients(
+    engine: EngineDep,
+    _: AdminDep,
+    round: int | None = Query(default=None, ge=1),
+    policy_check: bool = Query(default=True),
+    experiment_id: str | None = Query(default=None),
+) -> dict:
+    """Policy-aware client selection of a round of an experiment (default: the latest).
+
+    A round that has been selected answers with its stored decision (``dry_run`` false); any other
+    round (by default the round in progress, else the next one) is a dry run of the same selection
+    over the clients as they are now, with the experiment's min_clients, client_fraction, seed and
+    trust threshold. ``policy_check=false`` leaves out ``policy_results``; the selection is the same.
+    """
+    if experiment_id is not None:
+        valid_id(experiment_id, "experiment_id")
+    return await run_in_threadpool(_selection, engine, experiment_id, round, policy_check)
+
+
 @router.get("/clients/{client_id}")
 async def get_client(client_id: str, engine: EngineDep, principal: PrincipalDep) -> dict:
     """A client's status, last performance, trust and contribution."""
@@ -117,11 +262,14 @@ def _task(engine, client_id: str) -> dict:  # type: ignore[no-untyped-def]
         client = s.get(Client, client_id)
         if client is None:
             raise ClientNotRegistered("Client ID not found", f"The specified client ID '{client_id}' is not registered")
-        client.last_seen = utcnow()
-        if client.status == "inactive":
-            client.status = "active"  # it is connected again, so it can rejoin a later round
-        s.add(client)
-        exp = running_experiment(s) or latest_experiment(s)
+        now = utcnow()
+        seen = client.last_seen.replace(tzinfo=now.tzinfo) if client.last_seen else None
+        if seen is None or (now - seen).total_seconds() > LAST_SEEN_RESOLUTION_S or client.status == "inactive":
+            client.last_seen = now
+            if client.status == "inactive":
+                client.status = "active"  # it is connected again, so it can rejoin a later round
+            s.add(client)
+        exp = latest_experiment(s)
         if exp is None:
             return {"status": "idle", "experiment_id": None}
         body: dict[str, Any] = {"experiment_id": exp.experiment_id, "experiment_status": exp.status}
@@ -157,8 +305,22 @@ def _task(engine, client_id: str) -> dict:  # type: ignore[no-untyped-def]
 
 
 @router.get("/clients/{client_id}/task")
-async def get_client_task(client_id: str, engine: EngineDep, principal: PrincipalDep) -> dict:
-    """Extension: what this client should do now (``train`` with the round's model and config, ``wait``, ``done``)."""
+async def get_client_task(
+    client_id: str,
+    engine: EngineDep,
+    principal: PrincipalDep,
+    wait: float = Query(default=0.0, ge=0.0, le=30.0, description="long-poll: seconds to wait for work"),
+) -> dict:
+    """Extension: what this client should do now (``train`` with the round's model and config, ``wait``, ``done``).
+
+    With ``wait`` > 0 the answer is held until there is something to do or the time is up, so a
+    client needs few requests (and little of its rate budget) while it waits to be selected.
+    """
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
-    return await run_in_threadpool(_task, engine, client_id)
+    deadline = time.monotonic() + wait
+    while True:
+        task = await run_in_threadpool(_task, engine, client_id)
+        if task["status"] not in ("wait", "idle") or time.monotonic() >= deadline:
+            return task
+        await asyncio.sleep(TASK_POLL_S)

@@ -34,6 +34,7 @@ from fedloom_core.repo import (
     running_experiment,
     session_scope,
 )
+from fedloom_core.selection import Candidate, select_clients
 from fedloom_core.settings import WORKFLOW_TASK_QUEUE
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
@@ -51,8 +52,32 @@ def _humanize(seconds: float) -> str:
     return f"{minutes:.0f} minutes" if minutes >= 1 else f"{seconds:.0f} seconds"
 
 
-def _prepare(engine, req: StartRequest) -> tuple[Experiment, float]:  # type: ignore[no-untyped-def]
+def _merge_stored(stored: dict, req: StartRequest) -> StartRequest:
+    """A start request for a created experiment: its stored config, overridden by what the request sets."""
+    base = StartRequest.model_validate(stored) if stored else StartRequest()
+    merged = {}
+    for section in ("experiment_config", "training_config", "aggregation_config"):
+        given = (
+            getattr(req, section).model_dump(mode="json", exclude_unset=True) if section in req.model_fields_set else {}
+        )
+        merged[section] = {**getattr(base, section).model_dump(mode="json", exclude_none=True), **given}
+    return StartRequest.model_validate(merged)
+
+
+def _eligible(session, req: StartRequest, policy: PolicyConfig) -> int:  # type: ignore[no-untyped-def]
     ec = req.experiment_config
+    candidates = [Candidate(c.client_id, c.status, c.trust_score) for c in session.exec(select(Client)).all()]
+    return select_clients(
+        candidates,
+        round=1,
+        min_clients=ec.min_clients,
+        client_fraction=ec.client_fraction,
+        seed=ec.seed,
+        trust_threshold=policy.trust_threshold,
+    ).eligible
+
+
+def _prepare(engine, req: StartRequest) -> tuple[Experiment, StartRequest, float]:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
         running = running_experiment(s)
         if running is not None:
@@ -60,20 +85,24 @@ def _prepare(engine, req: StartRequest) -> tuple[Experiment, float]:  # type: ig
                 "Cannot start - training already in progress",
                 f"experiment '{running.experiment_id}' is running; stop it first",
             )
-        eligible = s.exec(select(func.count()).select_from(Client).where(Client.status != "inactive")).one()
+        exp_id = req.experiment_config.experiment_id or f"exp_{utcnow():%Y%m%d}_{secrets.token_hex(3)}"
+        exp = s.get(Experiment, exp_id)
+        if exp is not None and exp.status != "created":
+            raise Conflict("Resource already exists", f"experiment '{exp_id}' already exists with status {exp.status}")
+        if exp is not None:
+            req = _merge_stored(exp.config, req)
+        else:
+            exp = Experiment(experiment_id=exp_id, name=exp_id)
+        req.experiment_config.experiment_id = exp_id
+        ec = req.experiment_config
+        policy = PolicyConfig.model_validate(exp.policy_config or {})
+        eligible = _eligible(s, req, policy)
         if eligible < ec.min_clients:
             raise InsufficientClients(
                 "Not enough clients for training",
                 f"{eligible} eligible client(s) registered, min_clients is {ec.min_clients}",
             )
-        exp_id = ec.experiment_id or f"exp_{utcnow():%Y%m%d}_{secrets.token_hex(3)}"
-        exp = s.get(Experiment, exp_id)
-        if exp is not None and exp.status != "created":
-            raise Conflict("Resource already exists", f"experiment '{exp_id}' already exists with status {exp.status}")
         info = dataset_info(ec.dataset)
-        if exp is None:
-            exp = Experiment(experiment_id=exp_id, name=exp_id)
-        req.experiment_config.experiment_id = exp_id
         exp.status = "running"
         exp.started_at = utcnow()
         exp.dataset = ec.dataset
@@ -86,10 +115,10 @@ def _prepare(engine, req: StartRequest) -> tuple[Experiment, float]:  # type: ig
             "input_shape": list(info.input_shape),
             "num_classes": info.num_classes,
         }
-        exp.training_config = req.training_config.model_dump(mode="json")
+        exp.training_config = {**req.training_config.model_dump(mode="json"), "rounds": ec.rounds}
         s.add(exp)
         emit_event(s, type="training_started", experiment_id=exp_id, total_rounds=ec.rounds)
-        return exp, _avg_round_seconds(s)
+        return exp, req, _avg_round_seconds(s)
 
 
 def _mark_failed(engine, exp_id: str, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -115,7 +144,7 @@ async def start_training(
     req: Annotated[StartRequest, Body(openapi_examples=openapi.body(openapi.START_REQUEST))],
 ) -> dict:
     """Start an experiment: a durable workflow that runs its rounds."""
-    exp, per_round = await run_in_threadpool(_prepare, engine, req)
+    exp, req, per_round = await run_in_threadpool(_prepare, engine, req)
     ec = req.experiment_config
     info = exp.model_config_
     wf_input = ExperimentInput(
