@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -49,6 +50,18 @@ async def require_admin(principal: Annotated[auth.Principal, Depends(get_princip
     return principal
 
 
+async def require_registrar(request: Request, authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
+    """The admin key, or the enrollment token (when one is configured) for self-registering clients."""
+    token = _state(request).settings.enrollment_token
+    if token and authorization:
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode()):
+            return auth.Principal("enrollment")
+    principal = await get_principal(request, authorization)
+    principal.require_admin()
+    return principal
+
+
 def valid_id(value: str, what: str) -> str:
     """Check an id taken from a URL before it reaches a query or a path."""
     try:
@@ -63,3 +76,4 @@ BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 TemporalDep = Annotated[TemporalClient, Depends(get_temporal)]
 PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]
 AdminDep = Annotated[auth.Principal, Depends(require_admin)]
+RegistrarDep = Annotated[auth.Principal, Depends(require_registrar)]

@@ -128,3 +128,33 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     server = start_serve(tmp_path_factory.mktemp("serve") / "data")
     yield server
     stop_serve(server)
+
+
+LOCAL_ADMIN_KEY = "admin-test-key"
+
+
+@pytest.fixture
+def local_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A factory of in-process apps (no Temporal) on a fresh data dir, for exact checks on seeded rows."""
+    from fastapi.testclient import TestClient
+
+    import api.app as app_module
+    from fedloom_core.settings import Settings
+
+    async def no_temporal(*_args: object, **_kwargs: object) -> None:
+        return None
+
+    monkeypatch.setattr(app_module, "_connect_temporal", no_temporal)
+    clients = []
+
+    def make(**settings: object) -> TestClient:
+        merged = {"data_dir": tmp_path, "admin_api_key": LOCAL_ADMIN_KEY, **settings}
+        app = app_module.create_app(Settings(**merged))
+        client = TestClient(app, base_url="http://test/api/v1", headers={"Authorization": f"Bearer {LOCAL_ADMIN_KEY}"})
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Body, Query
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
+from api import openapi
 from api.auth import store_client_key
-from api.deps import AdminDep, EngineDep, PrincipalDep, valid_id
+from api.deps import AdminDep, EngineDep, PrincipalDep, RegistrarDep, valid_id
 from fedloom_core.contracts import check_id
 from fedloom_core.db import Client, ClientMetrics, Experiment, Round, Update, utcnow
 from fedloom_core.errors import ClientNotRegistered, Conflict, InvalidRequest, NotFound
@@ -82,9 +83,16 @@ def _register(engine, body: RegisterRequest) -> dict:  # type: ignore[no-untyped
     }
 
 
-@router.post("/clients/register")
-async def register_client(body: RegisterRequest, engine: EngineDep, _: AdminDep) -> dict:
-    """Register a new FL client; the answer carries its own API key, shown once."""
+@router.post(
+    "/clients/register",
+    responses=openapi.ok(openapi.REGISTER_RESPONSE, 400, 409),
+)
+async def register_client(
+    body: Annotated[RegisterRequest, Body(openapi_examples=openapi.body(openapi.REGISTER_REQUEST))],
+    engine: EngineDep,
+    _: RegistrarDep,
+) -> dict:
+    """Register a new FL client (admin key or enrollment token); the answer carries its own API key, shown once."""
     return await run_in_threadpool(_register, engine, body)
 
 

@@ -17,11 +17,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api import app as app_module
 from fedloom_core.datasets import load_train
 from fedloom_core.db import Client, ClientMetrics, Experiment, Round, RoundMetrics, Update
 from fedloom_core.repo import session_scope
-from fedloom_core.settings import Settings
 from tests.api.test_training_api import assert_error
 from tests.conftest import LiveServer, start_serve, stop_serve
 
@@ -509,19 +507,9 @@ def test_client_keys_read_only_their_own_metrics(http: httpx.Client, run: dict[s
 
 # --- in process: exact numbers and low trust scores ---------------------------------------------
 
-ADMIN = "admin-test-key"
-
-
 @pytest.fixture
-def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    async def no_temporal(*_args: object, **_kwargs: object) -> None:
-        return None
-
-    monkeypatch.setattr(app_module, "_connect_temporal", no_temporal)
-    settings = Settings(data_dir=tmp_path, admin_api_key=ADMIN, temporal_ui_url="http://ui.example:8233/")
-    app = app_module.create_app(settings)
-    with TestClient(app, base_url="http://test/api/v1", headers=bearer(ADMIN)) as client:
-        yield client
+def local(local_app) -> TestClient:  # type: ignore[no-untyped-def]
+    return local_app(temporal_ui_url="http://ui.example:8233/")
 
 
 def _add(client: TestClient, *rows: object) -> None:
