@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, ratelimit
 from api.auth import hash_key, load_or_create_admin_key
-from api.routes import clients, models, status, training
+from api.routes import clients, events, experiments, metrics, models, status, training
 from fedloom_core.blobstore import open_blob_store
 from fedloom_core.db import create_schema, make_engine
 from fedloom_core.settings import Settings
@@ -60,6 +60,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    for router in (status.router, clients.router, training.router, models.router):
+    for router in (
+        status.router,
+        clients.router,
+        training.router,
+        models.router,
+        metrics.router,
+        experiments.router,
+    ):
         app.include_router(router, prefix=API_PREFIX)
+    app.include_router(events.router)
+    ratelimit.install(app, settings)
     return app
