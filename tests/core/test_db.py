@@ -417,7 +417,8 @@ def test_running_and_latest_experiment_ordering(db: Engine) -> None:
         )
     with session_scope(db) as s:
         assert running_experiment(s) is None
-        assert latest_experiment(s).experiment_id == "new-created"
+        # The one that ran last wins over a newer one that was only created.
+        assert latest_experiment(s).experiment_id == "old-done"
 
     with session_scope(db) as s:
         # The oldest experiment is the running one: running beats "most recently created".
@@ -452,7 +453,8 @@ def test_running_and_latest_experiment_ordering(db: Engine) -> None:
             s.add(exp)
     with session_scope(db) as s:
         assert running_experiment(s) is None
-        assert latest_experiment(s).experiment_id == "new-created"
+        # Nothing runs: the most recently started one (running-b, 13:30Z) is the latest.
+        assert latest_experiment(s).experiment_id == "running-b"
 
 
 def test_timestamps_are_utc_and_iso_ends_with_z(db: Engine) -> None:
