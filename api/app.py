@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors, ratelimit
+from api import errors, openapi, ratelimit
 from api.auth import hash_key, load_or_create_admin_key
 from api.routes import clients, events, experiments, metrics, models, status, training
 from fedloom_core.blobstore import open_blob_store
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.router,
         experiments.router,
     ):
-        app.include_router(router, prefix=API_PREFIX)
+        app.include_router(router, prefix=API_PREFIX, responses=openapi.COMMON_ERRORS)
     app.include_router(events.router)
     ratelimit.install(app, settings)
     return app

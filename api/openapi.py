@@ -161,3 +161,81 @@ UPLOAD_METRICS = {
     "data_samples": 1000,
     "epochs_completed": 3,
 }
+CLIENTS_LIST = {
+    "clients": [
+        {"client_id": "client-001", "status": "active", "current_round": 5, "trust_score": 0.95},
+        {"client_id": "client-002", "status": "inactive", "current_round": 4, "trust_score": 0.82},
+    ],
+    "total_count": 12,
+    "active_count": 8,
+    "timestamp": "2025-01-16T10:30:00Z",
+}
+SELECTION = {
+    "selected_clients": ["client-001", "client-003", "client-007"],
+    "policy_results": {
+        "client-001": {
+            "trust_score": 0.95,
+            "compliance": True,
+            "policies_applied": ["trust_threshold", "resource_requirements"],
+        }
+    },
+    "excluded_clients": ["client-002"],
+    "exclusion_reasons": {"client-002": "Trust score below threshold (0.65 < 0.70)"},
+}
+TRAINING_METRICS = {
+    "experiment_id": "exp_2025_001",
+    "rounds": [
+        {
+            "round": 1,
+            "global_accuracy": 0.45,
+            "global_loss": 0.89,
+            "participating_clients": 8,
+            "round_duration": 125,
+            "aggregation_time": 5.2,
+            "client_metrics": {
+                "client-001": {"local_accuracy": 0.48, "local_loss": 0.85, "training_time": 42.1, "data_samples": 1000}
+            },
+        }
+    ],
+    "summary": {"total_rounds": 5, "best_accuracy": 0.78, "convergence_rate": 0.12, "avg_round_duration": 120},
+}
+CLIENT_PERFORMANCE = {
+    "client_id": "client-001",
+    "performance_history": [{"round": 1, "local_accuracy": 0.48, "training_time": 42.1, "communication_time": 3.2}],
+    "statistics": {
+        "avg_accuracy": 0.76,
+        "avg_training_time": 43.5,
+        "total_rounds_participated": 5,
+        "reliability_score": 0.95,
+        "contribution_score": 0.87,
+    },
+}
+CREATE_EXPERIMENT = {
+    "name": "CIFAR-10 CNN Experiment",
+    "description": "Federated learning experiment with CNN on CIFAR-10",
+    "dataset_config": {"name": "CIFAR-10", "split_strategy": "iid", "clients_count": 10},
+    "model_config": {"architecture": "CNN", "input_shape": [32, 32, 3], "num_classes": 10},
+    "training_config": {"rounds": 10, "local_epochs": 3, "batch_size": 32, "learning_rate": 0.01},
+    "policy_config": {"min_clients": 5, "max_client_failures": 2, "trust_threshold": 0.7},
+}
+EXPERIMENT_CREATED = {
+    "experiment_id": "exp_2025_001",
+    "name": "CIFAR-10 CNN Experiment",
+    "status": "created",
+    "created_at": "2025-01-16T10:30:00Z",
+    "estimated_duration": "45 minutes",
+    "resource_requirements": {"min_clients": 5, "estimated_compute": "high", "network_bandwidth": "100Mbps"},
+}
+EXPERIMENTS_LIST = {
+    "experiments": [
+        {
+            "experiment_id": "exp_2025_001",
+            "name": "CIFAR-10 CNN Experiment",
+            "status": "running",
+            "created_at": "2025-01-16T09:30:00Z",
+            "progress": 0.5,
+        }
+    ],
+    "total_count": 15,
+    "has_more": True,
+}

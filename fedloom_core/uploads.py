@@ -151,7 +151,11 @@ def store_update(
     expected = expected_structure(engine, blobs, target.global_model_id)
     with tempfile.TemporaryDirectory(prefix="fedloom-upload-", dir=upload_path.parent) as tmp:
         normalized = Path(tmp) / "update.safetensors"
-        check_update_file(upload_path, normalized, expected)
+        try:
+            check_update_file(upload_path, normalized, expected)
+        except ModelValidationFailed as exc:
+            _announce_rejection(engine, target, client_id, exc.details)
+            raise
         digest = sha256_file(normalized)
         existing = _existing(engine, target, client_id)
         if existing is not None:
@@ -202,6 +206,18 @@ def store_update(
             raise
         return _repeat(existing, digest)
     return StoredUpdate(update, True)
+
+
+def _announce_rejection(engine: Engine, target: Target, client_id: str, reason: str) -> None:
+    with session_scope(engine) as s:
+        emit_event(
+            s,
+            type="update_rejected",
+            experiment_id=target.experiment_id,
+            client_id=client_id,
+            round=target.round,
+            reason=reason,
+        )
 
 
 def _existing(engine: Engine, target: Target, client_id: str) -> Update | None:

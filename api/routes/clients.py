@@ -162,7 +162,7 @@ def _list_clients(engine, status: str | None, round: int | None, experiment_id: 
     }
 
 
-@router.get("/clients")
+@router.get("/clients", responses=openapi.ok(openapi.CLIENTS_LIST, 400))
 async def list_clients(
     engine: EngineDep,
     _: AdminDep,
@@ -237,7 +237,7 @@ def _selection(engine, experiment_id: str | None, round: int | None, policy_chec
     }
 
 
-@router.get("/clients/select")
+@router.get("/clients/select", responses=openapi.ok(openapi.SELECTION, 400, 404))
 async def select_round_clients(
     engine: EngineDep,
     _: AdminDep,
@@ -257,7 +257,7 @@ async def select_round_clients(
     return await run_in_threadpool(_selection, engine, experiment_id, round, policy_check)
 
 
-@router.get("/clients/{client_id}")
+@router.get("/clients/{client_id}", responses=openapi.ok(openapi.CLIENT_STATUS, 400, 404))
 async def get_client(client_id: str, engine: EngineDep, principal: PrincipalDep) -> dict:
     """A client's status, last performance, trust and contribution."""
     valid_id(client_id, "client_id")
@@ -312,7 +312,7 @@ def _task(engine, client_id: str) -> dict:  # type: ignore[no-untyped-def]
         return body
 
 
-@router.get("/clients/{client_id}/task")
+@router.get("/clients/{client_id}/task", responses=openapi.errors(400, 404))
 async def get_client_task(
     client_id: str,
     engine: EngineDep,

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
+from api import openapi
 from api.deps import AdminDep, EngineDep, valid_id
 from api.routes.training import _avg_round_seconds, _humanize
 from fedloom_core.contracts import (
@@ -136,15 +137,6 @@ class CreateExperiment(BaseModel):
         )
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
 def _compute_tier(work: float) -> str:
     for limit, tier in COMPUTE_TIERS:
         if work < limit:
@@ -212,13 +204,13 @@ def _create(engine, body: CreateExperiment) -> dict:  # type: ignore[no-untyped-
     }
 
 
-@router.post("/experiments")
-async def create_experiment(engine: EngineDep, _: AdminDep, body: dict = Body(...)) -> dict:
+@router.post("/experiments", responses=openapi.ok(openapi.EXPERIMENT_CREATED, 400, 409))
+async def create_experiment(
+    engine: EngineDep,
+    _: AdminDep,
+    req: Annotated[CreateExperiment, Body(openapi_examples=openapi.body(openapi.CREATE_EXPERIMENT))],
+) -> dict:
     """Create an experiment (status ``created``); start it with ``POST /training/start`` and its ``config``."""
-    try:
-        req = CreateExperiment.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest("Malformed request body or parameters", _describe(exc)) from None
     return await run_in_threadpool(_create, engine, req)
 
 
@@ -267,7 +259,7 @@ def _list(engine, status: str | None, limit: int, offset: int) -> dict:  # type:
     }
 
 
-@router.get("/experiments")
+@router.get("/experiments", responses=openapi.ok(openapi.EXPERIMENTS_LIST, 400))
 async def list_experiments(
     engine: EngineDep,
     _: AdminDep,
@@ -289,7 +281,7 @@ def _detail(engine, experiment_id: str) -> tuple[Experiment, int]:  # type: igno
         return exp, _rounds_done(s, [experiment_id]).get(experiment_id, 0)
 
 
-@router.get("/experiments/{experiment_id}")
+@router.get("/experiments/{experiment_id}", responses=openapi.errors(400, 404))
 async def get_experiment(experiment_id: str, request: Request, engine: EngineDep, _: AdminDep) -> dict:
     """Extension: one experiment in full, with a link to its workflow in the Temporal Web UI once started."""
     valid_id(experiment_id, "experiment_id")

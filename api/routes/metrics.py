@@ -6,6 +6,7 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from sqlmodel import select
 
+from api import openapi
 from api.deps import AdminDep, EngineDep, PrincipalDep, valid_id
 from fedloom_core.db import Client, ClientMetrics, Experiment, Round, RoundMetrics, Update
 from fedloom_core.errors import ClientNotRegistered, InvalidRequest, NotFound
@@ -86,7 +87,7 @@ def _training(
     return {"experiment_id": exp.experiment_id, "rounds": rounds, "summary": _summary(rounds)}
 
 
-@router.get("/metrics/training")
+@router.get("/metrics/training", responses=openapi.ok(openapi.TRAINING_METRICS, 400, 404))
 async def training_metrics(
     engine: EngineDep,
     _: AdminDep,
@@ -169,7 +170,7 @@ def _client_performance(engine, client_id: str) -> dict:  # type: ignore[no-unty
     }
 
 
-@router.get("/metrics/clients/{client_id}")
+@router.get("/metrics/clients/{client_id}", responses=openapi.ok(openapi.CLIENT_PERFORMANCE, 400, 404))
 async def client_metrics(client_id: str, engine: EngineDep, principal: PrincipalDep) -> dict:
     """A client's per-round history over all experiments, with statistics (the admin, or the client itself).
 

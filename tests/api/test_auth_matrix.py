@@ -29,20 +29,38 @@ ENDPOINTS = [
     ("GET", "/clients/{me}", {ADMIN, OWN}, {}),
     ("GET", "/clients/{me}/task", {ADMIN, OWN}, {}),
     ("GET", "/metrics/clients/{me}", {ADMIN, OWN}, {}),
-    ("POST", "/model/update/{me}", {ADMIN, OWN},
-     {"files": {"model_file": ("m", b"x")}, "data": {"metrics": '{"data_samples": 1}'}}),
+    (
+        "POST",
+        "/model/update/{me}",
+        {ADMIN, OWN},
+        {"files": {"model_file": ("m", b"x")}, "data": {"metrics": '{"data_samples": 1}'}},
+    ),
     ("POST", "/model/validate/{me}", {ADMIN, OWN}, {"files": {"model_file": ("m", b"x")}}),
     ("POST", "/clients/register", {ADMIN}, {"json": lambda: {"client_id": _new_id()}}),
     ("GET", "/clients", {ADMIN}, {}),
     ("GET", "/clients/select", {ADMIN}, {}),
-    ("POST", "/training/start", {ADMIN},
-     {"json": lambda: {"experiment_config": {"experiment_id": _new_id(), "min_clients": 1000}}}),
+    (
+        "POST",
+        "/training/start",
+        {ADMIN},
+        {"json": lambda: {"experiment_config": {"experiment_id": _new_id(), "min_clients": 1000}}},
+    ),
     ("POST", "/training/stop", {ADMIN}, {"json": lambda: {"reason": "matrix"}}),
     ("GET", "/metrics/training", {ADMIN}, {}),
     ("GET", "/experiments", {ADMIN}, {}),
-    ("POST", "/experiments", {ADMIN},
-     {"json": lambda: {"experiment_id": _new_id(), "name": "m", "dataset_config": {"name": "digits"},
-                       "model_config": {"architecture": "MLP", "input_shape": [8, 8, 1], "num_classes": 10}}}),
+    (
+        "POST",
+        "/experiments",
+        {ADMIN},
+        {
+            "json": lambda: {
+                "experiment_id": _new_id(),
+                "name": "m",
+                "dataset_config": {"name": "digits"},
+                "model_config": {"architecture": "MLP", "input_shape": [8, 8, 1], "num_classes": 10},
+            }
+        },
+    ),
     ("GET", "/experiments/none-such", {ADMIN}, {}),
 ]
 
@@ -51,16 +69,16 @@ ENDPOINTS = [
 def keys(live_server: LiveServer) -> dict[str, str]:
     out = {ADMIN: live_server.admin_key}
     for role, cid in ((OWN, "owner"), (OTHER, "intruder")):
-        resp = httpx.post(f"{live_server.api}/clients/register", json={"client_id": cid},
-                          headers=live_server.headers())
+        resp = httpx.post(f"{live_server.api}/clients/register", json={"client_id": cid}, headers=live_server.headers())
         assert resp.status_code == 200, resp.text
         out[role] = resp.json()["api_key"]
     return out
 
 
 @pytest.mark.parametrize(("method", "path", "allowed", "kwargs"), ENDPOINTS, ids=[f"{m} {p}" for m, p, *_ in ENDPOINTS])
-def test_access(live_server: LiveServer, keys: dict[str, str], method: str, path: str, allowed: set[str],
-                kwargs: dict) -> None:
+def test_access(
+    live_server: LiveServer, keys: dict[str, str], method: str, path: str, allowed: set[str], kwargs: dict
+) -> None:
     url = f"{live_server.api}{path.format(me='owner')}"
 
     def call(headers: dict[str, str]) -> httpx.Response:

@@ -507,6 +507,7 @@ def test_client_keys_read_only_their_own_metrics(http: httpx.Client, run: dict[s
 
 # --- in process: exact numbers and low trust scores ---------------------------------------------
 
+
 @pytest.fixture
 def local(local_app) -> TestClient:  # type: ignore[no-untyped-def]
     return local_app(temporal_ui_url="http://ui.example:8233/")

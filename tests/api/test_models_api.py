@@ -35,8 +35,12 @@ def test_validate_dry_run_update_status_and_onnx_export(http: httpx.Client) -> N
     as_key = {"Authorization": f"Bearer {keys['m1']}"}
 
     good = st_save({k: v + 0.01 for k, v in state.items()})
-    resp = http.post("/model/validate/m1", headers=as_key, files={"model_file": ("m", good)},
-                     data={"metrics": '{"data_samples": 10}'})
+    resp = http.post(
+        "/model/validate/m1",
+        headers=as_key,
+        files={"model_file": ("m", good)},
+        data={"metrics": '{"data_samples": 10}'},
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["valid"] is True

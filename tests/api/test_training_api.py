@@ -14,7 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from sqlmodel import select
 
+from fedloom_core.db import Event, make_engine
+from fedloom_core.repo import session_scope
 from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.e2e
@@ -194,6 +197,12 @@ def test_uploads_during_a_round(http: httpx.Client, live_server: LiveServer, tmp
     err = assert_error(upload(http, "alpha", st_save(state)[:-10]), 400, "MODEL_VALIDATION_FAILED")
     resp = http.post("/model/update/alpha", files={"model_file": ("m", st_save(state))}, data={"metrics": "{oops"})
     assert_error(resp, 400, "INVALID_REQUEST")
+
+    # Each refusal is announced as an update_rejected event, with the reason.
+    with session_scope(make_engine(f"sqlite:///{live_server.data_dir / 'fedloom.db'}")) as s:
+        rejected = s.exec(select(Event).where(Event.type == "update_rejected")).all()
+    assert len(rejected) >= 6 and all(e.client_id == "alpha" and e.payload["reason"] for e in rejected)
+    assert any(name in e.payload["reason"] for e in rejected)
 
     # A client registered after selection is not part of this round.
     register(http, "gamma")
