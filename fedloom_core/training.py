@@ -41,10 +41,16 @@ def train_local(
     learning_rate: float,
     optimizer: str = "SGD",
     seed: int = 0,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Train ``model`` in place on ``data``; report its accuracy and loss over the last epoch."""
+    """Train ``model`` in place on ``data``; report its accuracy and loss over the last epoch.
+
+    With ``proximal_mu`` > 0 (FedProx) the loss gains (mu / 2) * ||w - w_global||^2, where w_global
+    are the weights the model had when training started.
+    """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     opt = make_optimizer(optimizer, model.parameters(), learning_rate)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -60,7 +66,11 @@ def train_local(
             opt.zero_grad()
             logits = model(x)
             loss = loss_fn(logits, y)
-            loss.backward()
+            if anchor:
+                proximal = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                (loss + proximal_mu / 2 * proximal).backward()
+            else:
+                loss.backward()
             opt.step()
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
