@@ -19,14 +19,11 @@ from sqlmodel import select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.aggregation import model_key
 from fedloom_core import weights
-from fedloom_core.aggregation import UpdateFile, fedavg
 from fedloom_core.blobstore import BlobStore
 from fedloom_core.contracts import (
-    AggregateInput,
     CompleteRoundInput,
-    EvaluateInput,
-    Evaluation,
     FinishInput,
     InitInput,
     ModelRef,
@@ -36,11 +33,12 @@ from fedloom_core.contracts import (
     Selection,
     UpdateRef,
 )
-from fedloom_core.datasets import load_test
 from fedloom_core.db import (
     Client,
     ClientMetrics,
+    ClientRoundScore,
     Experiment,
+    ExperimentClient,
     GlobalModel,
     Round,
     RoundMetrics,
@@ -55,14 +53,22 @@ INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
 SELECTION_POLL_S = 0.5
 
 
-def model_key(experiment_id: str, round: int) -> str:
-    """Blob key of an experiment's global model after ``round`` (0 is the initial model)."""
-    return f"models/{experiment_id}/round-{round}.safetensors"
-
-
 def _heartbeat(*details: object) -> None:
     if activity.in_activity():
         activity.heartbeat(*details)
+
+
+def _client_config(inp: OpenRoundInput) -> dict[str, dict]:
+    """Per-client training parameters for the round: the strategy's, then configure rules' on top."""
+    from fedloom_core.strategies import build_strategy
+
+    strategy = build_strategy(inp.strategy, inp.params, weighted=True)
+    config: dict[str, dict] = {cid: dict(v) for cid, v in strategy.configure_round(inp.round, inp.selected).items()}
+    for cid in inp.selected:
+        configured = inp.policy_results.get(cid, {}).get("configure") or {}
+        if configured:
+            config.setdefault(cid, {}).update(configured)
+    return {cid: v for cid, v in config.items() if v}
 
 
 class ExperimentActivities:
@@ -120,14 +126,40 @@ class ExperimentActivities:
                 s.add(exp)
         return ref
 
+    def _candidates(self, experiment_id: str) -> list[Candidate]:
+        """Every registered client, with its standing in this experiment (trust, failures) where it has one."""
+        with session_scope(self.engine) as s:
+            clients = s.exec(select(Client)).all()
+            standing = {
+                e.client_id: e
+                for e in s.exec(select(ExperimentClient).where(ExperimentClient.experiment_id == experiment_id))
+            }
+        candidates = []
+        for c in clients:
+            own = standing.get(c.client_id)
+            excluded = own is not None and own.status == "inactive"
+            candidates.append(
+                Candidate(
+                    c.client_id,
+                    "inactive" if excluded else c.status,
+                    own.trust_score if own else c.trust_score,
+                    capabilities=c.capabilities,
+                    location=c.location,
+                    reliability=(own.deliveries / own.selections) if own and own.selections else None,
+                    recent_failures=own.failures if own else 0,
+                )
+            )
+        return candidates
+
     @activity.defn(name="select_clients")
     def select_clients(self, inp: SelectClientsInput) -> Selection:
         """Sample the round's clients, waiting (with a deadline) until enough are eligible."""
+        from fedloom_core.policy import validate_rules
+
+        rules = validate_rules(inp.policy.rules) if inp.policy.rules else None
         deadline = time.monotonic() + inp.timeout_s
         while True:
-            with session_scope(self.engine) as s:
-                clients = s.exec(select(Client)).all()
-                candidates = [Candidate(c.client_id, c.status, c.trust_score) for c in clients]
+            candidates = self._candidates(inp.experiment_id)
             outcome = select_clients(
                 candidates,
                 round=inp.round,
@@ -135,6 +167,9 @@ class ExperimentActivities:
                 client_fraction=inp.client_fraction,
                 seed=inp.seed,
                 trust_threshold=inp.trust_threshold,
+                rules=rules,
+                now_hour_utc=inp.hour_utc,
+                weekday=inp.weekday,
             )
             if outcome.selected:
                 return Selection(
@@ -168,6 +203,7 @@ class ExperimentActivities:
                     selected_clients=inp.selected,
                     exclusions=inp.excluded,
                     policy_results=inp.policy_results,
+                    client_config=_client_config(inp),
                     global_model_id=inp.global_model.model_id,
                     started_at=now,
                     deadline=now + timedelta(seconds=inp.deadline_s),
@@ -213,45 +249,6 @@ class ExperimentActivities:
                 for u in rows
             ]
 
-    @activity.defn(name="aggregate_round")
-    def aggregate_round(self, inp: AggregateInput) -> ModelRef:
-        """Weighted FedAvg of the round's updates, streamed one update at a time."""
-        keys = {u.client_id: u.blob_key for u in inp.updates}
-
-        @contextmanager
-        def opener(update: UpdateFile) -> Iterator[Path]:
-            _heartbeat(update.client_id)
-            with self._local(keys[update.client_id]) as path:
-                yield path
-
-        files = [UpdateFile(u.client_id, Path(u.blob_key), u.num_samples) for u in inp.updates]
-        with tempfile.TemporaryDirectory(prefix="fedloom-agg-") as tmp:
-            out = Path(tmp) / "global.safetensors"
-            result = fedavg(files, out, weighted=inp.weighted, opener=opener)
-            params = sum(t.numel() for t in result.values() if t.is_floating_point())
-            del result
-            info = self.blobs.put_file(model_key(inp.experiment_id, inp.round), out)
-        return ModelRef(
-            model_id=model_id_for(inp.experiment_id, inp.round),
-            blob_key=info.key,
-            sha256=info.sha256,
-            round=inp.round,
-            size_bytes=info.size,
-            parameters_count=params,
-        )
-
-    @activity.defn(name="evaluate_model")
-    def evaluate_model(self, inp: EvaluateInput) -> Evaluation:
-        """Accuracy and loss of a global model on the server's held-out test split."""
-        from fedloom_core.training import evaluate
-
-        started = time.perf_counter()
-        model = build_model(inp.architecture, inp.input_shape, inp.num_classes)
-        with self._local(inp.model.blob_key) as path:
-            model.load_state_dict(weights.load_state(path))
-        accuracy, loss = evaluate(model, load_test(inp.dataset))
-        return Evaluation(accuracy=accuracy, loss=loss, evaluation_time=time.perf_counter() - started)
-
     @activity.defn(name="complete_round")
     def complete_round(self, inp: CompleteRoundInput) -> None:
         """Persist the round's model and metrics, mark its updates accepted, and announce it."""
@@ -296,6 +293,18 @@ class ExperimentActivities:
                 select(Update).where(Update.experiment_id == inp.experiment_id, Update.round == inp.round)
             ).all()
             for upd in rows:
+                if upd.client_id in inp.rejected:
+                    upd.validation_status, upd.reason = "rejected", inp.rejected[upd.client_id]
+                    s.add(upd)
+                    emit_event(
+                        s,
+                        type="update_rejected",
+                        experiment_id=inp.experiment_id,
+                        client_id=upd.client_id,
+                        round=inp.round,
+                        reason=upd.reason,
+                    )
+                    continue
                 if upd.update_id not in included:
                     continue
                 upd.validation_status = "accepted"
@@ -317,11 +326,9 @@ class ExperimentActivities:
             rnd = s.exec(select(Round).where(Round.experiment_id == inp.experiment_id, Round.round == inp.round)).one()
             rnd.status = "completed"
             rnd.completed_at = now
+            rnd.strategy_info = inp.strategy_info
             s.add(rnd)
-            delivered = {u.client_id for u in inp.updates}
-            for client in s.exec(select(Client).where(Client.client_id.in_(rnd.selected_clients))).all():  # type: ignore[attr-defined]
-                client.status = "active" if client.client_id in delivered else "inactive"
-                s.add(client)
+            self._score_clients(s, inp, rnd.selected_clients, {u.client_id for u in rows})
             progress = inp.round / inp.total_rounds
             metrics = {"accuracy": ev.accuracy, "loss": ev.loss}
             emit_event(
@@ -340,6 +347,57 @@ class ExperimentActivities:
                 round=inp.round,
                 progress=progress,
                 metrics=metrics,
+            )
+
+    @staticmethod
+    def _score_clients(s, inp: CompleteRoundInput, selected: list[str], delivered: set[str]) -> None:  # type: ignore[no-untyped-def]
+        """Move each selected client's trust, reliability, failures and contribution; record the history."""
+        from fedloom_core import trust
+
+        accepted = {u.client_id for u in inp.updates}
+        shares = trust.contribution_shares(inp.evaluation.loo_loss_deltas) if inp.evaluation.loo_loss_deltas else {}
+        max_failures = inp.policy.max_client_failures
+        for cid in selected:
+            client = s.get(Client, cid)
+            if client is None:
+                continue
+            own = s.get(ExperimentClient, (inp.experiment_id, cid))
+            if own is None:
+                own = ExperimentClient(experiment_id=inp.experiment_id, client_id=cid, trust_score=trust.TRUST_PRIOR)
+            stats = inp.stats.get(cid, {})
+            ok = cid in accepted
+            anomaly = stats.get("anomaly", 0.0) if ok else 1.0
+            own.trust_score = trust.update_trust(own.trust_score, trust.observation(cid in delivered, ok, anomaly))
+            own.selections += 1
+            own.deliveries += 1 if ok else 0
+            own.failures += 0 if ok else 1
+            own.last_round = inp.round
+            if cid in shares:
+                own.contribution_score = trust.update_contribution(own.contribution_score, shares[cid])
+            if max_failures is not None and own.failures > max_failures:
+                own.status = "inactive"
+            s.add(own)
+            client.trust_score = own.trust_score
+            client.contribution_score = own.contribution_score
+            # A client that missed the deadline is inactive until it polls again; one whose update was
+            # rejected is still connected: its trust, not its status, decides whether it is selected.
+            client.status = "active" if cid in delivered else "inactive"
+            s.add(client)
+            s.add(
+                ClientRoundScore(
+                    experiment_id=inp.experiment_id,
+                    round=inp.round,
+                    client_id=cid,
+                    delivered=cid in delivered,
+                    accepted=ok,
+                    reason=inp.rejected.get(cid) or (None if cid in delivered else "no update before the deadline"),
+                    update_norm=stats.get("update_norm"),
+                    norm_ratio=stats.get("norm_ratio"),
+                    cosine_similarity=stats.get("cosine_similarity"),
+                    anomaly=stats.get("anomaly"),
+                    trust_score=own.trust_score,
+                    contribution=shares.get(cid),
+                )
             )
 
     @activity.defn(name="finish_experiment")
@@ -382,7 +440,3 @@ class ExperimentActivities:
             self.finish_experiment,
             self.complete_round,
         ]
-
-    def heavy(self) -> list:
-        """Aggregation and evaluation, which run on their own task queue."""
-        return [self.aggregate_round, self.evaluate_model]

@@ -77,9 +77,16 @@ def _cmd_client(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             partition=args.partition,
             seed=args.seed,
+            partition_strategy=args.partition_strategy,
+            alpha=args.alpha,
+            shards_per_client=args.shards_per_client,
+            attack=args.attack,
         )
     except KeyboardInterrupt:
         return 130
+    except ValueError as exc:  # a bad --partition, --attack or dataset
+        print(f"fedloom client: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -123,8 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--api-key", default=None)
     client.add_argument("--client-id", required=True)
     client.add_argument("--dataset", default="digits")
-    client.add_argument("--partition", default="1/1", help="I/N: this client's IID shard (1-based)")
+    client.add_argument("--partition", default="1/1", help="I/N: this client's shard (1-based)")
     client.add_argument("--seed", type=int, default=0, help="partition and training seed")
+    client.add_argument(
+        "--partition-strategy",
+        choices=("iid", "dirichlet", "shards"),
+        default="iid",
+        help="how the N clients split the training set: iid, dirichlet (label skew) or shards (k classes each)",
+    )
+    client.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
+    client.add_argument(
+        "--attack",
+        default=None,
+        help="behave maliciously, for testing defences: sign_flip[:s], scale:<f>, gaussian:<sigma>, label_flip",
+    )
+    client.add_argument("--shards-per-client", type=int, default=2, help="label-sorted shards per client (shards)")
     client.set_defaults(func=_cmd_client)
 
     demo = sub.add_parser("demo", help="run a complete federated experiment on this machine")

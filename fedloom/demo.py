@@ -82,7 +82,7 @@ def _follow(api: FLClient, experiment_id: str, rounds: int) -> dict:
             metrics = status.get("round_metrics")
             done = round(status["progress"] * rounds)
             text = (
-                f"round {done}: accuracy {metrics['accuracy']:.3f} loss {metrics['loss']:.3f}"
+                f"round {done}: accuracy {metrics['accuracy']:.3f} loss {metrics['loss'] or float('nan'):.3f}"
                 if metrics
                 else f"round {status['current_round']} training"
             )

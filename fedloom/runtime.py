@@ -37,18 +37,35 @@ def run_client(
     partition: str = "1/1",
     seed: int = 0,
     max_idle_s: float | None = None,
+    partition_strategy: str = "iid",
+    alpha: float = 0.5,
+    shards_per_client: int = 2,
+    attack: str | None = None,
 ) -> int:
     """Take part in experiments until one this client has seen running ends; returns rounds trained."""
     import torch
 
+    from fedloom_core.attacks import parse_attack
     from fedloom_core.datasets import client_partition
     from fedloom_core.models import build_model
+    from fedloom_core.partition import label_summary, strategy_label
     from fedloom_core.training import train_local
-    from fedloom_core.weights import load_state, save_state
 
+    parsed_attack = parse_attack(attack) if attack else None
     torch.set_num_threads(1)
     index, count = parse_partition(partition)
-    data = client_partition(dataset, index, count, seed=seed)
+    data = client_partition(
+        dataset, index, count, seed=seed, strategy=partition_strategy, alpha=alpha, shards_per_client=shards_per_client
+    )
+    log.info(
+        "%s data: shard %s of %s, %s, %d samples, labels %s",
+        client_id,
+        partition,
+        dataset,
+        strategy_label(partition_strategy, alpha, shards_per_client),
+        len(data),
+        label_summary(data.y.numpy(), [range(len(data))])[0],
+    )
     _warm_up(build_model, train_local, data)
     api = FLClient(server, api_key)
     try:
@@ -88,9 +105,7 @@ def run_client(
                 continue
             idle_since = time.monotonic()
             try:
-                trained += _train_round(
-                    api, client_id, task, data, work, seed, build_model, train_local, load_state, save_state
-                )
+                trained += _train_round(api, client_id, task, data, work, seed, parsed_attack)
             except (FLAPIError, httpx.HTTPError, OSError) as exc:
                 # The round may have closed while we trained, or the server is restarting: the next poll
                 # says what to do.
@@ -114,7 +129,12 @@ def _warm_up(build_model, train_local, data) -> None:  # type: ignore[no-untyped
     train_local(build_model("MLP", shape, 10), sample, epochs=1, batch_size=2, learning_rate=0.01)
 
 
-def _train_round(api, client_id, task, data, work, seed, build_model, train_local, load_state, save_state) -> int:  # type: ignore[no-untyped-def]
+def _train_round(api, client_id, task, data, work, seed, attack=None) -> int:  # type: ignore[no-untyped-def]
+    from fedloom_core.attacks import poison_data, poison_update
+    from fedloom_core.models import build_model
+    from fedloom_core.training import train_local
+    from fedloom_core.weights import load_state, save_state
+
     cfg = task["model_config"]
     tc = task["training_config"]
     started = time.perf_counter()
@@ -122,18 +142,24 @@ def _train_round(api, client_id, task, data, work, seed, build_model, train_loca
     api.download_model(task["model_id"], model_path)
     download_time = time.perf_counter() - started
     model = build_model(task["model_architecture"], cfg["input_shape"], cfg["num_classes"])
-    model.load_state_dict(load_state(model_path))
+    global_state = load_state(model_path)
+    model.load_state_dict(global_state)
+    train_seed = seed * 100_003 + int(task["round"]) * 101 + zlib.crc32(client_id.encode()) % 9973
     result = train_local(
         model,
-        data,
+        poison_data(attack, data, cfg["num_classes"]) if attack else data,
         epochs=int(tc.get("local_epochs", 1)),
         batch_size=int(tc.get("batch_size", 32)),
         learning_rate=float(tc.get("learning_rate", 0.01)),
         optimizer=str(tc.get("optimizer", "SGD")),
-        seed=seed * 100_003 + int(task["round"]) * 101 + zlib.crc32(client_id.encode()) % 9973,
+        seed=train_seed,
+        proximal_mu=float(tc.get("proximal_mu", 0.0)),
     )
+    state = model.state_dict()
+    if attack is not None:
+        state = poison_update(attack, global_state, state, seed=train_seed)
     out = work / "update.safetensors"
-    save_state(model.state_dict(), out)
+    save_state(state, out)
     upload_started = time.perf_counter()
     metrics = {
         "local_accuracy": result.local_accuracy,
@@ -145,12 +171,13 @@ def _train_round(api, client_id, task, data, work, seed, build_model, train_loca
     }
     api.upload_model_update(client_id, out, metrics)
     log.info(
-        "%s round %s: acc %.3f loss %.3f (%.1fs train, %.2fs upload)",
+        "%s round %s: acc %.3f loss %.3f (%.1fs train, %.2fs upload)%s",
         client_id,
         task["round"],
         result.local_accuracy,
         result.local_loss,
         result.training_time,
         time.perf_counter() - upload_started,
+        f" [attack {attack.kind}]" if attack else "",
     )
     return 1

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-KNOWN_DATASETS = ("digits",)
+KNOWN_DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 DATASET_ALIASES = {
     "digits": "digits",
     "cifar-10": "cifar10",
@@ -16,7 +16,20 @@ DATASET_ALIASES = {
     "synthetic": "synthetic",
 }
 KNOWN_ARCHITECTURES = ("CNN", "MLP")
-KNOWN_STRATEGIES = ("FedAvg",)
+KNOWN_STRATEGIES = (
+    "FedAvg",
+    "FedProx",
+    "FedAvgM",
+    "FedAdam",
+    "FedYogi",
+    "FedAdagrad",
+    "FedMedian",
+    "FedTrimmedAvg",
+    "Krum",
+    "MultiKrum",
+    "NormClipping",
+    "DPFedAvg",
+)
 KNOWN_OPTIMIZERS = ("SGD", "Adam")
 
 # Task queues: the workflow and light activities on one; aggregation and evaluation on another,
@@ -103,6 +116,8 @@ class AggregationConfig(_Strict):
     strategy: str = "FedAvg"
     weighted: bool = True
     min_updates: int | None = Field(default=None, ge=1)
+    # Extension: the strategy's own settings (see docs/strategies.md), checked at start.
+    params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("strategy")
     @classmethod
@@ -122,11 +137,43 @@ class StartRequest(_Strict):
 
 
 class PolicyConfig(_Strict):
-    """An experiment's policy: the spec's ``policy_config``."""
+    """An experiment's policy: the spec's ``policy_config``.
+
+    ``rules`` holds declarative policy rules (see ``fedloom_core.policy`` and ``docs/policies.md``);
+    they are checked here and kept as the given JSON objects. An empty ``rules`` list is left out of
+    the serialized form, so policies without rules serialize exactly as before rules existed.
+    """
 
     min_clients: int | None = Field(default=None, ge=1, le=100_000)
     max_client_failures: int | None = Field(default=None, ge=0, le=100_000)
     trust_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    rules: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Check the rules with the policy engine's validator; keep them as given."""
+        from fedloom_core.policy import validate_rules  # imported here: policy imports this module
+
+        validate_rules(v)
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_rules(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Serialize as usual, leaving ``rules`` out when there are none."""
+        data = handler(self)
+        if isinstance(data, dict) and not self.rules:
+            data.pop("rules", None)
+        return data
+
+    # Update validation (extensions). An update is rejected when its delta's L2 norm exceeds
+    # max_update_norm, or exceeds max_norm_ratio x the round's median norm, or when its cosine
+    # similarity to the mean of the other updates is below min_cosine_similarity.
+    max_update_norm: float | None = Field(default=None, gt=0)
+    max_norm_ratio: float | None = Field(default=None, gt=1.0)
+    min_cosine_similarity: float | None = Field(default=None, ge=-1.0, le=1.0)
+    # Leave-one-out contribution scores: K extra evaluations a round (see docs/policies.md).
+    contribution_scores: bool = True
 
 
 class ModelRef(BaseModel):
@@ -145,6 +192,8 @@ class ExperimentState(BaseModel):
 
     next_round: int = 1
     global_model: ModelRef | None = None
+    # Blob key of the strategy's server state (e.g. FedAdam's moments) after the last round.
+    strategy_state_key: str | None = None
     round_durations: list[float] = Field(default_factory=list)
 
 
@@ -178,6 +227,9 @@ class SelectClientsInput(BaseModel):
     seed: int
     timeout_s: float
     trust_threshold: float | None = None
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    hour_utc: int = 0
+    weekday: int = 0
 
 
 class Selection(BaseModel):
@@ -194,6 +246,8 @@ class OpenRoundInput(BaseModel):
     policy_results: dict[str, dict[str, Any]] = Field(default_factory=dict)
     global_model: ModelRef
     deadline_s: float
+    strategy: str = "FedAvg"
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class UpdateNotice(BaseModel):
@@ -222,6 +276,34 @@ class AggregateInput(BaseModel):
     updates: list[UpdateRef]
     weighted: bool = True
     previous: ModelRef
+    strategy: str = "FedAvg"
+    params: dict[str, Any] = Field(default_factory=dict)
+    state_key: str | None = None
+    seed: int = 0
+
+
+class AggregateOutput(BaseModel):
+    model: ModelRef
+    state_key: str | None = None
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class ValidateInput(BaseModel):
+    experiment_id: str
+    round: int
+    global_model: ModelRef
+    updates: list[UpdateRef]
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    hour_utc: int = 0
+    weekday: int = 0
+
+
+class ValidationOutcome(BaseModel):
+    accepted: list[UpdateRef]
+    # client id -> why its update was left out
+    rejected: dict[str, str] = Field(default_factory=dict)
+    # client id -> {update_norm, norm_ratio, cosine_similarity, anomaly}
+    stats: dict[str, dict[str, float]] = Field(default_factory=dict)
 
 
 class EvaluateInput(BaseModel):
@@ -231,12 +313,18 @@ class EvaluateInput(BaseModel):
     architecture: str
     input_shape: list[int]
     num_classes: int
+    # When given: leave-one-out contributions of these (accepted) updates.
+    updates: list[UpdateRef] = Field(default_factory=list)
+    weighted: bool = True
 
 
 class Evaluation(BaseModel):
     accuracy: float
-    loss: float
+    # None when the model's loss is not finite (a diverged or poisoned model).
+    loss: float | None
     evaluation_time: float
+    # client id -> loss without its update minus loss with all (leave-one-out FedAvg).
+    loo_loss_deltas: dict[str, float] = Field(default_factory=dict)
 
 
 class CompleteRoundInput(BaseModel):
@@ -248,6 +336,11 @@ class CompleteRoundInput(BaseModel):
     updates: list[UpdateRef]
     round_duration: float
     aggregation_time: float
+    selected: list[str] = Field(default_factory=list)
+    rejected: dict[str, str] = Field(default_factory=dict)
+    stats: dict[str, dict[str, float]] = Field(default_factory=dict)
+    strategy_info: dict[str, Any] = Field(default_factory=dict)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
 
 class InitInput(BaseModel):

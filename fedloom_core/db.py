@@ -6,6 +6,7 @@ import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint, event, text
@@ -89,6 +90,10 @@ class Round(SQLModel, table=True):
     # client id -> why it was not selected; client id -> {trust_score, compliance, policies_applied}
     exclusions: dict = _json()
     policy_results: dict = _json()
+    # client id -> training parameters for this round (strategy and configure rules), sent with the task.
+    client_config: dict = _json()
+    # What the aggregation reported (e.g. Krum's selection, DP noise).
+    strategy_info: dict = _json()
     global_model_id: str = ""
     upload_count: int = 0
     started_at: datetime = Field(default_factory=utcnow)
@@ -114,6 +119,43 @@ class Update(SQLModel, table=True):
     received_at: datetime = Field(default_factory=utcnow)
 
 
+class ExperimentClient(SQLModel, table=True):
+    """A client's standing within one experiment: trust, counts, and whether it is still admitted."""
+
+    __tablename__ = "experiment_client"
+    experiment_id: str = Field(primary_key=True, max_length=128)
+    client_id: str = Field(primary_key=True, max_length=128)
+    # active | inactive (exceeded max_client_failures in this experiment)
+    status: str = "active"
+    trust_score: float = 1.0
+    contribution_score: float = 0.0
+    selections: int = 0
+    deliveries: int = 0
+    failures: int = 0
+    last_round: int = 0
+
+
+class ClientRoundScore(SQLModel, table=True):
+    """One row per selected client and round: what it delivered and how its scores moved."""
+
+    __tablename__ = "client_round_score"
+    __table_args__ = (UniqueConstraint("experiment_id", "round", "client_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(index=True, max_length=128)
+    round: int
+    client_id: str = Field(index=True, max_length=128)
+    delivered: bool = False
+    accepted: bool = False
+    reason: str | None = None
+    update_norm: float | None = None
+    norm_ratio: float | None = None
+    cosine_similarity: float | None = None
+    anomaly: float | None = None
+    trust_score: float = 1.0
+    contribution: float | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class GlobalModel(SQLModel, table=True):
     __tablename__ = "global_model"
     model_id: str = Field(primary_key=True, max_length=200)
@@ -135,7 +177,7 @@ class RoundMetrics(SQLModel, table=True):
     experiment_id: str = Field(index=True, max_length=128)
     round: int
     global_accuracy: float
-    global_loss: float
+    global_loss: float | None = None
     participating_clients: int
     round_duration: float
     aggregation_time: float
@@ -212,6 +254,7 @@ def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
     with open(f"{database}.schema-lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

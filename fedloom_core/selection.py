@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from fedloom_core.policy import Rule, evaluate
 
 
 @dataclass(frozen=True)
 class Candidate:
+    """A client as selection sees it: status and trust, plus what client_selection rules may test."""
+
     client_id: str
     status: str
     trust_score: float
+    capabilities: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    location: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    reliability: float | None = None
+    recent_failures: int = 0
 
 
 @dataclass
@@ -34,8 +44,17 @@ def select_clients(
     client_fraction: float,
     seed: int,
     trust_threshold: float | None = None,
+    rules: Sequence[Rule] | None = None,
+    now_hour_utc: int | None = None,
+    weekday: int | None = None,
 ) -> SelectionOutcome:
     """Exclude ineligible clients, then sample ``client_fraction`` of the rest (at least ``min_clients``).
+
+    A client is ineligible when inactive, when its trust is strictly below ``trust_threshold``, or
+    when the ``client_selection`` rules among ``rules`` deny it (evaluated on
+    ``selection_context``, with ``now_hour_utc`` and ``weekday`` taken from the caller's, i.e. the
+    workflow's, clock). The ids of the rules that applied join ``policies_applied`` and a non-empty
+    configuration from configure rules is kept under ``policy_results[client]["configure"]``.
 
     The sample is seeded by experiment seed and round, so a rerun with the same seed selects the
     same clients. Fewer eligible clients than ``min_clients`` selects nobody.
@@ -56,7 +75,17 @@ def select_clients(
                 )
                 outcome.policy_results[c.client_id] = _result(c, False, applied)
                 continue
-        outcome.policy_results[c.client_id] = _result(c, True, applied)
+        configure: dict[str, Any] = {}
+        if rules:
+            context = selection_context(c, round=round, hour_utc=now_hour_utc, weekday=weekday)
+            decision = evaluate(rules, "client_selection", context)
+            applied.extend(decision.applied)
+            configure = decision.configure
+            if not decision.allowed:
+                outcome.excluded[c.client_id] = f"Denied by {decision.reasons[-1]}"
+                outcome.policy_results[c.client_id] = _result(c, False, applied, configure)
+                continue
+        outcome.policy_results[c.client_id] = _result(c, True, applied, configure)
         eligible.append(c.client_id)
     outcome.eligible = len(eligible)
     if len(eligible) < min_clients:
@@ -70,5 +99,31 @@ def select_clients(
     return outcome
 
 
-def _result(c: Candidate, compliant: bool, applied: list[str]) -> dict:
-    return {"trust_score": c.trust_score, "compliance": compliant, "policies_applied": list(applied)}
+def selection_context(
+    c: Candidate, *, round: int, hour_utc: int | None = None, weekday: int | None = None
+) -> dict[str, Any]:
+    """The context client_selection rules see for ``c``; unknown values (None) are left out."""
+    context: dict[str, Any] = {
+        "client_id": c.client_id,
+        "status": c.status,
+        "trust_score": c.trust_score,
+        "reliability": c.reliability,
+        "recent_failures": c.recent_failures,
+        "round": round,
+        "hour_utc": hour_utc,
+        "weekday": weekday,
+        "capabilities": dict(c.capabilities or {}),
+        "location": dict(c.location or {}),
+    }
+    return {k: v for k, v in context.items() if v is not None}
+
+
+def _result(c: Candidate, compliant: bool, applied: list[str], configure: dict[str, Any] | None = None) -> dict:
+    result: dict[str, Any] = {
+        "trust_score": c.trust_score,
+        "compliance": compliant,
+        "policies_applied": list(applied),
+    }
+    if configure:
+        result["configure"] = dict(configure)
+    return result

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDLOOM_", extra="ignore")
 
     data_dir: Path = DEFAULT_DATA_DIR
+    # Where the user's dataset files are read from (MNIST IDX files in <dir>/mnist, CIFAR-10 python batches
+    # in <dir>/cifar10/cifar-10-batches-py); unset means ./datasets in the working directory. Never downloaded.
+    datasets_dir: Path | None = None
     database_url: str = ""
     blob_url: str = ""
     s3_endpoint_url: str | None = None

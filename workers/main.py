@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.aggregation import AggregationActivities
 from activities.experiment import ExperimentActivities
 from fedloom_core.blobstore import open_blob_store
 from fedloom_core.db import create_schema, make_engine
@@ -33,6 +34,7 @@ def build_workers(
     create_schema(engine)
     blobs = open_blob_store(settings.blob_url, settings.s3_endpoint_url)
     acts = ExperimentActivities(engine, blobs)
+    heavy = AggregationActivities(engine, blobs)
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="fedloom-act")
     workers = []
     if "experiments" in queues:
@@ -51,7 +53,7 @@ def build_workers(
             Worker(
                 client,
                 task_queue=aggregation_queue,
-                activities=acts.heavy(),
+                activities=[heavy.validate_updates, heavy.aggregate_round, heavy.evaluate_model],
                 activity_executor=executor,
                 # Aggregation and evaluation are CPU- and memory-bound: one at a time per process.
                 max_concurrent_activities=1,

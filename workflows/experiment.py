@@ -17,6 +17,10 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 with workflow.unsafe.imports_passed_through():
     from fedloom_core.contracts import (
         AggregateInput,
+        AggregateOutput,
+        ExperimentState,
+        ValidateInput,
+        ValidationOutcome,
         CompleteRoundInput,
         EvaluateInput,
         Evaluation,
@@ -88,7 +92,7 @@ class ExperimentWorkflow:
             self._status = "running"
             for rnd in range(state.next_round, exp.rounds + 1):
                 started = workflow.now()
-                state.global_model = await self._run_round(inp, rnd, state.global_model)
+                state.global_model = await self._run_round(inp, rnd, state)
                 self._global_model_id = state.global_model.model_id
                 state.round_durations.append((workflow.now() - started).total_seconds())
                 rounds_done = rnd
@@ -122,9 +126,12 @@ class ExperimentWorkflow:
                 reason=reason,
             )
 
-    async def _run_round(self, inp: ExperimentInput, rnd: int, model: ModelRef) -> ModelRef:
+    async def _run_round(self, inp: ExperimentInput, rnd: int, state: ExperimentState) -> ModelRef:
         cfg = inp.config
         exp = cfg.experiment_config
+        agg = cfg.aggregation_config
+        model = state.global_model
+        assert model is not None
         self._round = rnd
         self._selected = []
         self._reported = set()
@@ -141,6 +148,9 @@ class ExperimentWorkflow:
                     seed=exp.seed,
                     timeout_s=inp.selection_timeout_s,
                     trust_threshold=inp.policy.trust_threshold,
+                    policy=inp.policy,
+                    hour_utc=round_started.hour,
+                    weekday=round_started.weekday(),
                 ),
                 result_type=Selection,
                 start_to_close_timeout=timedelta(seconds=inp.selection_timeout_s + 60),
@@ -165,6 +175,8 @@ class ExperimentWorkflow:
                 policy_results=selection.policy_results,
                 global_model=model,
                 deadline_s=inp.round_timeout_s,
+                strategy=agg.strategy,
+                params=agg.params,
             ),
             **_SHORT,
         )
@@ -176,31 +188,55 @@ class ExperimentWorkflow:
         except TimeoutError:
             pass
         # The database is the record of what was accepted; signals only wake us early.
-        self._status = "aggregating"
-        updates: list[UpdateRef] = await workflow.execute_activity(
+        self._status = "validating"
+        received: list[UpdateRef] = await workflow.execute_activity(
             "close_round", RoundRef(experiment_id=inp.experiment_id, round=rnd), result_type=list[UpdateRef], **_SHORT
         )
-        min_updates = cfg.aggregation_config.min_updates or exp.min_clients
+        checked: ValidationOutcome = await workflow.execute_activity(
+            "validate_updates",
+            ValidateInput(
+                experiment_id=inp.experiment_id,
+                round=rnd,
+                global_model=model,
+                updates=received,
+                policy=inp.policy,
+                hour_utc=round_started.hour,
+                weekday=round_started.weekday(),
+            ),
+            result_type=ValidationOutcome,
+            task_queue=inp.aggregation_queue,
+            **_HEAVY,
+        )
+        updates = checked.accepted
+        min_updates = agg.min_updates or exp.min_clients
         if len(updates) < min_updates:
             raise ApplicationError(
-                f"round {rnd} closed with {len(updates)} update(s), fewer than min_updates={min_updates}",
+                f"round {rnd} closed with {len(updates)} accepted update(s) of {len(received)} received, "
+                f"fewer than min_updates={min_updates}",
                 type=INSUFFICIENT_CLIENTS,
                 non_retryable=True,
             )
+        self._status = "aggregating"
         agg_started = workflow.now()
-        new_model: ModelRef = await workflow.execute_activity(
+        aggregated: AggregateOutput = await workflow.execute_activity(
             "aggregate_round",
             AggregateInput(
                 experiment_id=inp.experiment_id,
                 round=rnd,
                 updates=updates,
-                weighted=cfg.aggregation_config.weighted,
+                weighted=agg.weighted,
                 previous=model,
+                strategy=agg.strategy,
+                params=agg.params,
+                state_key=state.strategy_state_key,
+                seed=exp.seed * 1_000_003 + rnd,
             ),
-            result_type=ModelRef,
+            result_type=AggregateOutput,
             task_queue=inp.aggregation_queue,
             **_HEAVY,
         )
+        new_model = aggregated.model
+        state.strategy_state_key = aggregated.state_key
         aggregation_time = (workflow.now() - agg_started).total_seconds()
         self._status = "evaluating"
         evaluation: Evaluation = await workflow.execute_activity(
@@ -212,6 +248,8 @@ class ExperimentWorkflow:
                 architecture=exp.model_architecture,
                 input_shape=inp.input_shape,
                 num_classes=inp.num_classes,
+                updates=updates if inp.policy.contribution_scores else [],
+                weighted=agg.weighted,
             ),
             result_type=Evaluation,
             task_queue=inp.aggregation_queue,
@@ -229,6 +267,11 @@ class ExperimentWorkflow:
                 updates=updates,
                 round_duration=(workflow.now() - round_started).total_seconds(),
                 aggregation_time=aggregation_time,
+                selected=self._selected,
+                rejected=checked.rejected,
+                stats=checked.stats,
+                strategy_info=aggregated.info,
+                policy=inp.policy,
             ),
             **_SHORT,
         )

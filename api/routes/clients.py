@@ -307,7 +307,8 @@ def _task(engine, client_id: str) -> dict:  # type: ignore[no-untyped-def]
             dataset=ec.get("dataset"),
             model_architecture=ec.get("model_architecture"),
             model_config=exp.model_config_,
-            training_config=cfg.get("training_config", {}),
+            # The experiment's settings, with this client's own for the round (strategy, configure rules) on top.
+            training_config={**cfg.get("training_config", {}), **rnd.client_config.get(client_id, {})},
         )
         return body
 

@@ -25,7 +25,7 @@ from fedloom_core.contracts import (
     canonical_dataset,
     check_id,
 )
-from fedloom_core.datasets import dataset_info
+from fedloom_core.datasets import check_available, dataset_info
 from fedloom_core.db import Experiment, RoundMetrics, utcnow
 from fedloom_core.errors import Conflict, InvalidRequest, NotFound
 from fedloom_core.models import build_model, parameters_count
@@ -101,6 +101,10 @@ class CreateExperiment(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> CreateExperiment:
+        try:
+            check_available(self.dataset_config.name)
+        except FileNotFoundError as exc:
+            raise ValueError(f"dataset_config.name: {exc}") from None
         info = dataset_info(self.dataset_config.name)
         shape = list(info.input_shape)
         if self.model_spec.input_shape is not None and self.model_spec.input_shape != shape:
@@ -182,7 +186,7 @@ def _create(engine, body: CreateExperiment) -> dict:  # type: ignore[no-untyped-
         dataset_config=body.dataset_config.model_dump(mode="json"),
         model_config_=body.model_spec.model_dump(mode="json"),
         training_config=body.training_config.model_dump(mode="json"),
-        policy_config=body.policy_config.model_dump(mode="json"),
+        policy_config=body.policy_config.model_dump(mode="json", exclude_unset=True),
         created_at=utcnow(),
     )
     try:

@@ -18,12 +18,13 @@ from temporalio.common import WorkflowIDReusePolicy
 from api import openapi
 from api.deps import AdminDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
 from fedloom_core.contracts import ExperimentInput, PolicyConfig, StartRequest, check_id
-from fedloom_core.datasets import dataset_info
+from fedloom_core.datasets import check_available, dataset_info
 from fedloom_core.db import Client, Experiment, RoundMetrics, utcnow
 from fedloom_core.errors import (
     Conflict,
     ExperimentNotActive,
     InsufficientClients,
+    InvalidRequest,
     TrainingAlreadyRunning,
 )
 from fedloom_core.repo import (
@@ -77,6 +78,25 @@ def _eligible(session, req: StartRequest, policy: PolicyConfig) -> int:  # type:
     ).eligible
 
 
+def _check_strategy(req: StartRequest) -> None:
+    """The strategy's params are valid (unknown names and out-of-range values are refused here, not mid-run)."""
+    from fedloom_core.strategies import build_strategy
+
+    agg = req.aggregation_config
+    try:
+        strategy = build_strategy(agg.strategy, agg.params, agg.weighted)
+    except ValueError as exc:
+        raise InvalidRequest("Invalid aggregation_config", f"aggregation_config: {exc}") from None
+    floor = agg.min_updates or req.experiment_config.min_clients
+    needed = strategy.minimum_updates() if hasattr(strategy, "minimum_updates") else 1
+    if needed > floor:
+        raise InvalidRequest(
+            "Invalid aggregation_config",
+            f"aggregation_config: {agg.strategy} needs at least {needed} updates a round, but a round may close "
+            f"with {floor} (min_updates, else min_clients); raise it or lower num_byzantine",
+        )
+
+
 def _prepare(engine, req: StartRequest) -> tuple[Experiment, StartRequest, float]:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
         running = running_experiment(s)
@@ -102,6 +122,11 @@ def _prepare(engine, req: StartRequest) -> tuple[Experiment, StartRequest, float
                 "Not enough clients for training",
                 f"{eligible} eligible client(s) registered, min_clients is {ec.min_clients}",
             )
+        try:
+            check_available(ec.dataset)
+        except FileNotFoundError as exc:
+            raise InvalidRequest("Dataset not available", f"experiment_config.dataset: {exc}") from None
+        _check_strategy(req)
         info = dataset_info(ec.dataset)
         exp.status = "running"
         exp.started_at = utcnow()

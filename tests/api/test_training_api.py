@@ -155,6 +155,20 @@ def test_start_rejects_unknown_names_and_too_few_clients(http: httpx.Client) -> 
     assert_error(http.post("/training/start", json=start_body("bad/id")), 400, "INVALID_REQUEST")
 
 
+def test_start_refuses_bad_strategy_settings(http: httpx.Client) -> None:
+    body = start_body("e-strategy", min_clients=1)
+    body["aggregation_config"] = {"strategy": "FedTrimmedAvg", "params": {"trim_fraction": 0.9}}
+    err = assert_error(http.post("/training/start", json=body), 400, "INVALID_REQUEST")
+    assert "trim_fraction" in err["details"]
+    body["aggregation_config"] = {"strategy": "FedMagic"}
+    err = assert_error(http.post("/training/start", json=body), 400, "INVALID_REQUEST")
+    assert "FedAvg" in err["details"] and "Krum" in err["details"]
+    body["aggregation_config"] = {"strategy": "Krum", "params": {"num_byzantine": 2}, "min_updates": 3}
+    err = assert_error(http.post("/training/start", json=body), 400, "INVALID_REQUEST")
+    assert "at least 7 updates" in err["details"]
+    assert http.get("/training/status").json()["status"] != "running"
+
+
 def test_uploads_during_a_round(http: httpx.Client, live_server: LiveServer, tmp_path: Path) -> None:
     key_a, key_b = register(http, "alpha"), register(http, "beta")
     started = http.post("/training/start", json=start_body("exp-api", min_clients=3))

@@ -1,0 +1,278 @@
+"""Heavy activities, on the aggregation task queue: validate, aggregate and evaluate a round's updates.
+
+Each reads update blobs one at a time through the blob store and writes results under keys fixed
+by the experiment and round, so a retry after a crash rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from fedloom_core import trust, weights
+from fedloom_core.aggregation import UpdateFile
+from fedloom_core.blobstore import BlobStore
+from fedloom_core.contracts import (
+    AggregateInput,
+    AggregateOutput,
+    EvaluateInput,
+    Evaluation,
+    ModelRef,
+    PolicyConfig,
+    UpdateRef,
+    ValidateInput,
+    ValidationOutcome,
+)
+from fedloom_core.datasets import load_test
+from fedloom_core.db import Client, ExperimentClient
+from fedloom_core.models import build_model
+from fedloom_core.repo import model_id_for, session_scope
+from fedloom_core.update_checks import UpdateStats, measure_updates
+
+
+def model_key(experiment_id: str, round: int) -> str:
+    """Blob key of an experiment's global model after ``round`` (0 is the initial model)."""
+    return f"models/{experiment_id}/round-{round}.safetensors"
+
+
+def state_key(experiment_id: str, round: int) -> str:
+    """Blob key of the strategy's server state after ``round``."""
+    return f"state/{experiment_id}/round-{round}.safetensors"
+
+
+def _heartbeat(*details: object) -> None:
+    if activity.in_activity():
+        activity.heartbeat(*details)
+
+
+def _norm_problem(st: UpdateStats, pol: PolicyConfig) -> str | None:
+    """Why an update's size is out of bounds, or None."""
+    if pol.max_update_norm is not None and st.norm > pol.max_update_norm:
+        return f"update norm {st.norm:.4g} exceeds max_update_norm {pol.max_update_norm:g}"
+    if pol.max_norm_ratio is not None and st.norm_ratio > pol.max_norm_ratio:
+        return f"update norm is {st.norm_ratio:.2f}x the round median, above max_norm_ratio {pol.max_norm_ratio:g}"
+    return None
+
+
+class AggregationActivities:
+    """Validation, aggregation and evaluation, bound to a database engine and a blob store."""
+
+    def __init__(self, engine: Engine, blobs: BlobStore) -> None:
+        self.engine = engine
+        self.blobs = blobs
+
+    def _opener(self, refs: list[UpdateRef]):  # type: ignore[no-untyped-def]
+        keys = {u.client_id: u.blob_key for u in refs}
+
+        @contextmanager
+        def opener(update: UpdateFile) -> Iterator[Path]:
+            _heartbeat(update.client_id)
+            with self.blobs.open_local(keys[update.client_id]) as path:
+                yield path
+
+        return opener
+
+    @staticmethod
+    def _files(refs: list[UpdateRef]) -> list[UpdateFile]:
+        return [UpdateFile(u.client_id, Path(u.blob_key), u.num_samples) for u in refs]
+
+    @activity.defn(name="validate_updates")
+    def validate_updates(self, inp: ValidateInput) -> ValidationOutcome:
+        """Check the round's updates (norm bound, similarity, rules); rejected ones stay out of aggregation."""
+        from fedloom_core import policy as policy_rules
+
+        pol = inp.policy
+        with self.blobs.open_local(inp.global_model.blob_key) as global_path:
+            stats = measure_updates(global_path, self._files(inp.updates), self._opener(inp.updates))
+            # Similarity is judged among the updates that pass the norm bounds: a few huge updates
+            # would otherwise drag the "mean of the others" their way and make honest ones look opposite.
+            sane = [u for u in inp.updates if _norm_problem(stats[u.client_id], pol) is None]
+            if 1 < len(sane) < len(inp.updates):
+                among_sane = measure_updates(global_path, self._files(sane), self._opener(sane))
+                for cid, st in among_sane.items():
+                    stats[cid] = replace(stats[cid], cosine_similarity=st.cosine_similarity)
+        with session_scope(self.engine) as s:
+            clients = {c.client_id: c for c in s.exec(select(Client)).all()}
+            standing = {
+                e.client_id: e
+                for e in s.exec(select(ExperimentClient).where(ExperimentClient.experiment_id == inp.experiment_id))
+            }
+        rules = policy_rules.validate_rules(pol.rules) if pol.rules else []
+        accepted: list[UpdateRef] = []
+        rejected: dict[str, str] = {}
+        out_stats: dict[str, dict[str, float]] = {}
+        for ref in sorted(inp.updates, key=lambda u: u.client_id):
+            st = stats[ref.client_id]
+            out_stats[ref.client_id] = {
+                "update_norm": st.norm,
+                "norm_ratio": st.norm_ratio,
+                "cosine_similarity": st.cosine_similarity,
+                "anomaly": trust.anomaly_score(st.norm_ratio, st.cosine_similarity, bound=pol.max_norm_ratio),
+            }
+            reason = _norm_problem(st, pol)
+            if reason is not None:
+                pass
+            elif pol.min_cosine_similarity is not None and st.cosine_similarity < pol.min_cosine_similarity:
+                reason = (
+                    f"cosine similarity {st.cosine_similarity:.3f} to the other updates is below "
+                    f"min_cosine_similarity {pol.min_cosine_similarity:g}"
+                )
+            elif rules:
+                client = clients.get(ref.client_id)
+                own = standing.get(ref.client_id)
+                context = {
+                    "client_id": ref.client_id,
+                    "status": client.status if client else "registered",
+                    "trust_score": own.trust_score if own else (client.trust_score if client else 1.0),
+                    "reliability": (own.deliveries / own.selections) if own and own.selections else None,
+                    "recent_failures": own.failures if own else 0,
+                    "round": inp.round,
+                    "hour_utc": inp.hour_utc,
+                    "weekday": inp.weekday,
+                    "update_norm": st.norm,
+                    "update_norm_ratio": st.norm_ratio,
+                    "cosine_similarity": st.cosine_similarity,
+                    "num_samples": ref.num_samples,
+                    **{f"capabilities.{k}": v for k, v in (client.capabilities if client else {}).items()},
+                    **{f"location.{k}": v for k, v in (client.location if client else {}).items()},
+                }
+                decision = policy_rules.evaluate(rules, "update_validation", context)
+                if not decision.allowed:
+                    reason = "; ".join(decision.reasons) or "denied by an update_validation rule"
+            if reason is None:
+                accepted.append(ref)
+            else:
+                rejected[ref.client_id] = reason
+        return ValidationOutcome(accepted=accepted, rejected=rejected, stats=out_stats)
+
+    @activity.defn(name="aggregate_round")
+    def aggregate_round(self, inp: AggregateInput) -> AggregateOutput:
+        """Aggregate the round's accepted updates with the experiment's strategy, streaming the updates."""
+        from fedloom_core.strategies import build_strategy
+        from fedloom_core.strategies.base import AggregationContext
+
+        strategy = build_strategy(inp.strategy, inp.params, inp.weighted)
+        with tempfile.TemporaryDirectory(prefix="fedloom-agg-") as tmp:
+            out = Path(tmp) / "global.safetensors"
+            state_out = Path(tmp) / "state.safetensors"
+            with self.blobs.open_local(inp.previous.blob_key) as global_path:
+                prior_state = self.blobs.open_local(inp.state_key) if inp.state_key else _nothing()
+                with prior_state as state_path, _not_retryable("AGGREGATION_FAILED"):
+                    result = strategy.aggregate(
+                        AggregationContext(
+                            round=inp.round,
+                            global_path=Path(global_path),
+                            updates=self._files(inp.updates),
+                            out_path=out,
+                            state_path=Path(state_path) if state_path else None,
+                            state_out_path=state_out,
+                            seed=inp.seed,
+                            opener=self._opener(inp.updates),
+                        )
+                    )
+            parameters = sum(t.numel() for t in weights.load_state(out).values() if t.is_floating_point())
+            info = self.blobs.put_file(model_key(inp.experiment_id, inp.round), out)
+            new_state = None
+            if result.wrote_state:
+                new_state = self.blobs.put_file(state_key(inp.experiment_id, inp.round), state_out).key
+        model = ModelRef(
+            model_id=model_id_for(inp.experiment_id, inp.round),
+            blob_key=info.key,
+            sha256=info.sha256,
+            round=inp.round,
+            size_bytes=info.size,
+            parameters_count=parameters,
+        )
+        return AggregateOutput(model=model, state_key=new_state, info=_jsonable(result.info))
+
+    @activity.defn(name="evaluate_model")
+    def evaluate_model(self, inp: EvaluateInput) -> Evaluation:
+        """Accuracy and loss on the server's held-out split, and optional leave-one-out loss deltas.
+
+        Leave-one-out uses the (weighted) average: without update i it is
+        (N * avg - n_i * w_i) / (N - n_i), one extra evaluation per update.
+        """
+        from fedloom_core.training import evaluate
+
+        started = time.perf_counter()
+        test = load_test(inp.dataset)
+        model = build_model(inp.architecture, inp.input_shape, inp.num_classes)
+        with self.blobs.open_local(inp.model.blob_key) as path:
+            state = weights.load_state(path)
+        model.load_state_dict(state)
+        accuracy, loss = evaluate(model, test)
+        deltas: dict[str, float] = {}
+        if len(inp.updates) > 1:
+            deltas = self._leave_one_out(inp, test)
+        return Evaluation(
+            accuracy=accuracy,
+            loss=loss if math.isfinite(loss) else None,
+            evaluation_time=time.perf_counter() - started,
+            loo_loss_deltas={cid: d for cid, d in deltas.items() if math.isfinite(d)},
+        )
+
+    def _leave_one_out(self, inp: EvaluateInput, test) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        from fedloom_core.aggregation import fedavg
+        from fedloom_core.training import evaluate
+
+        files = self._files(inp.updates)
+        total = sum(f.num_samples for f in files) if inp.weighted else len(files)
+        model = build_model(inp.architecture, inp.input_shape, inp.num_classes)
+        opener = self._opener(inp.updates)
+        with tempfile.TemporaryDirectory(prefix="fedloom-loo-") as tmp:
+            avg = fedavg(files, Path(tmp) / "avg.safetensors", weighted=inp.weighted, opener=opener)
+            # The baseline is the plain average, so the deltas compare like with like whatever the strategy.
+            model.load_state_dict(avg)
+            base = evaluate(model, test)[1]
+            deltas = {}
+            for f in sorted(files, key=lambda f: f.client_id):
+                share = f.num_samples if inp.weighted else 1
+                with opener(f) as path, weights.mapped_tensors(path) as own:
+                    without = {
+                        name: ((t * total - own[name] * share) / (total - share)).to(t.dtype)
+                        if t.is_floating_point()
+                        else t
+                        for name, t in avg.items()
+                    }
+                model.load_state_dict(without)
+                deltas[f.client_id] = evaluate(model, test)[1] - base
+        return deltas
+
+
+@contextmanager
+def _not_retryable(kind: str) -> Iterator[None]:
+    """Turn a strategy's ValueError (bad settings for this round) into a failure Temporal will not retry."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ApplicationError(str(exc), type=kind, non_retryable=True) from None
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+def _jsonable(info: dict) -> dict:
+    """Strategy info with numbers as plain floats, fit for a payload and the database."""
+    out = {}
+    for key, value in info.items():
+        if isinstance(value, dict):
+            out[key] = _jsonable(value)
+        elif isinstance(value, (list, tuple)):
+            out[key] = [float(v) if hasattr(v, "item") else v for v in value]
+        elif hasattr(value, "item"):
+            out[key] = value.item()
+        else:
+            out[key] = value
+    return out

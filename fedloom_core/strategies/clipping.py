@@ -1,0 +1,141 @@
+"""NormClipping: bound each update's influence, then aggregate with any other strategy.
+
+Each update's delta from the global model (all floating-point tensors together) is scaled by
+``min(1, max_norm / |delta|)``. Clipped updates are written, one at a time, as full models
+(``global + scaled delta``) to a temporary directory beside ``ctx.out_path``; the inner strategy
+then aggregates the clipped copies and the untouched updates. When ``ctx.opener`` fetches
+updates from elsewhere, the untouched ones are copied there too, so each is fetched once.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedloom_core.aggregation import UpdateFile, _open_path
+from fedloom_core.strategies.averaging import FedAvg, FedProx
+from fedloom_core.strategies.base import AggregateResult, AggregationContext
+from fedloom_core.strategies.dp import DPFedAvg, clip_scale
+from fedloom_core.strategies.krum import Krum, MultiKrum
+from fedloom_core.strategies.params import ConfiguredStrategy, Param, describe_params
+from fedloom_core.strategies.robust import FedMedian, FedTrimmedAvg
+from fedloom_core.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedloom_core.strategies.streaming import canonical, check_structure, delta_sq_norm, work_dtype
+from fedloom_core.weights import mapped_tensors, save_state, structure
+
+#: The strategies NormClipping can wrap (every strategy but itself), in documentation order.
+INNER_STRATEGIES: tuple[type[ConfiguredStrategy], ...] = (
+    FedAvg,
+    FedProx,
+    FedAvgM,
+    FedAdam,
+    FedYogi,
+    FedAdagrad,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    DPFedAvg,
+)
+_INNER_BY_NAME = {cls.name: cls for cls in INNER_STRATEGIES}
+
+
+def clipped_copy(
+    update: Mapping[str, torch.Tensor], global_tensors: Mapping[str, torch.Tensor], scale: float
+) -> dict[str, torch.Tensor]:
+    """``global + scale * (update - global)`` for floating-point tensors; integer tensors unchanged."""
+    out = {}
+    for name, g in global_tensors.items():
+        t = update[name]
+        if not g.is_floating_point():
+            out[name] = t.clone()
+            continue
+        wd = work_dtype(g.dtype)
+        delta = t.to(wd) - g.to(wd)
+        out[name] = delta.mul_(scale).add_(g).to(g.dtype)
+    return out
+
+
+class NormClipping(ConfiguredStrategy):
+    """Clip every update's delta to L2 norm ``max_norm``, then aggregate with the ``inner`` strategy."""
+
+    name = "NormClipping"
+    PARAMS = (
+        Param(
+            "inner",
+            str,
+            "FedAvg",
+            "Strategy that aggregates the clipped updates; its own parameters are accepted alongside.",
+            choices=tuple(_INNER_BY_NAME),
+        ),
+        Param(
+            "max_norm",
+            float,
+            None,
+            "Bound C on the L2 norm of each update's delta (all float tensors together).",
+            minimum=0.0,
+            exclusive_minimum=True,
+            required=True,
+        ),
+    )
+
+    def __init__(self, **params: Any) -> None:
+        own_names = {p.name for p in self.PARAMS}
+        super().__init__(**{k: v for k, v in params.items() if k in own_names})
+        inner_cls = _INNER_BY_NAME[self.params["inner"]]
+        try:
+            self.inner: ConfiguredStrategy = inner_cls(**{k: v for k, v in params.items() if k not in own_names})
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}; NormClipping itself takes: {describe_params(self.PARAMS)}, "
+                f"plus the parameters of its inner strategy {inner_cls.name}"
+            ) from None
+        self.params = {**self.params, **self.inner.params}
+
+    def configure_round(self, round: int, client_ids: Sequence[str]) -> Mapping[str, Mapping[str, Any]]:
+        """The inner strategy's client settings (e.g. FedProx's ``proximal_mu``)."""
+        return self.inner.configure_round(round, client_ids)
+
+    def minimum_updates(self) -> int:
+        """The inner strategy's minimum."""
+        return self.inner.minimum_updates()
+
+    def aggregate(self, ctx: AggregationContext) -> AggregateResult:
+        """Clip the updates into a temporary directory, then run the inner strategy on them."""
+        ordered = canonical(ctx.updates)
+        max_norm = self.params["max_norm"]
+        expected = structure(ctx.global_path)
+        local_files = ctx.opener is _open_path
+        norms: dict[str, float] = {}
+        clipped: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="fedloom-clip-", dir=Path(ctx.out_path).parent) as tmp:
+            prepared: list[UpdateFile] = []
+            with mapped_tensors(ctx.global_path) as global_tensors:
+                for index, update in enumerate(ordered):
+                    target = Path(tmp) / f"{index:06d}.safetensors"
+                    with ctx.opener(update) as path:
+                        check_structure(update.client_id, path, expected)
+                        with mapped_tensors(path) as tensors:
+                            norm = math.sqrt(delta_sq_norm(tensors, global_tensors))
+                            norms[update.client_id] = norm
+                            scale = clip_scale(norm, max_norm)
+                            if scale < 1.0:
+                                save_state(clipped_copy(tensors, global_tensors, scale), target)
+                                clipped.append(update.client_id)
+                            del tensors
+                        if scale == 1.0 and not local_files:
+                            shutil.copyfile(path, target)
+                    if scale == 1.0 and local_files:
+                        prepared.append(update)
+                    else:
+                        prepared.append(UpdateFile(update.client_id, target, update.num_samples))
+            result = self.inner.aggregate(replace(ctx, updates=prepared, opener=_open_path))
+        info = {**result.info, "clipped": clipped, "norms": norms, "max_norm": max_norm}
+        return AggregateResult(wrote_state=result.wrote_state, info=info)

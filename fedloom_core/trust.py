@@ -1,0 +1,213 @@
+"""Client scores as pure functions: trust, reliability and contribution.
+
+Nothing here touches a database, a model or a clock; activities feed in what a round measured and
+store what comes out. ``docs/policies.md`` gives the same formulas with a worked example.
+
+Trust
+    Starts at ``TRUST_PRIOR`` = 1.0. After each round in which the client was selected::
+
+        o     = 0                 if the update was rejected or not delivered in time
+              = 1 - anomaly       otherwise
+        trust = (1 - lambda) * trust + lambda * o          lambda = TRUST_LEARNING_RATE = 0.3
+
+    so a client rejected from round 1 on has trust 0.7, 0.49, 0.343, ... (0.7 ** n): below a 0.5
+    threshold after its second round, while an honest client (o = 1) keeps 1.0 and one with a
+    single missed round recovers above 0.9 within four good rounds (0.7, 0.79, 0.853, 0.897, 0.928).
+    The prior is 1.0 rather than lower because the prior is what every new client is judged by:
+    with 0.8, honest newcomers would start below a 0.9 threshold, and a client's record, not its
+    age, should exclude it. The database's default ``trust_score`` is also 1.0.
+
+Anomaly (in [0, 1], from the update's measurements; a missing measurement contributes 0)::
+
+        norm part      = clip((norm_ratio - NORM_RATIO_TOLERANCE) / (bound - NORM_RATIO_TOLERANCE), 0, 1)
+        direction part = clip((COSINE_TAU - cosine_similarity) / (COSINE_TAU + 1), 0, 1)
+        anomaly        = max(norm part, direction part)
+
+    with NORM_RATIO_TOLERANCE = 1.5, bound = NORM_RATIO_BOUND = 3.0 (or the policy's
+    ``max_norm_ratio``) and COSINE_TAU = 0.0: updates up to 1.5x the round's median norm and
+    pointing the same way as the others (cosine >= 0) are not anomalous at all; 3x the median, or
+    the opposite direction (cosine -1, a sign-flipping attacker), is fully anomalous. A norm ratio
+    that is NaN or infinite is fully anomalous.
+
+Reliability
+    on-time deliveries / selections, or None when the client was never selected.
+
+Contribution
+    Per round, from leave-one-out loss deltas d_i = loss(without i) - loss(with all): shares
+    s_i = max(d_i, 0) / sum_j max(d_j, 0) over the round's participants (all zero: equal shares
+    1/n). The score is an EMA over the rounds the client took part in::
+
+        score = (1 - CONTRIBUTION_EMA) * score + CONTRIBUTION_EMA * s_i     (first round: score = s_i)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+TRUST_PRIOR = 1.0
+TRUST_LEARNING_RATE = 0.3
+NORM_RATIO_TOLERANCE = 1.5
+NORM_RATIO_BOUND = 3.0
+COSINE_TAU = 0.0
+CONTRIBUTION_EMA = 0.3
+
+
+def _clip01(x: float) -> float:
+    return min(max(x, 0.0), 1.0)
+
+
+def _check_rate(rate: float, what: str) -> None:
+    if not (0.0 < rate <= 1.0):
+        raise ValueError(f"{what} must be in (0, 1], got {rate!r}")
+
+
+def norm_anomaly(
+    norm_ratio: float | None, *, tolerance: float = NORM_RATIO_TOLERANCE, bound: float = NORM_RATIO_BOUND
+) -> float:
+    """The norm part of the anomaly: 0 up to ``tolerance`` x the median norm, 1 from ``bound`` x on."""
+    if norm_ratio is None:
+        return 0.0
+    if math.isnan(norm_ratio) or math.isinf(norm_ratio):
+        return 1.0
+    if norm_ratio < 0:
+        raise ValueError(f"norm_ratio cannot be negative, got {norm_ratio!r}")
+    start = min(tolerance, bound)
+    if norm_ratio >= bound:
+        return 1.0
+    if norm_ratio <= start:
+        return 0.0
+    return _clip01((norm_ratio - start) / (bound - start))
+
+
+def direction_anomaly(cosine_similarity: float | None, *, tau: float = COSINE_TAU) -> float:
+    """The direction part of the anomaly: 0 at cosine >= ``tau``, rising linearly to 1 at cosine -1."""
+    if cosine_similarity is None or math.isnan(cosine_similarity):
+        return 0.0
+    if not (-1.0 <= tau < 1.0):
+        raise ValueError(f"tau must be in [-1, 1), got {tau!r}")
+    if tau == -1.0:
+        return 0.0
+    return _clip01((tau - cosine_similarity) / (tau + 1.0))
+
+
+def anomaly_score(
+    norm_ratio: float | None,
+    cosine_similarity: float | None,
+    *,
+    tolerance: float = NORM_RATIO_TOLERANCE,
+    bound: float | None = None,
+    tau: float = COSINE_TAU,
+) -> float:
+    """How unusual an update looks, in [0, 1]: the larger of its norm part and its direction part.
+
+    ``bound`` defaults to NORM_RATIO_BOUND; pass the policy's ``max_norm_ratio`` when it sets one.
+    """
+    norm_part = norm_anomaly(norm_ratio, tolerance=tolerance, bound=bound or NORM_RATIO_BOUND)
+    return max(norm_part, direction_anomaly(cosine_similarity, tau=tau))
+
+
+def observation(delivered: bool, accepted: bool, anomaly: float = 0.0) -> float:
+    """A round's evidence about a selected client, in [0, 1]: 0 if not delivered or rejected, else 1 - anomaly."""
+    if not delivered or not accepted:
+        return 0.0
+    if math.isnan(anomaly):
+        return 0.0
+    return 1.0 - _clip01(anomaly)
+
+
+def update_trust(trust: float | None, observation: float, rate: float = TRUST_LEARNING_RATE) -> float:
+    """The new trust after one observation: ``(1 - rate) * trust + rate * observation``, kept in [0, 1].
+
+    A ``trust`` of None (or NaN) stands for a client without history and starts from TRUST_PRIOR.
+    """
+    _check_rate(rate, "rate")
+    previous = TRUST_PRIOR if trust is None or math.isnan(trust) else _clip01(trust)
+    return _clip01((1.0 - rate) * previous + rate * _clip01(observation))
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one round showed about a selected client."""
+
+    round: int
+    delivered: bool
+    accepted: bool
+    anomaly: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrustHistoryEntry:
+    """One step of a client's trust: what was observed in a round and what trust became."""
+
+    round: int
+    outcome: str  # "accepted", "rejected" or "not_delivered"
+    anomaly: float
+    observation: float
+    trust_before: float
+    trust: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The entry as a JSON-ready dict."""
+        return asdict(self)
+
+
+def trust_step(trust: float, outcome: RoundOutcome, rate: float = TRUST_LEARNING_RATE) -> TrustHistoryEntry:
+    """Apply one round's outcome to ``trust``; the returned entry's ``trust`` is the new value."""
+    o = observation(outcome.delivered, outcome.accepted, outcome.anomaly)
+    label = "not_delivered" if not outcome.delivered else "accepted" if outcome.accepted else "rejected"
+    return TrustHistoryEntry(
+        round=outcome.round,
+        outcome=label,
+        anomaly=_clip01(outcome.anomaly),
+        observation=o,
+        trust_before=trust,
+        trust=update_trust(trust, o, rate),
+    )
+
+
+def replay_trust(
+    outcomes: Iterable[RoundOutcome], prior: float = TRUST_PRIOR, rate: float = TRUST_LEARNING_RATE
+) -> tuple[float, list[TrustHistoryEntry]]:
+    """Trust after a sequence of rounds (in order), starting at ``prior``, with one entry per round."""
+    trust, history = prior, []
+    for outcome in outcomes:
+        entry = trust_step(trust, outcome, rate)
+        history.append(entry)
+        trust = entry.trust
+    return trust, history
+
+
+def reliability(on_time: int, selections: int) -> float | None:
+    """On-time deliveries / selections, or None when the client was never selected."""
+    if on_time < 0 or selections < 0 or on_time > selections:
+        raise ValueError(f"need 0 <= on_time <= selections, got {on_time} / {selections}")
+    return None if selections == 0 else on_time / selections
+
+
+def contribution_shares(loss_deltas: Mapping[str, float]) -> dict[str, float]:
+    """Each participant's share of the round's improvement, from leave-one-out loss deltas.
+
+    A delta is ``loss_without_i - loss_with_all``: positive when the client's update helped.
+    Negative (and non-finite) deltas count as 0; the shares sum to 1, equal when all are 0.
+    """
+    clipped = {
+        cid: d if isinstance(d, int | float) and math.isfinite(d) and d > 0 else 0.0 for cid, d in loss_deltas.items()
+    }
+    total = sum(clipped.values())
+    if not clipped:
+        return {}
+    if total <= 0.0:
+        return {cid: 1.0 / len(clipped) for cid in clipped}
+    return {cid: d / total for cid, d in clipped.items()}
+
+
+def update_contribution(previous: float | None, share: float, rate: float = CONTRIBUTION_EMA) -> float:
+    """The contribution score after a round with ``share``: an EMA, starting at the first share."""
+    _check_rate(rate, "rate")
+    share = _clip01(share)
+    if previous is None or math.isnan(previous):
+        return share
+    return (1.0 - rate) * _clip01(previous) + rate * share
