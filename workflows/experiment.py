@@ -18,14 +18,12 @@ with workflow.unsafe.imports_passed_through():
     from fedloom_core.contracts import (
         AggregateInput,
         AggregateOutput,
-        ExperimentState,
-        ValidateInput,
-        ValidationOutcome,
         CompleteRoundInput,
         EvaluateInput,
         Evaluation,
         ExperimentInput,
         ExperimentResult,
+        ExperimentState,
         FinishInput,
         InitInput,
         ModelRef,
@@ -35,6 +33,8 @@ with workflow.unsafe.imports_passed_through():
         Selection,
         UpdateNotice,
         UpdateRef,
+        ValidateInput,
+        ValidationOutcome,
     )
 WORKFLOW_NAME = "ExperimentWorkflow"
 INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
