@@ -158,3 +158,42 @@ def local_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[
     yield make
     for client in clients:
         client.__exit__(None, None, None)
+
+
+def spawn_clients(
+    server: LiveServer, count: int, log_dir: Path, prefix: str = "c", *extra: str
+) -> list[subprocess.Popen]:
+    """``count`` real ``fedloom client`` processes (ids ``<prefix>1..N``, IID shard i of N) joining ``server``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedloom.cli",
+                "client",
+                "--server",
+                server.url,
+                "--api-key",
+                server.admin_key,
+                "--client-id",
+                f"{prefix}{i}",
+                "--partition",
+                f"{i}/{count}",
+                *extra,
+            ],
+            env=env,
+            stdout=open(log_dir / f"{prefix}{i}.log", "wb"),  # noqa: SIM115 - lives as long as the client
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(1, count + 1)
+    ]
+
+
+def wait_registered(http: httpx.Client, count: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    """Block until ``count`` clients are registered; fail if one of ``procs`` died first."""
+    deadline = time.monotonic() + timeout
+    while http.get("/status").json()["registered_clients"] < count:
+        assert time.monotonic() < deadline, "clients did not register in time"
+        assert all(p.poll() is None for p in procs), "a client process died"
+        time.sleep(0.3)

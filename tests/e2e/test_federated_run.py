@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from fedloom_core.datasets import load_test
 from fedloom_core.models import build_model
 from fedloom_core.training import evaluate
 from fedloom_core.weights import load_state
-from tests.conftest import start_serve, stop_serve
+from tests.conftest import spawn_clients, start_serve, stop_serve, wait_registered
 
 pytestmark = pytest.mark.e2e
 CLIENTS, ROUNDS = 5, 10
@@ -29,35 +27,9 @@ def test_five_clients_reach_90_percent_and_the_downloaded_model_agrees(tmp_path:
     server = start_serve(tmp_path / "data")
     procs: list[subprocess.Popen] = []
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
-        for i in range(1, CLIENTS + 1):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "fedloom.cli",
-                        "client",
-                        "--server",
-                        server.url,
-                        "--api-key",
-                        server.admin_key,
-                        "--client-id",
-                        f"c{i}",
-                        "--partition",
-                        f"{i}/{CLIENTS}",
-                    ],
-                    env=env,
-                    stdout=open(tmp_path / f"client-{i}.log", "wb"),
-                    stderr=subprocess.STDOUT,  # noqa: SIM115
-                )
-            )
+        procs = spawn_clients(server, CLIENTS, tmp_path)
         http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=60)
-        deadline = time.monotonic() + 120
-        while http.get("/status").json()["registered_clients"] < CLIENTS:
-            assert time.monotonic() < deadline, "clients did not register"
-            assert all(p.poll() is None for p in procs), "a client died"
-            time.sleep(0.3)
+        wait_registered(http, CLIENTS, procs)
         started = http.post("/training/start", json=start_body(ROUNDS, CLIENTS, experiment_id="e2e"))
         assert started.status_code == 200, started.text
         deadline = time.monotonic() + 400

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +12,7 @@ from sqlmodel import select
 
 from fedloom_core.db import Experiment, RoundMetrics, make_engine
 from fedloom_core.repo import session_scope
-from tests.conftest import free_port, start_serve, stop_serve
+from tests.conftest import free_port, spawn_clients, start_serve, stop_serve, wait_registered
 
 pytestmark = pytest.mark.e2e
 CLIENTS, ROUNDS = 3, 4
@@ -39,35 +36,11 @@ def _body() -> dict:
 def test_interrupted_serve_resumes_on_the_same_data_dir(tmp_path: Path) -> None:
     data_dir, port, temporal_port = tmp_path / "data", free_port(), free_port()
     server = start_serve(data_dir, port=port, temporal_port=temporal_port)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
-    clients = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedloom.cli",
-                "client",
-                "--server",
-                server.url,
-                "--api-key",
-                server.admin_key,
-                "--client-id",
-                f"r{i}",
-                "--partition",
-                f"{i}/{CLIENTS}",
-            ],
-            env=env,
-            stdout=open(tmp_path / f"client-{i}.log", "wb"),
-            stderr=subprocess.STDOUT,  # noqa: SIM115
-        )
-        for i in range(1, CLIENTS + 1)
-    ]
+    clients = spawn_clients(server, CLIENTS, tmp_path, "r")
     try:
         http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
+        wait_registered(http, CLIENTS, clients)
         deadline = time.monotonic() + 60
-        while http.get("/status").json()["registered_clients"] < CLIENTS:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
         assert http.post("/training/start", json=_body()).status_code == 200
         while http.get("/training/status").json()["current_round"] < 2:
             assert time.monotonic() < deadline + 120

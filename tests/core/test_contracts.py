@@ -1,0 +1,19 @@
+"""The torch-free name lists in contracts (used by the workflow and request validation) match the code."""
+
+from __future__ import annotations
+
+from fedloom_core.contracts import KNOWN_ARCHITECTURES, KNOWN_DATASETS, KNOWN_STRATEGIES
+from fedloom_core.datasets import dataset_info
+from fedloom_core.models import build_model
+from fedloom_core.strategies import STRATEGIES
+
+
+def test_strategy_names_match_the_registry() -> None:
+    assert tuple(STRATEGIES) == KNOWN_STRATEGIES
+
+
+def test_every_dataset_and_architecture_is_buildable() -> None:
+    for name in KNOWN_DATASETS:
+        info = dataset_info(name)
+        for arch in KNOWN_ARCHITECTURES:
+            assert build_model(arch, info.input_shape, info.num_classes) is not None
