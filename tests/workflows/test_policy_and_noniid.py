@@ -82,3 +82,29 @@ async def test_non_iid_dirichlet(time_skipping_env: WorkflowEnvironment, tmp_pat
     assert other.final_accuracy >= fedavg.final_accuracy - 0.005
     assert fedavg.final_accuracy >= iid.final_accuracy - 0.10
     assert other.final_accuracy >= iid.final_accuracy - 0.10
+
+
+async def test_client_past_max_client_failures_is_inactive_for_the_experiment(
+    time_skipping_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    from sqlmodel import select
+
+    from fedloom_core.attacks import parse_attack
+    from fedloom_core.db import ExperimentClient
+    from fedloom_core.repo import session_scope
+
+    clients = [SimClient(f"h{i}", i) for i in range(3)] + [SimClient("bad", 3, parse_attack("sign_flip:5"))]
+    policy = {"max_client_failures": 1, "max_norm_ratio": 2.0}
+    out = await run_experiment(
+        time_skipping_env, tmp_path, clients, rounds=4, architecture="MLP", policy=policy, min_clients=3
+    )
+    assert out.status == "completed"
+    selected = {r.round: r.selected_clients for r in out.rounds}
+    assert "bad" in selected[1] and "bad" in selected[2]  # rejected twice: 2 failures > 1
+    assert "bad" not in selected[3] and "bad" not in selected[4]
+    assert out.rounds[2].exclusions["bad"] == "Client is inactive"
+    with session_scope(out.engine) as s:
+        bad = s.get(ExperimentClient, (out.experiment_id, "bad"))
+        honest = s.exec(select(ExperimentClient).where(ExperimentClient.client_id != "bad")).all()
+    assert bad.status == "inactive" and bad.failures == 2
+    assert all(h.status == "active" and h.failures == 0 for h in honest)
