@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import update as sa_update
@@ -46,10 +46,12 @@ from fedloom_core.db import (
     utcnow,
 )
 from fedloom_core.models import build_model, parameters_count
+from fedloom_core.policy import Decision, evaluate
 from fedloom_core.repo import emit_event, model_id_for, session_scope
 from fedloom_core.selection import Candidate, select_clients
 
 INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
+ROUND_DENIED = "ROUND_DENIED"
 SELECTION_POLL_S = 0.5
 
 
@@ -63,7 +65,9 @@ def _client_config(inp: OpenRoundInput) -> dict[str, dict]:
     from fedloom_core.strategies import build_strategy
 
     strategy = build_strategy(inp.strategy, inp.params, weighted=True)
-    config: dict[str, dict] = {cid: dict(v) for cid, v in strategy.configure_round(inp.round, inp.selected).items()}
+    config: dict[str, dict] = {cid: dict(inp.round_config) for cid in inp.selected}
+    for cid, settings in strategy.configure_round(inp.round, inp.selected).items():
+        config.setdefault(cid, {}).update(settings)
     for cid in inp.selected:
         configured = inp.policy_results.get(cid, {}).get("configure") or {}
         if configured:
@@ -151,6 +155,24 @@ class ExperimentActivities:
             )
         return candidates
 
+    @staticmethod
+    def _round_control(rules, inp: SelectClientsInput, registered: int, eligible: int) -> Decision:  # type: ignore[no-untyped-def]
+        """Whether round_control rules let the round start now, and what they configure for all its clients.
+
+        The clock is read here, not taken from the workflow: a held round starts as soon as the rules allow.
+        """
+        if not rules:
+            return Decision(allowed=True)
+        now = datetime.now(UTC)
+        context = {
+            "round": inp.round,
+            "hour_utc": now.hour,
+            "weekday": now.weekday(),
+            "registered_clients": registered,
+            "eligible_clients": eligible,
+        }
+        return evaluate(rules, "round_control", context)
+
     @activity.defn(name="select_clients")
     def select_clients(self, inp: SelectClientsInput) -> Selection:
         """Sample the round's clients, waiting (with a deadline) until enough are eligible."""
@@ -171,9 +193,19 @@ class ExperimentActivities:
                 now_hour_utc=inp.hour_utc,
                 weekday=inp.weekday,
             )
-            if outcome.selected:
+            held = self._round_control(rules, inp, len(candidates), outcome.eligible)
+            if outcome.selected and held.allowed:
                 return Selection(
-                    selected=outcome.selected, excluded=outcome.excluded, policy_results=outcome.policy_results
+                    selected=outcome.selected,
+                    excluded=outcome.excluded,
+                    policy_results=outcome.policy_results,
+                    round_config=held.configure,
+                )
+            if not held.allowed and time.monotonic() >= deadline:
+                raise ApplicationError(
+                    f"round {inp.round} held by round_control rules for {inp.timeout_s:g}s: {'; '.join(held.reasons)}",
+                    type=ROUND_DENIED,
+                    non_retryable=True,
                 )
             if time.monotonic() >= deadline:
                 raise ApplicationError(

@@ -236,6 +236,8 @@ class Selection(BaseModel):
     selected: list[str]
     excluded: dict[str, str] = Field(default_factory=dict)
     policy_results: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Training settings that round_control configure rules set for every client of the round.
+    round_config: dict[str, Any] = Field(default_factory=dict)
 
 
 class OpenRoundInput(BaseModel):
@@ -244,6 +246,7 @@ class OpenRoundInput(BaseModel):
     selected: list[str]
     excluded: dict[str, str] = Field(default_factory=dict)
     policy_results: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    round_config: dict[str, Any] = Field(default_factory=dict)
     global_model: ModelRef
     deadline_s: float
     strategy: str = "FedAvg"

@@ -15,6 +15,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    # PolicyConfig validates its rules with this module: load it with the workflow, not mid-run.
+    import fedloom_core.policy  # noqa: F401
     from fedloom_core.contracts import (
         AggregateInput,
         AggregateOutput,
@@ -38,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
     )
 WORKFLOW_NAME = "ExperimentWorkflow"
 INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
+ROUND_DENIED = "ROUND_DENIED"
 
 _SHORT = dict(
     start_to_close_timeout=timedelta(seconds=60),
@@ -156,13 +159,14 @@ class ExperimentWorkflow:
                 start_to_close_timeout=timedelta(seconds=inp.selection_timeout_s + 60),
                 heartbeat_timeout=timedelta(seconds=20),
                 retry_policy=RetryPolicy(
-                    maximum_interval=timedelta(seconds=5), non_retryable_error_types=[INSUFFICIENT_CLIENTS]
+                    maximum_interval=timedelta(seconds=5),
+                    non_retryable_error_types=[INSUFFICIENT_CLIENTS, ROUND_DENIED],
                 ),
             )
         except ActivityError as exc:
             cause = exc.cause
-            if isinstance(cause, ApplicationError) and cause.type == INSUFFICIENT_CLIENTS:
-                raise ApplicationError(cause.message, type=INSUFFICIENT_CLIENTS, non_retryable=True) from None
+            if isinstance(cause, ApplicationError) and cause.type in (INSUFFICIENT_CLIENTS, ROUND_DENIED):
+                raise ApplicationError(cause.message, type=cause.type, non_retryable=True) from None
             raise
         self._selected = list(selection.selected)
         await workflow.execute_activity(
@@ -173,6 +177,7 @@ class ExperimentWorkflow:
                 selected=self._selected,
                 excluded=selection.excluded,
                 policy_results=selection.policy_results,
+                round_config=selection.round_config,
                 global_model=model,
                 deadline_s=inp.round_timeout_s,
                 strategy=agg.strategy,

@@ -71,6 +71,7 @@ async def run_experiment(
     batch_size: int = 32,
     seed: int = 0,
     min_clients: int | None = None,
+    selection_timeout_s: float = 30,
 ) -> Outcome:
     """Run one experiment to its end and return per-round accuracy and the database."""
     settings = Settings(data_dir=tmp)
@@ -121,7 +122,7 @@ async def run_experiment(
         input_shape=list(info.input_shape),
         num_classes=info.num_classes,
         round_timeout_s=300,
-        selection_timeout_s=30,
+        selection_timeout_s=selection_timeout_s,
         policy=pol,
         aggregation_queue=f"agg-{suffix}",
     )

@@ -108,3 +108,48 @@ async def test_client_past_max_client_failures_is_inactive_for_the_experiment(
         honest = s.exec(select(ExperimentClient).where(ExperimentClient.client_id != "bad")).all()
     assert bad.status == "inactive" and bad.failures == 2
     assert all(h.status == "active" and h.failures == 0 for h in honest)
+
+
+async def test_round_control_rules_configure_and_hold_rounds(
+    time_skipping_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    from fedloom_core.db import Experiment
+    from fedloom_core.repo import session_scope
+
+    longer = {
+        "id": "longer-later",
+        "name": "Two local epochs from round 2",
+        "type": "round_control",
+        "priority": 10,
+        "effect": "configure",
+        "when": {"field": "round", "operator": ">=", "value": 2},
+        "set": {"local_epochs": 2},
+    }
+    clients = [SimClient(f"k{i}", i) for i in range(2)]
+    out = await run_experiment(
+        time_skipping_env, tmp_path / "a", clients, rounds=2, architecture="MLP", policy={"rules": [longer]}
+    )
+    assert out.status == "completed"
+    assert out.rounds[0].client_config == {}
+    assert out.rounds[1].client_config == {"k0": {"local_epochs": 2}, "k1": {"local_epochs": 2}}
+
+    hold = {
+        "id": "need-five",
+        "name": "Wait for five registered clients",
+        "type": "round_control",
+        "effect": "deny",
+        "when": {"field": "registered_clients", "operator": "<", "value": 5},
+    }
+    held = await run_experiment(
+        time_skipping_env,
+        tmp_path / "b",
+        clients,
+        rounds=1,
+        architecture="MLP",
+        policy={"rules": [hold]},
+        selection_timeout_s=1.5,
+    )
+    assert held.status == "failed" and held.rounds == []
+    with session_scope(held.engine) as s:
+        exp = s.get(Experiment, held.experiment_id)
+    assert exp.error_code == "ROUND_DENIED" and "need-five" in exp.error
