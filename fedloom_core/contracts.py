@@ -205,6 +205,8 @@ class ExperimentInput(BaseModel):
     round_timeout_s: float
     selection_timeout_s: float
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    # Continue-as-new after this many rounds in one run (also whenever Temporal suggests it).
+    continue_as_new_every: int | None = Field(default=None, ge=1)
     # Where aggregation and evaluation run; tests give each run its own queue.
     aggregation_queue: str = AGGREGATION_TASK_QUEUE
     state: ExperimentState = Field(default_factory=ExperimentState)

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     selection_timeout_s: float = Field(default=120.0, gt=0)
     # How long a round waits for uploads before closing with what it has.
     round_timeout_s: float = Field(default=300.0, gt=0)
+    # An experiment's workflow continues as new after this many rounds (and whenever Temporal suggests it).
+    continue_as_new_every: int = Field(default=200, ge=1)
     # Largest accepted upload.
     max_upload_mb: float = Field(default=512.0, gt=0)
     # Self-registration: clients presenting this token may register themselves (off when unset).

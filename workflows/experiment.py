@@ -93,14 +93,19 @@ class ExperimentWorkflow:
                 )
             self._global_model_id = state.global_model.model_id
             self._status = "running"
+            first_round = state.next_round
             for rnd in range(state.next_round, exp.rounds + 1):
                 started = workflow.now()
                 state.global_model = await self._run_round(inp, rnd, state)
                 self._global_model_id = state.global_model.model_id
-                state.round_durations.append((workflow.now() - started).total_seconds())
+                state.round_durations = [*state.round_durations, (workflow.now() - started).total_seconds()][-100:]
                 rounds_done = rnd
                 state.next_round = rnd + 1
-                if rnd < exp.rounds and workflow.info().is_continue_as_new_suggested():
+                rounds_this_run = rnd - first_round + 1
+                every = inp.continue_as_new_every
+                if rnd < exp.rounds and (
+                    workflow.info().is_continue_as_new_suggested() or (every is not None and rounds_this_run >= every)
+                ):
                     await workflow.wait_condition(workflow.all_handlers_finished)
                     workflow.continue_as_new(inp.model_copy(update={"state": state}))
             self._status = "completed"

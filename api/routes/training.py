@@ -180,6 +180,7 @@ async def start_training(
         round_timeout_s=ec.round_timeout_s or settings.round_timeout_s,
         selection_timeout_s=ec.selection_timeout_s or settings.selection_timeout_s,
         policy=PolicyConfig.model_validate(exp.policy_config or {}),
+        continue_as_new_every=settings.continue_as_new_every,
     )
     try:
         await temporal.start_workflow(

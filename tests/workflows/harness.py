@@ -47,6 +47,9 @@ class Outcome:
     engine: object
     experiment_id: str
     rounds: list[Round] = field(default_factory=list)
+    # The first run's history, and whether the workflow continued as new since.
+    history: object = None
+    continued_as_new: bool = False
 
     @property
     def final_accuracy(self) -> float:
@@ -72,6 +75,7 @@ async def run_experiment(
     seed: int = 0,
     min_clients: int | None = None,
     selection_timeout_s: float = 30,
+    continue_as_new_every: int | None = None,
 ) -> Outcome:
     """Run one experiment to its end and return per-round accuracy and the database."""
     settings = Settings(data_dir=tmp)
@@ -124,6 +128,7 @@ async def run_experiment(
         round_timeout_s=300,
         selection_timeout_s=selection_timeout_s,
         policy=pol,
+        continue_as_new_every=continue_as_new_every,
         aggregation_queue=f"agg-{suffix}",
     )
     data = {
@@ -168,12 +173,20 @@ async def _drive(env, engine, blobs, workers, inp, exp_id, suffix, clients, data
             status = result.status
         except Exception:  # noqa: BLE001 - a failed experiment is an outcome too
             status = "failed"
+        first_history = await env.client.get_workflow_handle(
+            workflow_id(exp_id), run_id=handle.first_execution_run_id
+        ).fetch_history()
+        latest = env.client.get_workflow_handle(workflow_id(exp_id))
+        last_run_id = (await latest.describe()).run_id
     with session_scope(engine) as s:
         metrics = s.exec(
             select(RoundMetrics).where(RoundMetrics.experiment_id == exp_id).order_by(RoundMetrics.round)
         ).all()
         round_rows = s.exec(select(Round).where(Round.experiment_id == exp_id).order_by(Round.round)).all()
-    return Outcome(status, [m.global_accuracy for m in metrics], engine, exp_id, list(round_rows))
+    outcome = Outcome(status, [m.global_accuracy for m in metrics], engine, exp_id, list(round_rows))
+    outcome.history = first_history
+    outcome.continued_as_new = last_run_id != handle.first_execution_run_id
+    return outcome
 
 
 def _train_and_upload(engine, blobs, rnd, client: SimClient, data, req, info, tmp: Path, seed: int) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,55 @@
+"""Long experiments continue as new with their state; recorded histories still replay on today's code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
+
+from tests.workflows.harness import SimClient, run_experiment
+from workflows.experiment import ExperimentWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def test_continue_as_new_keeps_rounds_strategy_state_and_metrics(
+    time_skipping_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    clients = [SimClient(f"l{i}", i) for i in range(3)]
+    out = await run_experiment(
+        time_skipping_env,
+        tmp_path,
+        clients,
+        rounds=5,
+        architecture="MLP",
+        strategy="FedAdam",
+        params={"server_lr": 0.05},
+        continue_as_new_every=2,
+    )
+    assert out.status == "completed" and out.continued_as_new
+    assert [r.round for r in out.rounds] == [1, 2, 3, 4, 5]
+    assert all(r.status == "completed" for r in out.rounds)
+    assert len(out.accuracies) == 5
+    # FedAdam's moments went through continue-as-new: the first run ended after round 2 carrying them.
+    events = out.history.events
+    last = events[-1]
+    assert last.HasField("workflow_execution_continued_as_new_event_attributes")
+    carried = json.loads(last.workflow_execution_continued_as_new_event_attributes.input.payloads[0].data)
+    assert carried["state"]["next_round"] == 3
+    assert carried["state"]["strategy_state_key"].endswith("round-2.safetensors")
+    if os.environ.get("FEDLOOM_RECORD_HISTORIES"):
+        (HISTORIES / "fedadam-continue-as-new.json").write_text(out.history.to_json())
+
+
+async def test_recorded_histories_replay_without_nondeterminism() -> None:
+    files = sorted(HISTORIES.glob("*.json"))
+    assert files, "no recorded histories: run with FEDLOOM_RECORD_HISTORIES=1 once"
+    replayer = Replayer(workflows=[ExperimentWorkflow], data_converter=pydantic_data_converter)
+    for path in files:
+        history = WorkflowHistory.from_json("experiment-recorded", path.read_text())
+        await replayer.replay_workflow(history)
