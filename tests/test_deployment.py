@@ -55,3 +55,18 @@ def test_fedloom_services_run_real_subcommands_with_valid_settings() -> None:
 def test_dockerfile_installs_cpu_torch_before_the_project() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert text.index("torch==2.13.0") < text.index("pip install .")
+
+
+def test_every_image_has_a_pinned_version_tag() -> None:
+    for name, svc in _compose()["services"].items():
+        if "image" not in svc:
+            assert svc.get("build") == ".", name
+            continue
+        image = svc["image"]
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag and tag != "latest" and any(ch.isdigit() for ch in tag), f"{name}: {image}"
+
+
+def test_demo_clients_are_a_profile() -> None:
+    svc = _compose()["services"]["demo-client"]
+    assert svc["profiles"] == ["demo"] and "fedloom client" in svc["entrypoint"][-1]
