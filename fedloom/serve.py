@@ -98,6 +98,7 @@ def serve(
     env["FEDLOOM_ADMIN_API_KEY"] = admin_key
 
     procs: list[subprocess.Popen] = []
+    log_files: list[Path] = []
     stopping = False
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -130,14 +131,17 @@ def serve(
                 cmd.append("--headless")
             temporal = spawn(cmd, env, logs / "temporal.log")
             procs.append(temporal)
+            log_files.append(logs / "temporal.log")
             wait_for_port("127.0.0.1", temporal_port, 60, temporal)
             address = f"127.0.0.1:{temporal_port}"
             env["FEDLOOM_TEMPORAL_UI_URL"] = f"http://127.0.0.1:{temporal_ui_port}"
         env["FEDLOOM_TEMPORAL_ADDRESS"] = address
         exe = [sys.executable, "-m", "fedloom.cli"]
         procs.append(spawn(exe + ["worker"], env, logs / "worker.log"))
+        log_files.append(logs / "worker.log")
         api = spawn(exe + ["api", "--host", host, "--port", str(port)], env, logs / "api.log")
         procs.append(api)
+        log_files.append(logs / "api.log")
         wait_for_port(host, port, 90, api)
         print(f"fedloom: API      http://{host}:{port}/api/v1  (docs: http://{host}:{port}/docs)", flush=True)
         if not temporal_address and not settings.temporal_address:
@@ -150,15 +154,21 @@ def serve(
         where = "generated and saved" if created else "stored"
         print(f"fedloom: admin API key ({where} in {settings.data_dir / ADMIN_KEY_FILE}): {admin_key}", flush=True)
         print(f"fedloom: data dir {settings.data_dir}; logs in {logs}", flush=True)
+        restarts: list[float] = []
         while not stopping:
-            for proc in procs:
-                if proc.poll() is not None:
-                    print(
-                        f"fedloom: {' '.join(proc.args[:4])} exited with {proc.returncode}; stopping",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            for i, proc in enumerate(procs):
+                if proc.poll() is None:
+                    continue
+                # A crashed child is restarted: the workflow resumes from Temporal's history and
+                # clients retry. A crash loop (5 restarts within a minute) stops everything instead.
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                name = " ".join(str(a) for a in proc.args[2:4]) if proc.args[0] == sys.executable else "temporal"
+                if len(restarts) > 5:
+                    print(f"fedloom: {name} keeps exiting ({proc.returncode}); stopping", file=sys.stderr, flush=True)
                     return 1
+                print(f"fedloom: {name} exited with {proc.returncode}; restarting it", file=sys.stderr, flush=True)
+                procs[i] = spawn(list(proc.args), env, log_files[i])
             time.sleep(0.3)
         return 0
     finally:

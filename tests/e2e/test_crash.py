@@ -1,17 +1,19 @@
-"""SIGKILL the whole `fedloom serve` (Temporal dev server included) mid-round, start it again on the
-same data dir: the experiment finishes with a final model identical, byte for byte, to an
-uninterrupted run with the same seed."""
+"""Processes killed by SIGKILL mid-round lose nothing: each experiment finishes with a final model identical,
+byte for byte, to an uninterrupted run with the same seed and data."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port, spawn_clients, start_serve, stop_serve, wait_registered
+from tests.conftest import LiveServer, free_port, spawn_clients, start_serve, stop_serve, wait_registered
 
 pytestmark = pytest.mark.e2e
 CLIENTS, ROUNDS = 3, 4
@@ -33,7 +35,17 @@ def _body() -> dict:
     }
 
 
-def _run(tmp: Path, kill_at_round: int | None) -> str:
+def _child(server: LiveServer, role: str) -> int:
+    """PID of serve's `fedloom.cli <role>` child."""
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.proc.pid)], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if f"fedloom.cli {role}" in args:
+            return int(pid)
+    raise AssertionError(f"no {role} child of serve: {out.stdout}")
+
+
+def _run(tmp: Path, kill: Callable[[LiveServer, Path, int, int], LiveServer] | None) -> str:
     tmp.mkdir()
     data_dir, port, temporal_port = tmp / "data", free_port(), free_port()
     server = start_serve(data_dir, port=port, temporal_port=temporal_port)
@@ -42,19 +54,21 @@ def _run(tmp: Path, kill_at_round: int | None) -> str:
         http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
         wait_registered(http, CLIENTS, clients)
         assert http.post("/training/start", json=_body()).status_code == 200
-        if kill_at_round is not None:
+        if kill is not None:
             deadline = time.monotonic() + 120
-            while http.get("/training/status").json()["current_round"] < kill_at_round:
+            while http.get("/training/status").json()["current_round"] < 2:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-            http.close()
-            server.proc.send_signal(signal.SIGKILL)
-            server.proc.wait(timeout=30)
-            time.sleep(2)  # its children follow it (they die with their parent)
-            server = start_serve(data_dir, port=port, temporal_port=temporal_port)
-            http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
+            server = kill(server, data_dir, port, temporal_port)
         deadline = time.monotonic() + 300
-        while (status := http.get("/training/status").json())["status"] == "running":
+        while True:
+            try:
+                status = http.get("/training/status").json()
+            except httpx.HTTPError:  # the API is restarting
+                time.sleep(0.5)
+                continue
+            if status["status"] != "running":
+                break
             assert time.monotonic() < deadline, status
             time.sleep(0.5)
         assert status["status"] == "completed" and status["current_round"] == ROUNDS, status
@@ -66,7 +80,30 @@ def _run(tmp: Path, kill_at_round: int | None) -> str:
         stop_serve(server)
 
 
-def test_sigkill_of_serve_mid_round_loses_nothing(tmp_path: Path) -> None:
-    reference = _run(tmp_path / "uninterrupted", None)
-    recovered = _run(tmp_path / "killed", kill_at_round=2)
-    assert recovered == reference
+def _kill_serve(server: LiveServer, data_dir: Path, port: int, temporal_port: int) -> LiveServer:
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=30)
+    time.sleep(2)  # its children follow it (they die with their parent)
+    return start_serve(data_dir, port=port, temporal_port=temporal_port)
+
+
+def _kill_child(role: str) -> Callable[[LiveServer, Path, int, int], LiveServer]:
+    def kill(server: LiveServer, *_: object) -> LiveServer:
+        os.kill(_child(server, role), signal.SIGKILL)  # serve restarts it
+        return server
+
+    return kill
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _run(tmp_path_factory.mktemp("uninterrupted") / "run", None)
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [_kill_serve, _kill_child("worker"), _kill_child("api")],
+    ids=["whole-serve", "worker-while-waiting-for-uploads", "api"],
+)
+def test_sigkill_mid_round_loses_nothing(reference: str, tmp_path: Path, kill) -> None:  # type: ignore[no-untyped-def]
+    assert _run(tmp_path / "killed", kill) == reference
