@@ -50,7 +50,8 @@ def state_key(experiment_id: str, round: int) -> str:
     return f"state/{experiment_id}/round-{round}.safetensors"
 
 
-def _heartbeat(*details: object) -> None:
+def heartbeat(*details: object) -> None:
+    """Heartbeat when running as an activity (a no-op when called directly, e.g. in tests)."""
     if activity.in_activity():
         activity.heartbeat(*details)
 
@@ -76,7 +77,7 @@ class AggregationActivities:
 
         @contextmanager
         def opener(update: UpdateFile) -> Iterator[Path]:
-            _heartbeat(update.client_id)
+            heartbeat(update.client_id)
             with self.blobs.open_local(keys[update.client_id]) as path:
                 yield path
 

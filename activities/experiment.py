@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from sqlmodel import select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.aggregation import model_key
+from activities.aggregation import heartbeat, model_key
 from fedloom_core import weights
 from fedloom_core.blobstore import BlobStore
 from fedloom_core.contracts import (
@@ -53,11 +51,6 @@ from fedloom_core.selection import Candidate, select_clients
 INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
 ROUND_DENIED = "ROUND_DENIED"
 SELECTION_POLL_S = 0.5
-
-
-def _heartbeat(*details: object) -> None:
-    if activity.in_activity():
-        activity.heartbeat(*details)
 
 
 def _client_config(inp: OpenRoundInput) -> dict[str, dict]:
@@ -97,11 +90,6 @@ class ExperimentActivities:
             size_bytes=info.size,
             parameters_count=params,
         )
-
-    @contextmanager
-    def _local(self, key: str) -> Iterator[Path]:
-        with self.blobs.open_local(key) as path:
-            yield path
 
     # -- activities ------------------------------------------------------------------------
 
@@ -214,7 +202,7 @@ class ExperimentActivities:
                     type=INSUFFICIENT_CLIENTS,
                     non_retryable=True,
                 )
-            _heartbeat(outcome.eligible)
+            heartbeat(outcome.eligible)
             time.sleep(SELECTION_POLL_S)
 
     @activity.defn(name="open_round")

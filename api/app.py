@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from temporalio.client import Client as TemporalClient
 
 from api import errors, openapi, ratelimit
 from api.auth import hash_key, load_or_create_admin_key
@@ -16,24 +17,21 @@ from api.routes import clients, events, experiments, metrics, models, status, tr
 from fedloom_core.blobstore import open_blob_store
 from fedloom_core.db import create_schema, make_engine
 from fedloom_core.settings import Settings
-from fedloom_core.temporal import connect
+from fedloom_core.temporal import connect_with_retry
 
 log = logging.getLogger("fedloom.api")
 API_PREFIX = "/api/v1"
 VERSION = "1.0.0"
 
 
-async def _connect_temporal(settings: Settings, attempts: int = 30) -> object:
+async def _connect_temporal(settings: Settings, attempts: int = 30) -> TemporalClient | None:
+    """The process's Temporal client, or None (health then reports Temporal down) if it stays unreachable."""
     address = settings.temporal_address or "127.0.0.1:7233"
-    for attempt in range(attempts):
-        try:
-            return await connect(address, settings.temporal_namespace)
-        except Exception as exc:  # noqa: BLE001 - the server may still be starting
-            if attempt == attempts - 1:
-                log.error("cannot reach Temporal at %s: %s", address, exc)
-                return None
-            await asyncio.sleep(1)
-    return None
+    try:
+        return await connect_with_retry(address, settings.temporal_namespace, attempts=attempts)
+    except Exception as exc:  # noqa: BLE001 - the API still serves what needs no Temporal
+        log.error("cannot reach Temporal at %s: %s", address, exc)
+        return None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -39,12 +39,13 @@ def fedavg_weights(updates: Sequence[UpdateFile], weighted: bool = True) -> list
 Opener = Callable[[UpdateFile], AbstractContextManager[Path]]
 
 
-def _open_path(update: UpdateFile) -> AbstractContextManager[Path]:
+def open_path(update: UpdateFile) -> AbstractContextManager[Path]:
+    """The default opener: the update is already a local file."""
     return nullcontext(update.path)
 
 
 def fedavg(
-    updates: Sequence[UpdateFile], out_path: str | Path, weighted: bool = True, opener: Opener = _open_path
+    updates: Sequence[UpdateFile], out_path: str | Path, weighted: bool = True, opener: Opener = open_path
 ) -> dict[str, torch.Tensor]:
     """Write the (weighted) average of ``updates`` to ``out_path`` and return it.
 

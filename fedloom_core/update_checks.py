@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedloom_core.aggregation import Opener, UpdateFile, _open_path
+from fedloom_core.aggregation import Opener, UpdateFile, open_path
 from fedloom_core.weights import mapped_tensors
 
 
@@ -35,7 +35,7 @@ def _deltas(global_tensors: dict[str, torch.Tensor], update: dict[str, torch.Ten
             yield name, update[name].to(torch.float64) - g.to(torch.float64)
 
 
-def measure_updates(global_path, updates: Sequence[UpdateFile], opener: Opener = _open_path) -> dict[str, UpdateStats]:  # type: ignore[no-untyped-def]
+def measure_updates(global_path, updates: Sequence[UpdateFile], opener: Opener = open_path) -> dict[str, UpdateStats]:  # type: ignore[no-untyped-def]
     """Norm, norm ratio and cosine similarity of each update's delta (canonical client-id order)."""
     ordered = sorted(updates, key=lambda u: u.client_id)
     if not ordered:

@@ -197,3 +197,20 @@ def wait_registered(http: httpx.Client, count: int, procs: list[subprocess.Popen
         assert time.monotonic() < deadline, "clients did not register in time"
         assert all(p.poll() is None for p in procs), "a client process died"
         time.sleep(0.3)
+
+
+def small_run_body(experiment_id: str, rounds: int, clients: int, seed: int = 0) -> dict:
+    """A short MLP experiment on digits that waits for every client each round."""
+    return {
+        "experiment_config": {
+            "experiment_id": experiment_id,
+            "rounds": rounds,
+            "min_clients": clients,
+            "seed": seed,
+            "dataset": "digits",
+            "model_architecture": "MLP",
+            "round_timeout_s": 120,
+        },
+        "training_config": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.05},
+        "aggregation_config": {"min_updates": clients},
+    }

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedloom_core.aggregation import Opener, UpdateFile, _open_path
+from fedloom_core.aggregation import Opener, UpdateFile, open_path
 
 
 @dataclass
@@ -34,7 +34,7 @@ class AggregationContext:
     state_out_path: Path | None = None
     # Seed for any randomness (e.g. DP noise): derived from the experiment seed and the round.
     seed: int = 0
-    opener: Opener = _open_path
+    opener: Opener = open_path
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedloom_core.aggregation import UpdateFile, _open_path
+from fedloom_core.aggregation import UpdateFile, open_path
 from fedloom_core.strategies.averaging import FedAvg, FedProx
 from fedloom_core.strategies.base import AggregateResult, AggregationContext
 from fedloom_core.strategies.dp import DPFedAvg, clip_scale
@@ -112,7 +112,7 @@ class NormClipping(ConfiguredStrategy):
         ordered = canonical(ctx.updates)
         max_norm = self.params["max_norm"]
         expected = structure(ctx.global_path)
-        local_files = ctx.opener is _open_path
+        local_files = ctx.opener is open_path
         norms: dict[str, float] = {}
         clipped: list[str] = []
         with tempfile.TemporaryDirectory(prefix="fedloom-clip-", dir=Path(ctx.out_path).parent) as tmp:
@@ -136,6 +136,6 @@ class NormClipping(ConfiguredStrategy):
                         prepared.append(update)
                     else:
                         prepared.append(UpdateFile(update.client_id, target, update.num_samples))
-            result = self.inner.aggregate(replace(ctx, updates=prepared, opener=_open_path))
+            result = self.inner.aggregate(replace(ctx, updates=prepared, opener=open_path))
         info = {**result.info, "clipped": clipped, "norms": norms, "max_norm": max_norm}
         return AggregateResult(wrote_state=result.wrote_state, info=info)

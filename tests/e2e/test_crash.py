@@ -13,26 +13,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, free_port, spawn_clients, start_serve, stop_serve, wait_registered
+from tests.conftest import (
+    LiveServer,
+    free_port,
+    small_run_body,
+    spawn_clients,
+    start_serve,
+    stop_serve,
+    wait_registered,
+)
 
 pytestmark = pytest.mark.e2e
 CLIENTS, ROUNDS = 3, 4
-
-
-def _body() -> dict:
-    return {
-        "experiment_config": {
-            "experiment_id": "crash",
-            "rounds": ROUNDS,
-            "min_clients": CLIENTS,
-            "seed": 7,
-            "dataset": "digits",
-            "model_architecture": "MLP",
-            "round_timeout_s": 120,
-        },
-        "training_config": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.05},
-        "aggregation_config": {"min_updates": CLIENTS},
-    }
 
 
 def _child(server: LiveServer, role: str) -> int:
@@ -53,7 +45,7 @@ def _run(tmp: Path, kill: Callable[[LiveServer, Path, int, int], LiveServer] | N
     try:
         http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
         wait_registered(http, CLIENTS, clients)
-        assert http.post("/training/start", json=_body()).status_code == 200
+        assert http.post("/training/start", json=small_run_body("crash", ROUNDS, CLIENTS, seed=7)).status_code == 200
         if kill is not None:
             deadline = time.monotonic() + 120
             while http.get("/training/status").json()["current_round"] < 2:

@@ -12,25 +12,10 @@ from sqlmodel import select
 
 from fedloom_core.db import Experiment, RoundMetrics, make_engine
 from fedloom_core.repo import session_scope
-from tests.conftest import free_port, spawn_clients, start_serve, stop_serve, wait_registered
+from tests.conftest import free_port, small_run_body, spawn_clients, start_serve, stop_serve, wait_registered
 
 pytestmark = pytest.mark.e2e
 CLIENTS, ROUNDS = 3, 4
-
-
-def _body() -> dict:
-    return {
-        "experiment_config": {
-            "experiment_id": "resume",
-            "rounds": ROUNDS,
-            "min_clients": CLIENTS,
-            "dataset": "digits",
-            "model_architecture": "MLP",
-            "round_timeout_s": 120,
-        },
-        "training_config": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.05},
-        "aggregation_config": {"min_updates": CLIENTS},
-    }
 
 
 def test_interrupted_serve_resumes_on_the_same_data_dir(tmp_path: Path) -> None:
@@ -41,7 +26,7 @@ def test_interrupted_serve_resumes_on_the_same_data_dir(tmp_path: Path) -> None:
         http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
         wait_registered(http, CLIENTS, clients)
         deadline = time.monotonic() + 60
-        assert http.post("/training/start", json=_body()).status_code == 200
+        assert http.post("/training/start", json=small_run_body("resume", ROUNDS, CLIENTS)).status_code == 200
         while http.get("/training/status").json()["current_round"] < 2:
             assert time.monotonic() < deadline + 120
             time.sleep(0.2)
