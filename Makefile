@@ -31,8 +31,10 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check fedloom fedloom_core workflows activities api workers tests
 
+# The benchmarks need the optional `bench` extra (Flower's aggregation functions for comparison).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_aggregation.py
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .fedloom

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedloom_core.temporal import dev_server_flags
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -126,6 +128,7 @@ def serve(
                 "warn",
                 "--namespace",
                 settings.temporal_namespace,
+                *dev_server_flags(),
             ]
             if headless:
                 cmd.append("--headless")

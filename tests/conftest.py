@@ -18,6 +18,8 @@ import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from fedloom_core.temporal import ensure_search_attributes
+
 BIN = Path(sys.executable).parent
 
 
@@ -41,6 +43,7 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=binary("temporal-test-server"), data_converter=pydantic_data_converter
     )
+    await ensure_search_attributes(env.client)
     yield env
     await env.shutdown()
 
@@ -51,6 +54,11 @@ class LiveServer:
     admin_key: str
     data_dir: Path
     proc: subprocess.Popen
+    temporal_port: int = 0
+
+    @property
+    def temporal_address(self) -> str:
+        return f"127.0.0.1:{self.temporal_port}"
 
     @property
     def api(self) -> str:
@@ -65,6 +73,7 @@ def start_serve(
 ) -> LiveServer:
     """``fedloom serve`` (embedded Temporal, worker, API) on free ports, waited on until healthy."""
     port = port or free_port()
+    temporal_port = temporal_port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
     # Generous limits: tests that are about rate limiting pass their own in env_extra.
     env.update(
@@ -86,7 +95,7 @@ def start_serve(
             "--port",
             str(port),
             "--temporal-port",
-            str(temporal_port or free_port()),
+            str(temporal_port),
             "--temporal-ui-port",
             str(free_port()),
             "--temporal-headless",
@@ -110,7 +119,8 @@ def start_serve(
         proc.kill()
         pytest.fail("fedloom serve did not become healthy in 120 s")
     key = (data_dir / "admin_api_key").read_text().strip()
-    return LiveServer(url, env_extra.get("FEDLOOM_ADMIN_API_KEY", key) if env_extra else key, data_dir, proc)
+    admin = env_extra.get("FEDLOOM_ADMIN_API_KEY", key) if env_extra else key
+    return LiveServer(url, admin, data_dir, proc, temporal_port)
 
 
 def stop_serve(server: LiveServer) -> None:

@@ -15,6 +15,7 @@ from activities.experiment import ExperimentActivities
 from fedloom_core.blobstore import open_blob_store
 from fedloom_core.db import create_schema, make_engine
 from fedloom_core.settings import AGGREGATION_TASK_QUEUE, WORKFLOW_TASK_QUEUE, Settings
+from fedloom_core.temporal import ensure_search_attributes
 from workflows.experiment import ExperimentWorkflow
 
 log = logging.getLogger("fedloom.worker")
@@ -64,6 +65,8 @@ def build_workers(
 
 async def run_workers(client: Client, settings: Settings, queues: Sequence[str] = QUEUES) -> None:
     """Run the workers until cancelled."""
+    # A workflow that upserts an unregistered search attribute stalls: register them first.
+    await ensure_search_attributes(client, settings.temporal_namespace)
     workers = build_workers(client, settings, queues)
     log.info("worker polling %s", ", ".join(w.task_queue for w in workers))
     await asyncio.gather(*(w.run() for w in workers))

@@ -38,9 +38,12 @@ with workflow.unsafe.imports_passed_through():
         ValidateInput,
         ValidationOutcome,
     )
+    from fedloom_core.temporal import CURRENT_ROUND, EXPERIMENT_ID, EXPERIMENT_STATUS, STRATEGY
 WORKFLOW_NAME = "ExperimentWorkflow"
 INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
 ROUND_DENIED = "ROUND_DENIED"
+# Histories recorded before the workflow kept its search attributes up to date replay without them.
+SEARCH_ATTRIBUTES_PATCH = "search-attributes-v1"
 
 _SHORT = dict(
     start_to_close_timeout=timedelta(seconds=60),
@@ -93,9 +96,11 @@ class ExperimentWorkflow:
                 )
             self._global_model_id = state.global_model.model_id
             self._status = "running"
+            self._publish(inp, "running", rounds_done, strategy=True)
             first_round = state.next_round
             for rnd in range(state.next_round, exp.rounds + 1):
                 started = workflow.now()
+                self._publish(inp, "running", rnd)
                 state.global_model = await self._run_round(inp, rnd, state)
                 self._global_model_id = state.global_model.model_id
                 state.round_durations = [*state.round_durations, (workflow.now() - started).total_seconds()][-100:]
@@ -109,6 +114,7 @@ class ExperimentWorkflow:
                     await workflow.wait_condition(workflow.all_handlers_finished)
                     workflow.continue_as_new(inp.model_copy(update={"state": state}))
             self._status = "completed"
+            self._publish(inp, "completed", rounds_done)
             await self._finish(inp, "completed", rounds_done, state.global_model)
             return ExperimentResult(
                 experiment_id=inp.experiment_id,
@@ -123,6 +129,7 @@ class ExperimentWorkflow:
                 await self._fail(inp, rounds_done, state.global_model, code, str(exc))
                 raise
             self._status = "stopped"
+            self._publish(inp, "stopped", self._round)
             reason = self._stop_reason or "cancelled"
             await self._finish(inp, "stopped", rounds_done, state.global_model, reason=reason)
             return ExperimentResult(
@@ -313,7 +320,20 @@ class ExperimentWorkflow:
         self, inp: ExperimentInput, rounds_done: int, model: ModelRef | None, code: str, message: str
     ) -> None:
         self._status = "failed"
+        self._publish(inp, "failed", self._round)
         await self._finish(inp, "failed", rounds_done, model, reason=message, error_code=code)
+
+    def _publish(self, inp: ExperimentInput, status: str, current_round: int, strategy: bool = False) -> None:
+        """Keep the Web UI's search attributes (ExperimentStatus, CurrentRound, ...) current."""
+        if not workflow.patched(SEARCH_ATTRIBUTES_PATCH):
+            return
+        updates = [EXPERIMENT_STATUS.value_set(status), CURRENT_ROUND.value_set(current_round)]
+        if strategy:
+            updates += [
+                EXPERIMENT_ID.value_set(inp.experiment_id),
+                STRATEGY.value_set(inp.config.aggregation_config.strategy),
+            ]
+        workflow.upsert_search_attributes(updates)
 
     @workflow.signal
     def update_received(self, notice: UpdateNotice) -> None:

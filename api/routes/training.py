@@ -37,6 +37,7 @@ from fedloom_core.repo import (
 )
 from fedloom_core.selection import Candidate, select_clients
 from fedloom_core.settings import WORKFLOW_TASK_QUEUE
+from fedloom_core.temporal import experiment_memo, start_search_attributes
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
 router = APIRouter(tags=["training"])
@@ -189,7 +190,8 @@ async def start_training(
             id=workflow_id(exp.experiment_id),
             task_queue=WORKFLOW_TASK_QUEUE,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            memo={"experiment_id": exp.experiment_id, "dataset": ec.dataset, "rounds": ec.rounds},
+            memo=experiment_memo(exp.experiment_id, req),
+            search_attributes=start_search_attributes(exp.experiment_id, req.aggregation_config.strategy),
         )
     except Exception as exc:
         await run_in_threadpool(_mark_failed, engine, exp.experiment_id, f"workflow did not start: {exc}")

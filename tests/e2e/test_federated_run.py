@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from fedloom.demo import start_body
 from fedloom_core.datasets import load_test
 from fedloom_core.models import build_model
+from fedloom_core.temporal import connect
 from fedloom_core.training import evaluate
 from fedloom_core.weights import load_state
 from tests.conftest import spawn_clients, start_serve, stop_serve, wait_registered
@@ -62,8 +64,30 @@ def test_five_clients_reach_90_percent_and_the_downloaded_model_agrees(tmp_path:
         pt = http.get(f"/model/download/{meta['model_id']}", params={"format": "pytorch"})
         model.load_state_dict(torch.load(io.BytesIO(pt.content), weights_only=True))
         assert evaluate(model, load_test("digits"))[0] == pytest.approx(accuracy, abs=1e-9)
+
+        asyncio.run(_check_web_ui_view(server))
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
         stop_serve(server)
+
+
+async def _check_web_ui_view(server) -> None:  # type: ignore[no-untyped-def]
+    """What an operator sees in the Temporal Web UI: the README's queries find the experiment."""
+    client = await connect(server.temporal_address)
+    for query in (
+        'ExperimentId = "e2e"',
+        'ExperimentStatus = "completed" AND Strategy = "FedAvg"',
+        f"CurrentRound >= {ROUNDS}",
+    ):
+        for _ in range(50):  # visibility is updated asynchronously, within moments
+            found = [wf.id async for wf in client.list_workflows(query)]
+            if found:
+                break
+            await asyncio.sleep(0.2)
+        assert found == ["experiment-e2e"], query
+    desc = await client.get_workflow_handle("experiment-e2e").describe()
+    memo = await desc.memo()
+    assert memo["name"] == "e2e" and "FedAvg" in memo["summary"] and f"{ROUNDS} rounds" in memo["summary"]
+    assert not [wf async for wf in client.list_workflows('ExperimentStatus = "running"')]

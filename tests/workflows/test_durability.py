@@ -12,7 +12,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from tests.workflows.harness import SimClient, run_experiment
-from workflows.experiment import ExperimentWorkflow
+from workflows.experiment import SEARCH_ATTRIBUTES_PATCH, ExperimentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -43,7 +43,8 @@ async def test_continue_as_new_keeps_rounds_strategy_state_and_metrics(
     assert carried["state"]["next_round"] == 3
     assert carried["state"]["strategy_state_key"].endswith("round-2.safetensors")
     if os.environ.get("FEDLOOM_RECORD_HISTORIES"):
-        (HISTORIES / "fedadam-continue-as-new.json").write_text(out.history.to_json())
+        # One file per workflow version: older files stay, so CI keeps replaying every version.
+        (HISTORIES / f"fedadam-continue-as-new-{SEARCH_ATTRIBUTES_PATCH}.json").write_text(out.history.to_json())
 
 
 async def test_recorded_histories_replay_without_nondeterminism() -> None:
@@ -53,3 +54,7 @@ async def test_recorded_histories_replay_without_nondeterminism() -> None:
     for path in files:
         history = WorkflowHistory.from_json("experiment-recorded", path.read_text())
         await replayer.replay_workflow(history)
+    # Both sides of the search-attribute patch are covered: a history from before it and one after.
+    texts = [path.read_text() for path in files]
+    assert any("upsertWorkflowSearchAttributes" not in t for t in texts)
+    assert any("upsertWorkflowSearchAttributes" in t and "markerRecorded" in t for t in texts)

@@ -1,0 +1,43 @@
+"""Run every ``benchmarks/bench_*.py`` in turn (``make bench``); each rewrites its own docs section.
+
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def scripts(only: list[str] | None = None) -> list[Path]:
+    found = sorted(HERE.glob("bench_*.py"))
+    if only:
+        found = [p for p in found if any(name in p.stem for name in only)]
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    failed = []
+    started = time.perf_counter()
+    for script in scripts(args.only):
+        print(f"\n=== {script.name} ===", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run([sys.executable, str(script), *(["--quick"] if args.quick else [])]).returncode
+        print(f"=== {script.name}: exit {rc} in {time.perf_counter() - t0:.0f} s ===", flush=True)
+        if rc:
+            failed.append(script.name)
+    print(f"\nall benchmarks: {time.perf_counter() - started:.0f} s; failed: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
