@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
@@ -24,7 +25,6 @@ from fedloom_core.repo import (
     emit_event,
     iso,
     latest_experiment,
-    open_round,
     running_experiment,
     session_scope,
 )
@@ -265,7 +265,13 @@ async def get_client(client_id: str, engine: EngineDep, principal: PrincipalDep)
     return await run_in_threadpool(_client_status, engine, client_id)
 
 
-def _task(engine, client_id: str) -> dict:  # type: ignore[no-untyped-def]
+# What decides whether a waiting client's answer can change: (latest experiment id, its status, the
+# open round's number if this client was selected for it, else None).
+Signature = tuple[str | None, str | None, int | None]
+
+
+def _task(engine, client_id: str) -> tuple[dict, Signature]:  # type: ignore[no-untyped-def]
+    """The client's task now, and the signature of the state it was decided on."""
     with session_scope(engine) as s:
         client = s.get(Client, client_id)
         if client is None:
@@ -279,15 +285,16 @@ def _task(engine, client_id: str) -> dict:  # type: ignore[no-untyped-def]
             s.add(client)
         exp = latest_experiment(s)
         if exp is None:
-            return {"status": "idle", "experiment_id": None}
+            return {"status": "idle", "experiment_id": None}, (None, None, None)
         body: dict[str, Any] = {"experiment_id": exp.experiment_id, "experiment_status": exp.status}
         if exp.status != "running":
             body["status"] = "done" if exp.status in ("completed", "stopped", "failed") else "idle"
-            return body
-        rnd = open_round(s, exp.experiment_id)
+            return body, (exp.experiment_id, exp.status, None)
+        rnd = _open_round_for_task(s, exp.experiment_id)
         if rnd is None or client_id not in rnd.selected_clients:
             body["status"] = "wait"
-            return body
+            return body, (exp.experiment_id, exp.status, None)
+        signature = (exp.experiment_id, exp.status, rnd.round)
         uploaded = s.exec(
             select(Update.update_id).where(
                 Update.experiment_id == exp.experiment_id, Update.round == rnd.round, Update.client_id == client_id
@@ -295,7 +302,7 @@ def _task(engine, client_id: str) -> dict:  # type: ignore[no-untyped-def]
         ).first()
         if uploaded is not None:
             body["status"] = "wait"
-            return body
+            return body, signature
         cfg = exp.config
         ec = cfg.get("experiment_config", {})
         body.update(
@@ -310,12 +317,93 @@ def _task(engine, client_id: str) -> dict:  # type: ignore[no-untyped-def]
             # The experiment's settings, with this client's own for the round (strategy, configure rules) on top.
             training_config={**cfg.get("training_config", {}), **rnd.client_config.get(client_id, {})},
         )
-        return body
+        return body, signature
+
+
+def _open_round_for_task(session, experiment_id: str):  # type: ignore[no-untyped-def]
+    """The open round's columns a task needs, without the per-client policy results and exclusions.
+
+    Those two JSON columns hold an entry for every registered client; decoding them on every poll
+    was most of the API's time with 1,000 clients long-polling.
+    """
+    return session.exec(
+        select(Round.round, Round.selected_clients, Round.global_model_id, Round.deadline, Round.client_config).where(
+            Round.experiment_id == experiment_id, Round.status == "open"
+        )
+    ).first()
+
+
+@dataclass(frozen=True)
+class Board:
+    """The state every waiting client's answer depends on, read once for all of them."""
+
+    read_at: float  # time.monotonic() when the read began
+    experiment_id: str | None = None
+    experiment_status: str | None = None
+    round: int | None = None
+    selected: frozenset[str] = frozenset()
+
+    def signature(self, client_id: str) -> Signature:
+        """What :func:`_task` would report as its signature for ``client_id`` on this state."""
+        return (self.experiment_id, self.experiment_status, self.round if client_id in self.selected else None)
+
+
+def _read_board(engine) -> Board:  # type: ignore[no-untyped-def]
+    read_at = time.monotonic()
+    with session_scope(engine) as s:
+        exp = latest_experiment(s)
+        if exp is None:
+            return Board(read_at)
+        row = None
+        if exp.status == "running":
+            row = s.exec(
+                select(Round.round, Round.selected_clients).where(
+                    Round.experiment_id == exp.experiment_id, Round.status == "open"
+                )
+            ).first()
+    if row is None:
+        return Board(read_at, exp.experiment_id, exp.status)
+    return Board(read_at, exp.experiment_id, exp.status, row.round, frozenset(row.selected_clients))
+
+
+class TaskBoard:
+    """One shared view of the round state for all the task long-polls held by an API process.
+
+    Each held request used to re-run the whole task query every ``TASK_POLL_S``: with N clients
+    waiting that is 4N database sessions a second. Now the state is read at most once per
+    ``TASK_POLL_S`` for everyone (one reader at a time), and a waiting request re-runs its own task
+    query only when the state it was answered on has changed.
+    """
+
+    def __init__(self, engine) -> None:  # type: ignore[no-untyped-def]
+        self.engine = engine
+        self._board: Board | None = None
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> Board:
+        """The board, read again if it is older than ``TASK_POLL_S``."""
+        board = self._board
+        if board is not None and time.monotonic() - board.read_at < TASK_POLL_S:
+            return board
+        async with self._lock:
+            board = self._board
+            if board is None or time.monotonic() - board.read_at >= TASK_POLL_S:
+                board = self._board = await run_in_threadpool(_read_board, self.engine)
+        return board
+
+
+def _task_board(request: Request, engine) -> TaskBoard:  # type: ignore[no-untyped-def]
+    """The app's task board, made on first use (and again if the app got a new engine)."""
+    board = getattr(request.app.state, "task_board", None)
+    if board is None or board.engine is not engine:
+        board = request.app.state.task_board = TaskBoard(engine)
+    return board
 
 
 @router.get("/clients/{client_id}/task", responses=openapi.errors(400, 404))
 async def get_client_task(
     client_id: str,
+    request: Request,
     engine: EngineDep,
     principal: PrincipalDep,
     wait: float = Query(default=0.0, ge=0.0, le=30.0, description="long-poll: seconds to wait for work"),
@@ -328,8 +416,17 @@ async def get_client_task(
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
     deadline = time.monotonic() + wait
-    while True:
-        task = await run_in_threadpool(_task, engine, client_id)
-        if task["status"] not in ("wait", "idle") or time.monotonic() >= deadline:
-            return task
-        await asyncio.sleep(TASK_POLL_S)
+    checked_at = time.monotonic()
+    task, signature = await run_in_threadpool(_task, engine, client_id)
+    board = _task_board(request, engine)
+    while task["status"] in ("wait", "idle"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        await asyncio.sleep(min(TASK_POLL_S, remaining))
+        current = await board.current()
+        # Only a state read after our own answer can tell that the answer is out of date.
+        if current.read_at >= checked_at and current.signature(client_id) != signature:
+            checked_at = time.monotonic()
+            task, signature = await run_in_threadpool(_task, engine, client_id)
+    return task

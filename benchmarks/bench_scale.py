@@ -1,0 +1,723 @@
+"""Scale: 1,000 registered clients, 100 selected per round, 5 rounds, against a real ``fedloom serve``.
+
+    .venv/bin/python benchmarks/bench_scale.py [--quick] [--out DIR] [--clients N --selected K --rounds R]
+
+The server is ``fedloom serve`` (embedded Temporal dev server, worker, API) in a temporary data dir,
+with rate limits raised so that they do not throttle the benchmark. The clients are light: a few
+processes of this script (``--client-worker``), each running hundreds of asyncio clients on one
+``httpx.AsyncClient``. Each client registers with the admin key, long-polls for its task, and when
+selected downloads the global model and uploads it plus a precomputed perturbation (no training),
+so the rounds measure the server alone. Every request's latency is measured client-side, per
+endpoint; the server's processes' RSS is sampled from /proc; the round breakdown comes from the
+server's own timestamps in its database (read after the run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    ROOT,
+    base_parser,
+    machine,
+    machine_line,
+    median,
+    percentile,
+    plot_path,
+    pyplot,
+    table,
+    update_doc_section,
+    write_result,
+)
+
+NAME = "scale"
+FULL = {"clients": 1000, "selected": 100, "rounds": 5, "procs": 4}
+QUICK = {"clients": 40, "selected": 10, "rounds": 2, "procs": 2}
+# How long the server holds a task request while there is nothing to do (the runtime's own value).
+LONG_POLL_S = 10.0
+# Registrations in flight per client process.
+REGISTER_CONCURRENCY = 8
+ROUND_TIMEOUT_S = 120
+GENEROUS_LIMIT = "1000000"
+MIB = 2**20
+_T0 = time.perf_counter()
+
+
+def say(message: str) -> None:
+    """Progress on stderr, with the seconds since the script started."""
+    print(f"[bench_scale {time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running ``fedloom serve`` and what the benchmark needs to reach and observe it."""
+
+    proc: subprocess.Popen
+    url: str
+    admin_key: str
+    data_dir: Path
+
+    def children(self) -> dict[str, int]:
+        """The pids of serve's children by role (api, worker, temporal), found through /proc."""
+        roles: dict[str, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if ppid != self.proc.pid:
+                    continue
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            words = [a.decode(errors="replace") for a in argv if a]
+            if any(w.endswith("temporal") for w in words[:1]):
+                roles["temporal"] = int(entry.name)
+            elif "worker" in words:
+                roles["worker"] = int(entry.name)
+            elif "api" in words:
+                roles["api"] = int(entry.name)
+        return roles
+
+
+def start_server(data_dir: Path) -> Server:
+    """``fedloom serve`` on free ports with generous rate limits, waited on until healthy."""
+    import httpx
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
+    env.update(
+        {
+            "FEDLOOM_DATA_DIR": str(data_dir),
+            # 1,000 clients behind one admin key would use up the default 100 requests a minute at once.
+            "FEDLOOM_RATE_LIMIT_GENERAL": GENEROUS_LIMIT,
+            "FEDLOOM_RATE_LIMIT_UPLOADS": GENEROUS_LIMIT,
+            "FEDLOOM_RATE_LIMIT_TRAINING_START": GENEROUS_LIMIT,
+        }
+    )
+    cmd = [sys.executable, "-m", "fedloom.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
+    cmd += ["--temporal-port", str(free_port()), "--temporal-ui-port", str(free_port()), "--temporal-headless"]
+    log = open(data_dir.parent / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fedloom serve exited with {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
+                key = (data_dir / "admin_api_key").read_text().strip()
+                return Server(proc, url, key, data_dir)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("fedloom serve did not become healthy in 120 s")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def rss_of(pid: int) -> int | None:
+    """VmRSS of ``pid`` in bytes, or None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler(threading.Thread):
+    """Samples the RSS of the server's processes every ``every`` seconds until stopped."""
+
+    def __init__(self, server: Server, every: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.server, self.every = server, every
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        while not self._halt.is_set():
+            pids = self.server.children()
+            sample = {role: rss for role, pid in pids.items() if (rss := rss_of(pid)) is not None}
+            self.samples.append((time.monotonic() - started, sample))
+            self._halt.wait(self.every)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per role: RSS at the first sample, the peak, and at the last sample, in MiB."""
+        out: dict[str, dict[str, float]] = {}
+        for role in ("api", "worker", "temporal"):
+            values = [s[role] for _, s in self.samples if role in s]
+            if values:
+                out[role] = {
+                    "start_mib": round(values[0] / MIB, 1),
+                    "peak_mib": round(max(values) / MIB, 1),
+                    "end_mib": round(values[-1] / MIB, 1),
+                }
+        return out
+
+
+# -- the clients (run in --client-worker processes) -------------------------------------------------
+
+
+@dataclass
+class ClientLog:
+    """What one client process observed: request latencies and when each client learned of its round."""
+
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    # (client_id, round, wall time the 'train' task arrived, wall time the upload was answered)
+    rounds: list[tuple[str, int, float, float]] = field(default_factory=list)
+    trained: int = 0
+
+
+async def _timed(log: ClientLog, endpoint: str, request: Awaitable[Any]) -> Any:
+    """Await one request and record its latency under ``endpoint``; non-2xx answers are recorded as errors."""
+    t0 = time.perf_counter()
+    try:
+        response = await request
+    except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and carries on
+        log.errors[endpoint].append(type(exc).__name__)
+        return None
+    log.latencies[endpoint].append(time.perf_counter() - t0)
+    if response.status_code >= 400:
+        log.errors[endpoint].append(f"{response.status_code} {response.text[:120]}")
+        return None
+    return response
+
+
+def _perturbed(model_bytes: bytes, delta: dict[str, Any], scale: float) -> bytes:
+    """The downloaded model plus a precomputed perturbation: a valid update that costs no training."""
+    from safetensors.numpy import load, save
+
+    state = load(model_bytes)
+    return save({name: (t + scale * delta[name]).astype(t.dtype) for name, t in state.items()})
+
+
+async def _register(http, log: ClientLog, api: str, admin: str, cid: str, gate: asyncio.Semaphore) -> str | None:  # type: ignore[no-untyped-def]
+    body = {"client_id": cid, "client_config": {}, "capabilities": {"compute_power": "cpu"}}
+    async with gate:
+        r = await _timed(log, "register", http.post(f"{api}/clients/register", json=body, headers=_auth(admin)))
+    return r.json()["api_key"] if r is not None else None
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def _participate(http, log: ClientLog, api: str, cid: str, key: str, deltas: dict, deadline: float) -> None:  # type: ignore[no-untyped-def]
+    """The client protocol: long-poll for a task, and when selected download, perturb and upload."""
+    seen_running: set[str] = set()
+    samples = 50 + random.Random(cid).randrange(150)
+    scale = 1.0 + random.Random(cid).random()
+    while time.monotonic() < deadline:
+        r = await _timed(
+            log,
+            "task (long-poll)",
+            http.get(f"{api}/clients/{cid}/task", params={"wait": LONG_POLL_S}, headers=_auth(key)),
+        )
+        if r is None:
+            await asyncio.sleep(1.0)
+            continue
+        task = r.json()
+        if task.get("experiment_status") == "running":
+            seen_running.add(task["experiment_id"])
+        if task["status"] == "done" and task.get("experiment_id") in seen_running:
+            return
+        if task["status"] != "train":
+            continue
+        got_task = time.time()
+        dl = await _timed(log, "download", http.get(f"{api}/model/download/{task['model_id']}", headers=_auth(key)))
+        if dl is None:
+            continue
+        if "delta" not in deltas:
+            deltas["delta"] = _delta_for(dl.content)
+        body = _perturbed(dl.content, deltas["delta"], scale)
+        metrics = json.dumps({"data_samples": samples, "local_accuracy": 0.5, "training_time": 0.0})
+        up = await _timed(
+            log,
+            "upload",
+            http.post(
+                f"{api}/model/update/{cid}",
+                files={"model_file": ("model.safetensors", body)},
+                data={"metrics": metrics},
+                headers=_auth(key),
+            ),
+        )
+        if up is not None:
+            log.rounds.append((cid, int(task["round"]), got_task, time.time()))
+            log.trained += 1
+
+
+def _delta_for(model_bytes: bytes) -> dict[str, Any]:
+    """A small seeded perturbation with the model's tensor names and shapes, computed once per process."""
+    import numpy as np
+    from safetensors.numpy import load
+
+    rng = np.random.default_rng(0)
+    return {name: (rng.standard_normal(t.shape) * 0.01).astype(t.dtype) for name, t in load(model_bytes).items()}
+
+
+async def _client_process(args) -> dict:  # type: ignore[no-untyped-def]
+    import httpx
+
+    ids = [f"scale-{i:05d}" for i in range(args.first, args.first + args.count)]
+    api = f"{args.server}/api/v1"
+    log = ClientLog()
+    limits = httpx.Limits(max_connections=args.count + 16, max_keepalive_connections=args.count + 16)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as http:
+        gate = asyncio.Semaphore(REGISTER_CONCURRENCY)
+        keys = await asyncio.gather(*(_register(http, log, api, args.admin_key, cid, gate) for cid in ids))
+        print(f"registered {sum(k is not None for k in keys)}", flush=True)
+        deadline = time.monotonic() + args.max_seconds
+        deltas: dict = {}
+        joined = [(cid, key) for cid, key in zip(ids, keys, strict=True) if key]
+        await asyncio.gather(*(_participate(http, log, api, cid, key, deltas, deadline) for cid, key in joined))
+    return {
+        "latencies": dict(log.latencies),
+        "errors": dict(log.errors),
+        "rounds": log.rounds,
+        "trained": log.trained,
+    }
+
+
+def client_worker_main(args) -> int:  # type: ignore[no-untyped-def]
+    result = asyncio.run(_client_process(args))
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def spawn_client_processes(server: Server, clients: int, procs: int, work: Path, max_s: float) -> list[tuple]:
+    """``procs`` client processes sharing ``clients`` ids; returns (process, result path) pairs."""
+    per = -(-clients // procs)
+    spawned = []
+    for p in range(procs):
+        first, count = p * per, min(per, clients - p * per)
+        if count <= 0:
+            break
+        result = work / f"clients-{p}.json"
+        cmd = [sys.executable, __file__, "--client-worker", "--server", server.url, "--admin-key", server.admin_key]
+        cmd += ["--first", str(first), "--count", str(count), "--result", str(result), "--max-seconds", str(max_s)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(work / f"clients-{p}.log", "wb"), text=True)  # noqa: SIM115
+        spawned.append((proc, result))
+    return spawned
+
+
+def wait_registered(spawned: list[tuple], timeout: float) -> int:
+    """Block until every client process has registered its clients; the number registered."""
+    total = 0
+    deadline = time.monotonic() + timeout
+    for proc, _ in spawned:
+        line = proc.stdout.readline()
+        if not line.startswith("registered") or time.monotonic() > deadline:
+            raise RuntimeError(f"a client process failed to register (exit {proc.poll()}): {line!r}")
+        total += int(line.split()[1])
+    return total
+
+
+def start_body(clients: int, selected: int, rounds: int) -> dict:
+    """An MLP experiment on digits sampling ``selected`` of ``clients`` each round, waiting for all of them."""
+    return {
+        "experiment_config": {
+            "experiment_id": "scale",
+            "rounds": rounds,
+            "min_clients": selected,
+            "client_fraction": selected / clients,
+            "dataset": "digits",
+            "model_architecture": "MLP",
+            "seed": 0,
+            "round_timeout_s": ROUND_TIMEOUT_S,
+        },
+        "training_config": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.05},
+        "aggregation_config": {"strategy": "FedAvg", "min_updates": selected},
+    }
+
+
+def run_experiment(server: Server, body: dict, timeout: float) -> tuple[dict, list[float], float]:
+    """Start the experiment and poll its status until it ends; (final status, status latencies, wall seconds)."""
+    import httpx
+
+    api, headers = f"{server.url}/api/v1", _auth(server.admin_key)
+    latencies: list[float] = []
+    with httpx.Client(timeout=60) as http:
+        t0 = time.perf_counter()
+        r = http.post(f"{api}/training/start", json=body, headers=headers)
+        r.raise_for_status()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            s0 = time.perf_counter()
+            status = http.get(f"{api}/training/status", headers=headers).json()
+            latencies.append(time.perf_counter() - s0)
+            if status.get("status") in ("completed", "failed", "stopped"):
+                return status, latencies, time.perf_counter() - t0
+    raise RuntimeError(f"the experiment did not end in {timeout:.0f} s")
+
+
+def _ts(value: str | None) -> float | None:
+    """A naive-UTC SQLite timestamp as Unix seconds."""
+    if value is None:
+        return None
+    return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
+
+
+def server_rounds(data_dir: Path, experiment_id: str) -> list[dict]:
+    """Per round, from the server's database: timestamps, update counts, aggregation and evaluation time."""
+    db = sqlite3.connect(f"file:{data_dir / 'fedloom.db'}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT r.round, r.status, r.started_at, r.closed_at, r.completed_at, r.selected_clients, "
+            "m.round_duration, m.aggregation_time, m.evaluation_time, m.participating_clients "
+            "FROM round r LEFT JOIN round_metrics m ON m.experiment_id = r.experiment_id AND m.round = r.round "
+            "WHERE r.experiment_id = ? ORDER BY r.round",
+            (experiment_id,),
+        ).fetchall()
+        uploads = defaultdict(list)
+        for rnd, received in db.execute(
+            "SELECT round, received_at FROM \"update\" WHERE experiment_id = ? AND validation_status = 'accepted'",
+            (experiment_id,),
+        ):
+            uploads[rnd].append(_ts(received))
+        started_exp = _ts(
+            db.execute("SELECT started_at FROM experiment WHERE experiment_id = ?", (experiment_id,)).fetchone()[0]
+        )
+    finally:
+        db.close()
+    out = []
+    for rnd, status, started, closed, completed, selected, duration, agg, ev, participating in rows:
+        out.append(
+            {
+                "round": rnd,
+                "status": status,
+                "selected": len(json.loads(selected)),
+                "accepted_updates": participating or 0,
+                "opened": _ts(started),
+                "closed": _ts(closed),
+                "completed": _ts(completed),
+                "last_upload": max(uploads[rnd]) if uploads[rnd] else None,
+                "round_duration_s": duration,
+                "aggregation_s": agg,
+                "evaluation_s": ev,
+            }
+        )
+    previous_end = started_exp
+    for r in out:
+        r["before_open_s"] = r["opened"] - previous_end if previous_end and r["opened"] else None
+        previous_end = r["completed"]
+    return out
+
+
+def breakdown(rounds: list[dict], dispatch: dict[int, list[float]]) -> list[dict]:
+    """Where each round's time went, from the server's timestamps (and the clients' receipt of their task)."""
+    out = []
+    for r in rounds:
+        if r["completed"] is None:
+            continue
+        got = dispatch.get(r["round"], [])
+        closed_to_completed = r["completed"] - r["closed"]
+        out.append(
+            {
+                "round": r["round"],
+                "select_and_open_s": r["before_open_s"],
+                "dispatch_p50_s": median(got) - r["opened"] if got else None,
+                "dispatch_max_s": max(got) - r["opened"] if got else None,
+                "uploads_s": r["last_upload"] - r["opened"],
+                "close_s": r["closed"] - r["last_upload"],
+                "validate_aggregate_evaluate_persist_s": closed_to_completed,
+                "aggregation_s": r["aggregation_s"],
+                "evaluation_s": r["evaluation_s"],
+                "total_s": r["completed"] - r["opened"] + (r["before_open_s"] or 0.0),
+            }
+        )
+    return out
+
+
+def latency_table(latencies: dict[str, list[float]], errors: dict[str, list[str]]) -> dict[str, dict]:
+    out = {}
+    for endpoint in sorted(set(latencies) | set(errors)):
+        values = latencies.get(endpoint, [])
+        out[endpoint] = {
+            "count": len(values),
+            "errors": len(errors.get(endpoint, [])),
+            "p50_ms": round(percentile(values, 50) * 1000, 1) if values else None,
+            "p99_ms": round(percentile(values, 99) * 1000, 1) if values else None,
+            "max_ms": round(max(values) * 1000, 1) if values else None,
+            "error_samples": sorted(set(errors.get(endpoint, [])))[:5],
+        }
+    return out
+
+
+def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dict:
+    """One full benchmark run in ``work``; everything reported comes from here."""
+    server = start_server(work / "data")
+    say(f"serve is healthy at {server.url}")
+    sampler = RssSampler(server)
+    sampler.start()
+    spawned: list[tuple] = []
+    try:
+        max_s = 60 + rounds * (ROUND_TIMEOUT_S + 60)
+        t_reg = time.perf_counter()
+        spawned = spawn_client_processes(server, clients, procs, work, max_s)
+        registered = wait_registered(spawned, timeout=600)
+        registration_s = time.perf_counter() - t_reg
+        say(f"{registered} clients registered in {registration_s:.1f} s")
+        rss_registered = {role: rss_of(pid) for role, pid in server.children().items()}
+        status, status_lat, wall = run_experiment(server, start_body(clients, selected, rounds), max_s)
+        say(f"experiment {status.get('status')} after {wall:.1f} s")
+        results = []
+        for proc, path in spawned:
+            proc.wait(timeout=LONG_POLL_S * 3 + 30)
+            results.append(json.loads(path.read_text()))
+    finally:
+        try:
+            for proc, _ in spawned:
+                if proc.poll() is None:
+                    proc.kill()
+            sampler.stop()
+        finally:
+            stop_server(server)
+            say("serve stopped")
+    latencies: dict[str, list[float]] = defaultdict(list)
+    errors: dict[str, list[str]] = defaultdict(list)
+    dispatch: dict[int, list[float]] = defaultdict(list)
+    for res in results:
+        for endpoint, values in res["latencies"].items():
+            latencies[endpoint] += values
+        for endpoint, values in res["errors"].items():
+            errors[endpoint] += values
+        for _cid, rnd, got, _done in res["rounds"]:
+            dispatch[rnd].append(got)
+    latencies["training/status (admin)"] = status_lat
+    per_round = server_rounds(work / "data", "scale")
+    return {
+        "workload": {"clients": clients, "selected": selected, "rounds": rounds, "client_processes": procs},
+        "registered": registered,
+        "registration_s": round(registration_s, 2),
+        "experiment_status": status.get("status"),
+        "wall_s": round(wall, 2),
+        "rounds_completed": sum(1 for r in per_round if r["status"] == "completed"),
+        "updates_per_round": [r["accepted_updates"] for r in per_round],
+        "all_rounds_complete": len(per_round) == rounds
+        and all(r["status"] == "completed" and r["accepted_updates"] == selected for r in per_round),
+        "round_time_s": [round(b["total_s"], 3) for b in breakdown(per_round, dispatch)],
+        "breakdown": breakdown(per_round, dispatch),
+        "latency": latency_table(latencies, errors),
+        "rss": sampler.summary(),
+        "rss_after_registration_mib": {k: round(v / MIB, 1) for k, v in rss_registered.items() if v},
+        "rss_series": [(round(t, 2), {k: round(v / MIB, 1) for k, v in s.items()}) for t, s in sampler.samples],
+    }
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def report(result: dict) -> str:
+    """The Markdown section: workload, outcome, round times and breakdown, latencies, RSS."""
+    w = result["workload"]
+    met = result["all_rounds_complete"]
+    rows = [
+        [
+            b["round"],
+            _fmt(b["total_s"]),
+            _fmt(b["select_and_open_s"]),
+            _fmt(b["dispatch_max_s"]),
+            _fmt(b["uploads_s"]),
+            _fmt(b["close_s"]),
+            _fmt(b["validate_aggregate_evaluate_persist_s"]),
+            _fmt(b["aggregation_s"]),
+            _fmt(b["evaluation_s"]),
+        ]
+        for b in result["breakdown"]
+    ]
+    breakdown_md = table(
+        [
+            "round",
+            "round time s",
+            "select+open s",
+            "last client told s",
+            "all uploads in s",
+            "last upload→closed s",
+            "closed→completed s",
+            "aggregation s",
+            "evaluation s",
+        ],
+        rows,
+    )
+    lat_rows = [
+        [ep, v["count"], v["errors"], _fmt(v["p50_ms"], 1), _fmt(v["p99_ms"], 1), _fmt(v["max_ms"], 1)]
+        for ep, v in result["latency"].items()
+    ]
+    lat_md = table(["endpoint", "requests", "errors", "p50 ms", "p99 ms", "max ms"], lat_rows)
+    rss_rows = [
+        [role, _fmt(v["start_mib"], 1), _fmt(result["rss_after_registration_mib"].get(role), 1), _fmt(v["peak_mib"], 1)]
+        + [_fmt(v["end_mib"], 1)]
+        for role, v in result["rss"].items()
+    ]
+    rss_md = table(["process", "at start MiB", "after registration MiB", "peak MiB", "at end MiB"], rss_rows)
+    times = result["round_time_s"]
+    return f"""## Scale: {w["clients"]:,} clients, {w["selected"]} selected per round
+
+Workload: `fedloom serve` (embedded Temporal dev server, one worker, one API process, SQLite, blobs in
+a directory) in a fresh data dir; {w["clients"]:,} clients registered with the admin key, run as
+asyncio tasks in {w["client_processes"]} client processes on the same machine. Each round selects
+{w["selected"]} clients (`client_fraction` {w["selected"] / w["clients"]:g}, `min_updates`
+{w["selected"]}), for {w["rounds"]} rounds of FedAvg on the digits MLP (contribution scores on, the
+default). A client long-polls `GET /clients/{{id}}/task?wait={LONG_POLL_S:g}`; when selected it
+downloads the global model and uploads it plus a precomputed perturbation (no training), so the
+rounds measure the server. Rate limits are raised for the run. Latency is measured by the clients
+for every request; RSS is sampled from `/proc` every 0.5 s; the round breakdown uses the server's
+own timestamps (round opened, last update received, round closed, round completed).
+
+Machine: {machine_line(result["machine"])}.
+
+**Target: every round completes with all {w["selected"]} updates — {"met" if met else "NOT met"}.**
+Rounds completed: {result["rounds_completed"]} of {w["rounds"]}; accepted updates per round:
+{", ".join(str(n) for n in result["updates_per_round"])}. Registration of {result["registered"]:,}
+clients took {result["registration_s"]:.1f} s; the experiment {result["wall_s"]:.1f} s from
+`POST /training/start` to `completed` (status {result["experiment_status"]}).
+
+Round time: median **{_fmt(median(times) if times else None)} s** (min {_fmt(min(times) if times else None)},
+max {_fmt(max(times) if times else None)}). Where it goes, per round (seconds; "select+open" runs from
+the previous round's completion, or the start, to this round's opening; "last client told" is when the
+last selected client received its `train` task, from the round's opening):
+
+{breakdown_md}
+
+API latency, measured client-side (the task long-poll is held by the server up to {LONG_POLL_S:g} s
+while there is nothing to do, so its latency is mostly that hold; "last client told" above is the
+long-poll's real delay):
+
+{lat_md}
+
+Server RSS (the API, the worker, the Temporal dev server):
+
+{rss_md}
+
+![scale](img/bench_{NAME}.png)
+"""
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    parts = [
+        ("select_and_open_s", "select+open"),
+        ("uploads_s", "uploads"),
+        ("close_s", "close"),
+        ("validate_aggregate_evaluate_persist_s", "validate+aggregate+evaluate+persist"),
+    ]
+    bottom = [0.0] * len(result["breakdown"])
+    xs = [b["round"] for b in result["breakdown"]]
+    for key, label in parts:
+        values = [b[key] or 0.0 for b in result["breakdown"]]
+        ax1.bar(xs, values, bottom=bottom, label=label)
+        bottom = [a + b for a, b in zip(bottom, values, strict=True)]
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("seconds")
+    ax1.set_title("round time breakdown")
+    ax1.legend(fontsize=7)
+    for role in ("api", "worker", "temporal"):
+        series = [(t, s[role]) for t, s in result["rss_series"] if role in s]
+        if series:
+            ax2.plot([t for t, _ in series], [v for _, v in series], label=role)
+    ax2.set_xlabel("seconds since serve started")
+    ax2.set_ylabel("RSS MiB")
+    ax2.set_title("server RSS")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = base_parser(__doc__)
+    parser.add_argument("--clients", type=int)
+    parser.add_argument("--selected", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--procs", type=int, help="client processes")
+    # Internal: run as one client process.
+    parser.add_argument("--client-worker", action="store_true", help=argparse_hidden())
+    parser.add_argument("--server", help=argparse_hidden())
+    parser.add_argument("--admin-key", help=argparse_hidden())
+    parser.add_argument("--first", type=int, help=argparse_hidden())
+    parser.add_argument("--count", type=int, help=argparse_hidden())
+    parser.add_argument("--result", help=argparse_hidden())
+    parser.add_argument("--max-seconds", type=float, default=900.0, help=argparse_hidden())
+    args = parser.parse_args()
+    if args.client_worker:
+        return client_worker_main(args)
+    sizes = dict(QUICK if args.quick else FULL)
+    for key in sizes:
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
+    with tempfile.TemporaryDirectory(prefix="fedloom-bench-scale-") as tmp:
+        result = run(sizes["clients"], sizes["selected"], sizes["rounds"], sizes["procs"], Path(tmp))
+    result["machine"] = machine()
+    path = write_result(args.out, NAME, {"quick": args.quick, **result})
+    plot(result, plot_path(args.out, NAME, args.quick))
+    text = report(result)
+    print(text)
+    print(f"wrote {path}")
+    if not args.quick:
+        update_doc_section(NAME, text)
+    return 0 if result["all_rounds_complete"] else 1
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
