@@ -6,10 +6,14 @@ by the experiment and round, so a retry after a crash rewrites the same bytes.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
+import os
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -56,6 +60,52 @@ def heartbeat(*details: object) -> None:
         activity.heartbeat(*details)
 
 
+# How often a heavy activity tells Temporal it is alive. The workflow's heartbeat timeout is a few
+# times this, so a worker that dies mid-aggregation is noticed within seconds and the activity retried
+# on another worker, while a long but healthy evaluation never times out.
+KEEP_ALIVE_INTERVAL_S = 2.0
+
+
+@contextmanager
+def keep_alive(interval: float = KEEP_ALIVE_INTERVAL_S) -> Iterator[None]:
+    """Heartbeat from a background thread while the body runs (a no-op outside an activity)."""
+    if not activity.in_activity():
+        yield
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(interval):
+            activity.heartbeat()
+
+    # The copied context carries the activity's identity, which activity.heartbeat looks up.
+    ticker = threading.Thread(target=contextvars.copy_context().run, args=(tick,), daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+
+
+def _kept_alive(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        with keep_alive():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _fault_pause(round: int) -> float:
+    """Fault injection for the crash tests: ``FEDLOOM_FAULT_PAUSE_AGGREGATION=<round>:<seconds>``
+    holds that round's aggregation after it has folded its first update, so a test can kill the
+    worker mid-aggregation. Unset (the default) it is zero."""
+    spec = os.environ.get("FEDLOOM_FAULT_PAUSE_AGGREGATION", "")
+    at, _, seconds = spec.partition(":")
+    return float(seconds) if at.strip() == str(round) and seconds else 0.0
+
+
 def _norm_problem(st: UpdateStats, pol: PolicyConfig) -> str | None:
     """Why an update's size is out of bounds, or None."""
     if pol.max_update_norm is not None and st.norm > pol.max_update_norm:
@@ -72,11 +122,17 @@ class AggregationActivities:
         self.engine = engine
         self.blobs = blobs
 
-    def _opener(self, refs: list[UpdateRef]):  # type: ignore[no-untyped-def]
+    def _opener(self, refs: list[UpdateRef], pause_after_first: float = 0.0):  # type: ignore[no-untyped-def]
         keys = {u.client_id: u.blob_key for u in refs}
+        opened = 0
 
         @contextmanager
         def opener(update: UpdateFile) -> Iterator[Path]:
+            nonlocal opened
+            if opened == 1 and pause_after_first:
+                activity.logger.warning("fault injection: pausing %.1f s mid-aggregation", pause_after_first)
+                time.sleep(pause_after_first)
+            opened += 1
             heartbeat(update.client_id)
             with self.blobs.open_local(keys[update.client_id]) as path:
                 yield path
@@ -88,6 +144,7 @@ class AggregationActivities:
         return [UpdateFile(u.client_id, Path(u.blob_key), u.num_samples) for u in refs]
 
     @activity.defn(name="validate_updates")
+    @_kept_alive
     def validate_updates(self, inp: ValidateInput) -> ValidationOutcome:
         """Check the round's updates (norm bound, similarity, rules); rejected ones stay out of aggregation."""
         from fedloom_core import policy as policy_rules
@@ -157,6 +214,7 @@ class AggregationActivities:
         return ValidationOutcome(accepted=accepted, rejected=rejected, stats=out_stats)
 
     @activity.defn(name="aggregate_round")
+    @_kept_alive
     def aggregate_round(self, inp: AggregateInput) -> AggregateOutput:
         """Aggregate the round's accepted updates with the experiment's strategy, streaming the updates."""
         from fedloom_core.strategies import build_strategy
@@ -178,7 +236,7 @@ class AggregationActivities:
                             state_path=Path(state_path) if state_path else None,
                             state_out_path=state_out,
                             seed=inp.seed,
-                            opener=self._opener(inp.updates),
+                            opener=self._opener(inp.updates, _fault_pause(inp.round)),
                         )
                     )
             parameters = sum(t.numel() for t in weights.load_state(out).values() if t.is_floating_point())
@@ -197,6 +255,7 @@ class AggregationActivities:
         return AggregateOutput(model=model, state_key=new_state, info=_jsonable(result.info))
 
     @activity.defn(name="evaluate_model")
+    @_kept_alive
     def evaluate_model(self, inp: EvaluateInput) -> Evaluation:
         """Accuracy and loss on the server's held-out split, and optional leave-one-out loss deltas.
 

@@ -51,7 +51,8 @@ _SHORT = dict(
 )
 _HEAVY = dict(
     start_to_close_timeout=timedelta(hours=1),
-    heartbeat_timeout=timedelta(seconds=60),
+    # The heavy activities heartbeat every 2 s from a background thread: a dead worker is noticed in 10 s.
+    heartbeat_timeout=timedelta(seconds=10),
     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
 )
 

@@ -3,6 +3,7 @@ byte for byte, to an uninterrupted run with the same seed and data."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from temporalio.api.enums.v1 import PendingActivityState
 
+from fedloom_core.temporal import connect
 from tests.conftest import (
     LiveServer,
     free_port,
@@ -37,10 +40,12 @@ def _child(server: LiveServer, role: str) -> int:
     raise AssertionError(f"no {role} child of serve: {out.stdout}")
 
 
-def _run(tmp: Path, kill: Callable[[LiveServer, Path, int, int], LiveServer] | None) -> str:
+def _run(
+    tmp: Path, kill: Callable[[LiveServer, Path, int, int], LiveServer] | None, env: dict[str, str] | None = None
+) -> str:
     tmp.mkdir()
     data_dir, port, temporal_port = tmp / "data", free_port(), free_port()
-    server = start_serve(data_dir, port=port, temporal_port=temporal_port)
+    server = start_serve(data_dir, env, port=port, temporal_port=temporal_port)
     clients = spawn_clients(server, CLIENTS, tmp, "k")
     try:
         http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
@@ -64,6 +69,8 @@ def _run(tmp: Path, kill: Callable[[LiveServer, Path, int, int], LiveServer] | N
             assert time.monotonic() < deadline, status
             time.sleep(0.5)
         assert status["status"] == "completed" and status["current_round"] == ROUNDS, status
+        if kill is _kill_worker_during_aggregation:
+            assert asyncio.run(_aggregation_attempts(server, 2)) >= 2, "the kill missed round 2's aggregation"
         return http.get("/model/global").json()["sha256"]
     finally:
         for proc in clients:
@@ -87,6 +94,47 @@ def _kill_child(role: str) -> Callable[[LiveServer, Path, int, int], LiveServer]
     return kill
 
 
+async def _aggregating(server: LiveServer, round: int) -> bool:
+    """Whether round ``round``'s aggregate_round activity is running on a worker right now."""
+    client = await connect(server.temporal_address)
+    handle = client.get_workflow_handle("experiment-crash")
+    if (await handle.query("status"))["current_round"] != round:
+        return False
+    desc = await handle.describe()
+    return any(
+        p.activity_type.name == "aggregate_round" and p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+        for p in desc.raw_description.pending_activities
+    )
+
+
+async def _aggregation_attempts(server: LiveServer, round: int) -> int:
+    """How many attempts round ``round``'s aggregate_round took, read from the workflow history."""
+    client = await connect(server.temporal_address)
+    history = await client.get_workflow_handle("experiment-crash").fetch_history()
+    scheduled = [
+        e.event_id
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "aggregate_round"
+    ]
+    attempts = {
+        e.activity_task_started_event_attributes.scheduled_event_id: e.activity_task_started_event_attributes.attempt
+        for e in history.events
+        if e.HasField("activity_task_started_event_attributes")
+    }
+    return attempts[scheduled[round - 1]]
+
+
+def _kill_worker_during_aggregation(server: LiveServer, *_: object) -> LiveServer:
+    """SIGKILL the worker while round 2's aggregation is paused after folding its first update."""
+    deadline = time.monotonic() + 120
+    while not asyncio.run(_aggregating(server, 2)):
+        assert time.monotonic() < deadline, "round 2's aggregation never started"
+        time.sleep(0.1)
+    os.kill(_child(server, "worker"), signal.SIGKILL)  # serve restarts it; the attempt times out and is retried
+    return server
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     return _run(tmp_path_factory.mktemp("uninterrupted") / "run", None)
@@ -99,3 +147,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 )
 def test_sigkill_mid_round_loses_nothing(reference: str, tmp_path: Path, kill) -> None:  # type: ignore[no-untyped-def]
     assert _run(tmp_path / "killed", kill) == reference
+
+
+def test_worker_sigkilled_during_aggregation_loses_nothing(reference: str, tmp_path: Path) -> None:
+    """The kill lands while round 2's aggregation holds a partial sum: the retry starts over and
+    writes the same bytes (the history shows a second attempt of that activity)."""
+    pause = {"FEDLOOM_FAULT_PAUSE_AGGREGATION": "2:4"}
+    assert _run(tmp_path / "killed", _kill_worker_during_aggregation, pause) == reference
