@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -32,6 +33,10 @@ MAX_KEY_LENGTH = 512
 SIDECAR_SUFFIX = ".sha256"
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+# A file changed this recently may change again without its timestamps moving (they tick
+# coarsely), so its digest is not cached until it is older than this.
+_SETTLED_NS = 2_000_000_000
+_MAX_VERIFIED = 4096
 
 
 class BlobStoreError(Exception):
@@ -86,6 +91,11 @@ def _copy_hashing(src: BinaryIO, dst: BinaryIO | None) -> tuple[int, str]:
             dst.write(chunk)
         size += len(chunk)
     return size, digest.hexdigest()
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What identifies one version of a file: any write or replacement changes at least one field."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _check_digest(key: str, expected: str, actual: str) -> None:
@@ -151,6 +161,8 @@ class LocalBlobStore(BlobStore):
         """Use the directory ``root``, creating it if needed."""
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        # Digests this process has verified, by path: ((dev, inode, size, mtime_ns, ctime_ns), sha256).
+        self._verified: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def _path(self, key: str) -> Path:
         """Map a validated key to its data path, refusing anything that resolves outside the root."""
@@ -228,13 +240,32 @@ class LocalBlobStore(BlobStore):
 
     @contextmanager
     def open_local(self, key: str, verify: bool = True) -> Iterator[Path]:
-        """Yield the stored file itself, after re-hashing it unless ``verify`` is false."""
+        """Yield the stored file itself, after re-hashing it unless ``verify`` is false.
+
+        A round reads each update several times (validation, then aggregation) and re-hashing
+        a large file costs more than aggregating it, so a digest this process has verified is
+        remembered with the file's identity (device, inode, size, mtime and ctime in ns) and
+        trusted while none of them changes. Any write or replacement changes the ctime (which
+        user space cannot set), and files modified within the last two seconds, whose coarse
+        timestamps could still repeat, are always re-hashed.
+        """
         stored = self.info(key)
         path = self._path(key)
         if verify:
             with open(path, "rb") as fh:
-                _check_digest(key, stored.sha256, _copy_hashing(fh, None)[1])
+                identity = _identity(os.fstat(fh.fileno()))
+                if self._verified.get(str(path)) != (identity, stored.sha256):
+                    _check_digest(key, stored.sha256, _copy_hashing(fh, None)[1])
+                    self._remember(path, identity, stored.sha256)
         yield path
+
+    def _remember(self, path: Path, identity: tuple[int, ...], sha256: str) -> None:
+        """Cache a verified digest, unless the file changed too recently to be told apart from a later write."""
+        if time.time_ns() - max(identity[-2:]) < _SETTLED_NS:
+            return
+        if len(self._verified) >= _MAX_VERIFIED:
+            self._verified.clear()
+        self._verified[str(path)] = (identity, sha256)
 
     def iter_bytes(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Stream the file in ``chunk_size`` pieces, verifying the digest at the end."""

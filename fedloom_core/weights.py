@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 # Largest safetensors header we parse; real headers are a few KiB per hundred tensors.
 MAX_HEADER_BYTES = 16 << 20
@@ -35,6 +34,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# The order in which the safetensors library lays out tensors by dtype (then by name), so that
+# save_state writes the very bytes ``safetensors.torch.save_file`` would.
+_LAYOUT_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
 
 
 class WeightsFormatError(ValueError):
@@ -154,8 +156,40 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_state(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """Write a state_dict as safetensors, tensors contiguous and on the CPU."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+    """Write a state_dict as safetensors, tensors contiguous and on the CPU.
+
+    The bytes are those ``safetensors.torch.save_file`` writes (same layout order, header and
+    padding), but each tensor's memory goes straight to the file: the library first copies the
+    whole model into one bytes object, which cost more than the aggregation itself for large
+    models. The file is written beside ``path`` and renamed into place, so a reader never sees
+    half a model, and replacing a large file does not pay for truncating it in place.
+    """
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    rank = {name: i for i, name in enumerate(_LAYOUT_ORDER)}
+    order = sorted(tensors, key=lambda name: (rank[dtype_name(tensors[name].dtype)], name))
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors pads it
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)))
+            fh.write(raw)
+            for name in order:
+                flat = tensors[name].reshape(-1)
+                if flat.numel():
+                    fh.write(memoryview(flat.view(torch.uint8).numpy()))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def structure(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:

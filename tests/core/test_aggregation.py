@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import subprocess
@@ -393,3 +394,89 @@ def test_peak_memory_does_not_grow_with_the_number_of_updates(tmp_path: Path) ->
     expected_shift = sum(i * (i + 1) for i in range(20)) / 210
     first = load_file(str(updates[0].path))
     torch.testing.assert_close(result["layer2.weight"], first["layer2.weight"] + expected_shift, rtol=0, atol=1e-4)
+
+
+# -- the data plane's fast paths: the output writer and the blob store's verified digests ----------
+
+_ALL_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_save_state_writes_the_bytes_safetensors_writes(tmp_path: Path, seed: int) -> None:
+    """save_state streams tensors to the file itself; the result must equal the library's, byte for byte."""
+    from fedloom_core.weights import save_state
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for i in range(14):
+        dtype = _ALL_DTYPES[int(torch.randint(len(_ALL_DTYPES), (1,), generator=gen))]
+        shape = [int(d) for d in torch.randint(0, 5, (int(torch.randint(0, 4, (1,), generator=gen)),), generator=gen)]
+        name = f"layer{int(torch.randint(50, (1,), generator=gen))}.w\u00e9{i % 3}"
+        state[name] = (torch.randn(shape, generator=gen) * 40).to(dtype)
+    save_file(state, str(tmp_path / "library.safetensors"))
+    save_state(state, tmp_path / "ours.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
+    # Overwriting replaces the file whole, and leaves no temporary file behind.
+    save_state({"x": torch.ones(3)}, tmp_path / "ours.safetensors")
+    assert load_file(str(tmp_path / "ours.safetensors"))["x"].tolist() == [1.0, 1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["library.safetensors", "ours.safetensors"]
+
+
+def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from fedloom_core import blobstore
+
+    calls: list[int] = []
+    real = blobstore._copy_hashing
+
+    def counting(src, dst):  # type: ignore[no-untyped-def]
+        if dst is None:
+            calls.append(1)
+        return real(src, dst)
+
+    monkeypatch.setattr(blobstore, "_copy_hashing", counting)
+    return calls
+
+
+def test_verified_digest_is_reused_only_for_settled_unchanged_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedloom_core import blobstore
+
+    store = blobstore.LocalBlobStore(tmp_path / "blobs")
+    store.put_stream("u/a", io.BytesIO(b"x" * 5000))
+    hashed = _count_hashing(monkeypatch)
+    # Just written: its timestamps could still repeat, so every open re-hashes it.
+    for _ in range(2):
+        with store.open_local("u/a"):
+            pass
+    assert len(hashed) == 2
+    # Once settled (the ctime, which utime cannot move back, is what we pretend is old here).
+    monkeypatch.setattr(blobstore, "_SETTLED_NS", 0)
+    with store.open_local("u/a"):
+        pass
+    with store.open_local("u/a") as path:
+        assert path.read_bytes() == b"x" * 5000
+    assert len(hashed) == 3
+    # Any change to the file (here the same size, in place) changes its identity: hashed again, and caught.
+    path.write_bytes(b"y" * 5000)
+    with pytest.raises(blobstore.BlobIntegrityError), store.open_local("u/a"):
+        pytest.fail("open_local must not yield modified content")
+    assert len(hashed) == 4
+    # verify=False never hashes; another store (another process) has its own memory.
+    with store.open_local("u/a", verify=False):
+        pass
+    assert len(hashed) == 4
+    other = blobstore.LocalBlobStore(tmp_path / "blobs")
+    with pytest.raises(blobstore.BlobIntegrityError), other.open_local("u/a"):
+        pass
