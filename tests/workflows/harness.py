@@ -31,6 +31,10 @@ from workers.main import build_workers
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
 
+# How often the in-process clients look for an open round: short, so rounds are not paced by it.
+POLL_S = 0.01
+
+
 @dataclass
 class SimClient:
     client_id: str
@@ -155,7 +159,7 @@ async def _drive(env, engine, blobs, workers, inp, exp_id, suffix, clients, data
             with session_scope(engine) as s:
                 rnd = s.exec(select(Round).where(Round.experiment_id == exp_id, Round.status == "open")).first()
             if rnd is None:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(POLL_S)
                 continue
             for cid in rnd.selected_clients:
                 if (rnd.round, cid) in done:
@@ -167,7 +171,7 @@ async def _drive(env, engine, blobs, workers, inp, exp_id, suffix, clients, data
                 await handle.signal(
                     ExperimentWorkflow.update_received, UpdateNotice(update_id="sim", client_id=cid, round=rnd.round)
                 )
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(POLL_S)
         try:
             result = await result_task
             status = result.status
