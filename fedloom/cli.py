@@ -17,6 +17,10 @@ def _setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    from fedloom_core.redact import install
+
+    # uvicorn logs through its own handlers, so its loggers get the filter too.
+    install("uvicorn", "uvicorn.error", "uvicorn.access", "temporalio")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -152,11 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=10)
     demo.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     demo.set_defaults(func=_cmd_demo)
+
+    # Its options are fedloom.loadtest's own; main() hands them over unparsed.
+    sub.add_parser("loadtest", help="hold a request rate on one endpoint and report latency (fedloom loadtest -h)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedloom`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:
+        from fedloom.loadtest import main as loadtest
+
+        return loadtest(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     return int(args.func(args) or 0)

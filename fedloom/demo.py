@@ -140,8 +140,6 @@ def run_demo(clients: int = 5, rounds: int = 10, port: int = 0) -> int:
                             "client",
                             "--server",
                             server_url,
-                            "--api-key",
-                            admin_key,
                             "--client-id",
                             f"demo-client-{i}",
                             "--dataset",
@@ -149,7 +147,8 @@ def run_demo(clients: int = 5, rounds: int = 10, port: int = 0) -> int:
                             "--partition",
                             f"{i}/{clients}",
                         ],
-                        env=env,
+                        # The key goes by environment, not argv, where `ps` would show it.
+                        env={**env, "FEDLOOM_API_KEY": admin_key},
                         stdout=open(logs / f"client-{i}.log", "wb"),
                         stderr=subprocess.STDOUT,  # noqa: SIM115
                     )

@@ -25,6 +25,7 @@ from tests.conftest import (
     stop_serve,
     wait_registered,
 )
+from tests.pg_cluster import PrivateCluster
 
 pytestmark = pytest.mark.e2e
 CLIENTS, ROUNDS = 3, 4
@@ -135,6 +136,27 @@ def _kill_worker_during_aggregation(server: LiveServer, *_: object) -> LiveServe
     return server
 
 
+# Routes that read the database; while PostgreSQL is down each must answer 503 in the spec's format.
+DATABASE_ROUTES = ["/training/status", "/clients", "/metrics/training", "/experiments", "/model/global"]
+
+
+def _restart_postgres(cluster: PrivateCluster) -> Callable[[LiveServer, Path, int, int], LiveServer]:
+    def restart(server: LiveServer, *_: object) -> LiveServer:
+        cluster.stop()
+        http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
+        for route in DATABASE_ROUTES:
+            answer = http.get(route)
+            assert answer.status_code == 503, (route, answer.status_code, answer.text)
+            assert answer.json()["error"]["code"] == "SERVICE_UNAVAILABLE", (route, answer.text)
+        health = http.get("/health")
+        assert health.status_code == 503 and "database" in health.text, health.text
+        time.sleep(5)  # activities and client requests fail meanwhile, and are retried
+        cluster.start()
+        return server
+
+    return restart
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     return _run(tmp_path_factory.mktemp("uninterrupted") / "run", None)
@@ -147,6 +169,19 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 )
 def test_sigkill_mid_round_loses_nothing(reference: str, tmp_path: Path, kill) -> None:  # type: ignore[no-untyped-def]
     assert _run(tmp_path / "killed", kill) == reference
+
+
+@pytest.mark.postgres
+def test_postgres_restarted_mid_round_loses_nothing(reference: str, tmp_path: Path) -> None:
+    """In the PostgreSQL configuration the database goes away mid-round: requests get 503
+    SERVICE_UNAVAILABLE, then the run carries on and ends with the same final model."""
+    cluster = PrivateCluster(free_port())
+    try:
+        cluster.start()
+        env = {"FEDLOOM_DATABASE_URL": cluster.url}
+        assert _run(tmp_path / "pg", _restart_postgres(cluster), env) == reference
+    finally:
+        cluster.destroy()
 
 
 def test_worker_sigkilled_during_aggregation_loses_nothing(reference: str, tmp_path: Path) -> None:

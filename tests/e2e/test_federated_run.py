@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from websockets.sync.client import connect as connect_ws
 
 from fedloom.demo import start_body
 from fedloom_core.datasets import load_test
@@ -66,11 +68,30 @@ def test_five_clients_reach_90_percent_and_the_downloaded_model_agrees(tmp_path:
         assert evaluate(model, load_test("digits"))[0] == pytest.approx(accuracy, abs=1e-9)
 
         asyncio.run(_check_web_ui_view(server))
+        # Keys travel in headers and, for browsers, in the WebSocket URL; a wrong key is refused.
+        ws_url = server.url.replace("http", "ws") + f"/api/v1/ws/events?api_key={server.admin_key}&since=0"
+        with connect_ws(ws_url) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"]
+        bogus = "fladmin_" + "x" * 43
+        assert http.get("/clients", headers={"Authorization": f"Bearer {bogus}"}).status_code == 401
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
         stop_serve(server)
+    _assert_no_key_logged(tmp_path, [server.admin_key, bogus])
+
+
+def _assert_no_key_logged(tmp_path: Path, keys: list[str]) -> None:
+    """No log, console output or database file holds a key: they are masked in logs, hashed at rest."""
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in {".log", ".db", ".db-wal", ""}]
+    assert any(p.name == "api.log" for p in files) and any(p.name == "serve-data.log" for p in files)
+    for path in files:
+        if path.name == "admin_api_key":
+            continue  # the key's own 0600 file
+        data = path.read_bytes()
+        for key in keys:
+            assert key.encode() not in data, f"a key appears in {path}"
 
 
 async def _check_web_ui_view(server) -> None:  # type: ignore[no-untyped-def]
