@@ -27,7 +27,7 @@ from tests.conftest import (
 )
 from tests.pg_cluster import PrivateCluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 CLIENTS, ROUNDS = 3, 4
 
 

@@ -7,6 +7,7 @@ only HTTP and client processes are left out, so many rounds with many clients st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,6 @@ from fedloom_core.training import train_local
 from fedloom_core.weights import load_state, save_state
 from workers.main import build_workers
 from workflows.experiment import ExperimentWorkflow, workflow_id
-
 
 # How often the in-process clients look for an open round: short, so rounds are not paced by it.
 POLL_S = 0.01
@@ -80,8 +80,13 @@ async def run_experiment(
     min_clients: int | None = None,
     selection_timeout_s: float = 30,
     continue_as_new_every: int | None = None,
+    aggregation_queue: str | None = None,
 ) -> Outcome:
-    """Run one experiment to its end and return per-round accuracy and the database."""
+    """Run one experiment to its end and return per-round accuracy and the database.
+
+    With ``aggregation_queue``, validation, aggregation and evaluation are left to whatever workers
+    poll that queue (e.g. separate worker processes); otherwise an in-process worker does them.
+    """
     settings = Settings(data_dir=tmp)
     engine = make_engine(settings.database_url)
     create_schema(engine)
@@ -91,6 +96,8 @@ async def run_experiment(
     info = dataset_info(dataset)
     with session_scope(engine) as s:
         for c in clients:
+            if s.get(Client, c.client_id) is not None:
+                continue  # registered by another experiment sharing this database
             s.add(
                 Client(
                     client_id=c.client_id,
@@ -133,7 +140,7 @@ async def run_experiment(
         selection_timeout_s=selection_timeout_s,
         policy=pol,
         continue_as_new_every=continue_as_new_every,
-        aggregation_queue=f"agg-{suffix}",
+        aggregation_queue=aggregation_queue or f"agg-{suffix}",
     )
     data = {
         c.client_id: client_partition(dataset, c.index, len(clients), seed=seed, strategy=partition, alpha=alpha)
@@ -141,7 +148,10 @@ async def run_experiment(
         else client_partition(dataset, c.index, len(clients), seed=seed)
         for c in clients
     }
-    workers = build_workers(env.client, settings, workflow_queue=f"exp-{suffix}", aggregation_queue=f"agg-{suffix}")
+    queues = ("experiments",) if aggregation_queue else ("experiments", "aggregation")
+    workers = build_workers(
+        env.client, settings, queues, workflow_queue=f"exp-{suffix}", aggregation_queue=f"agg-{suffix}"
+    )
     # Clients answer at once: no deadline may be skipped while they train.
     with env.auto_time_skipping_disabled():
         return await _drive(env, engine, blobs, workers, inp, exp_id, suffix, clients, data, req, info, tmp, seed)
@@ -149,7 +159,9 @@ async def run_experiment(
 
 async def _drive(env, engine, blobs, workers, inp, exp_id, suffix, clients, data, req, info, tmp, seed) -> Outcome:  # type: ignore[no-untyped-def]
     by_id = {c.client_id: c for c in clients}
-    async with workers[0], workers[1]:
+    async with contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            await stack.enter_async_context(worker)
         handle = await env.client.start_workflow(
             ExperimentWorkflow.run, inp, id=workflow_id(exp_id), task_queue=f"exp-{suffix}"
         )
@@ -220,14 +232,16 @@ def _train_and_upload(engine, blobs, rnd, client: SimClient, data, req, info, tm
     state = model.state_dict()
     if attack is not None:
         state = poison_update(attack, global_state, state, seed=rnd.round * 31 + client.index)
-    out = tmp / f"{client.client_id}-{rnd.round}.safetensors"
+    out = tmp / f"{rnd.experiment_id}-{client.client_id}-{rnd.round}.safetensors"
     save_state(state, out)
     metrics = {"data_samples": len(data), "local_accuracy": result.local_accuracy if result else 0.0}
     try:
-        uploads.store_update(engine, blobs, client_id=client.client_id, upload_path=out, metrics=metrics)
+        uploads.store_update(
+            engine, blobs, client_id=client.client_id, upload_path=out, metrics=metrics, experiment_id=rnd.experiment_id
+        )
     except ModelValidationFailed:
         pass  # e.g. NaN weights after training from a diverged model: refused, as a real client's would be
-    out.unlink()
+    out.unlink(missing_ok=True)  # the store may have adopted (moved) it
 
 
 def updates_of(engine, experiment_id: str) -> list[Update]:  # type: ignore[no-untyped-def]
