@@ -17,7 +17,7 @@ from sqlmodel import select
 
 from fedloom_core import weights
 from fedloom_core.blobstore import BlobStore
-from fedloom_core.db import Client, GlobalModel, Round, Update, utcnow
+from fedloom_core.db import Client, Experiment, GlobalModel, Round, Update, utcnow
 from fedloom_core.errors import (
     ClientNotRegistered,
     Conflict,
@@ -70,14 +70,20 @@ def parse_metrics(raw: str | None) -> dict[str, Any]:
     return metrics
 
 
-def find_target(engine: Engine, client_id: str) -> Target:
-    """The open round this client may upload to, or the spec's error saying why there is none."""
+def find_target(engine: Engine, client_id: str, experiment_id: str | None = None) -> Target:
+    """The open round this client may upload to, or the spec's error saying why there is none.
+
+    ``experiment_id`` names the experiment when several run at once on one database (e.g. started
+    straight through Temporal); by default it is the running one.
+    """
     with session_scope(engine) as s:
         if s.get(Client, client_id) is None:
             raise ClientNotRegistered(
                 "Client not registered with server", f"The specified client ID '{client_id}' is not registered"
             )
-        exp = running_experiment(s)
+        exp = running_experiment(s) if experiment_id is None else s.get(Experiment, experiment_id)
+        if exp is not None and exp.status != "running":
+            exp = None
         if exp is None:
             raise ExperimentNotActive("No active experiment running", "no experiment is running; start one first")
         rnd = open_round(s, exp.experiment_id)
@@ -145,9 +151,10 @@ def store_update(
     client_id: str,
     upload_path: Path,
     metrics: dict[str, Any],
+    experiment_id: str | None = None,
 ) -> StoredUpdate:
     """Validate, store and record one uploaded update; a repeat of the same file returns the first record."""
-    target = find_target(engine, client_id)
+    target = find_target(engine, client_id, experiment_id)
     expected = expected_structure(engine, blobs, target.global_model_id)
     with tempfile.TemporaryDirectory(prefix="fedloom-upload-", dir=upload_path.parent) as tmp:
         normalized = Path(tmp) / "update.safetensors"
