@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 from collections.abc import Sequence
 
 from temporalio.client import Client
@@ -63,8 +64,48 @@ def build_workers(
     return workers
 
 
+def limit_torch_threads() -> None:
+    """Run torch single-threaded in the worker unless ``OMP_NUM_THREADS`` asks for more.
+
+    The worker's torch work is evaluating a model on the server's test split (once per update with
+    contribution scores) and memory-bound accumulation. With intra-op threads on a machine whose cores
+    are shared with the API, Temporal and the database, each small operator waits for a second thread
+    that is busy elsewhere: a py-spy profile of the round-overhead benchmark showed evaluation taking
+    most of the worker's time, and the same evaluation ran about ten times faster on one thread there.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def warm_up() -> None:
+    """Import the evaluation path and load the built-in test split before the first round needs them.
+
+    Otherwise the first round's evaluation also pays for importing scikit-learn's dataset loaders and
+    torch's lazy initialisation (the profile showed ``_load_digits`` as a third of the worker's busy
+    samples in a short experiment).
+    """
+    from fedloom_core.datasets import load_test
+    from fedloom_core.models import build_model
+    from fedloom_core.training import evaluate
+
+    evaluate(build_model("MLP", (8, 8, 1), 10), load_test("digits"))
+
+
+def _log_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("warm-up failed (the first round pays for it instead): %s", future.exception())
+
+
 async def run_workers(client: Client, settings: Settings, queues: Sequence[str] = QUEUES) -> None:
     """Run the workers until cancelled."""
+    limit_torch_threads()
+    if "aggregation" in queues:
+        # In the background: the workers start polling at once.
+        warming = asyncio.get_running_loop().run_in_executor(None, warm_up)
+        warming.add_done_callback(_log_failure)
     # A workflow that upserts an unregistered search attribute stalls: register them first.
     await ensure_search_attributes(client, settings.temporal_namespace)
     workers = build_workers(client, settings, queues)

@@ -8,7 +8,8 @@ model happens in an activity. Weights never pass through Temporal; the workflow 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -44,6 +45,9 @@ INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
 ROUND_DENIED = "ROUND_DENIED"
 # Histories recorded before the workflow kept its search attributes up to date replay without them.
 SEARCH_ATTRIBUTES_PATCH = "search-attributes-v1"
+# Histories recorded before the short database steps ran as local activities replay with them as
+# normal activities (each of which cost a round trip through the Temporal server and a task queue).
+LOCAL_STEPS_PATCH = "local-steps-v1"
 
 _SHORT = dict(
     start_to_close_timeout=timedelta(seconds=60),
@@ -54,6 +58,12 @@ _HEAVY = dict(
     # The heavy activities heartbeat every 2 s from a background thread: a dead worker is noticed in 10 s.
     heartbeat_timeout=timedelta(seconds=10),
     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+)
+
+
+_LOCAL = dict(
+    start_to_close_timeout=timedelta(seconds=60),
+    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
 )
 
 
@@ -73,6 +83,7 @@ class ExperimentWorkflow:
         self._stop_reason: str | None = None
         self._last: dict[str, float] = {}
         self._global_model_id: str | None = None
+        self._local_steps = False
 
     @workflow.run
     async def run(self, inp: ExperimentInput) -> ExperimentResult:
@@ -81,9 +92,11 @@ class ExperimentWorkflow:
         self._total_rounds = exp.rounds
         state = inp.state
         rounds_done = state.next_round - 1
+        # Decided once per run, before the first command, so a run takes one path throughout.
+        self._local_steps = workflow.patched(LOCAL_STEPS_PATCH)
         try:
             if state.global_model is None:
-                state.global_model = await workflow.execute_activity(
+                state.global_model = await self._short(
                     "init_experiment",
                     InitInput(
                         experiment_id=inp.experiment_id,
@@ -93,7 +106,6 @@ class ExperimentWorkflow:
                         seed=exp.seed,
                     ),
                     result_type=ModelRef,
-                    **_SHORT,
                 )
             self._global_model_id = state.global_model.model_id
             self._status = "running"
@@ -153,36 +165,9 @@ class ExperimentWorkflow:
         self._reported = set()
         self._status = "selecting"
         round_started = workflow.now()
-        try:
-            selection = await workflow.execute_activity(
-                "select_clients",
-                SelectClientsInput(
-                    experiment_id=inp.experiment_id,
-                    round=rnd,
-                    min_clients=exp.min_clients,
-                    client_fraction=exp.client_fraction,
-                    seed=exp.seed,
-                    timeout_s=inp.selection_timeout_s,
-                    trust_threshold=inp.policy.trust_threshold,
-                    policy=inp.policy,
-                    hour_utc=round_started.hour,
-                    weekday=round_started.weekday(),
-                ),
-                result_type=Selection,
-                start_to_close_timeout=timedelta(seconds=inp.selection_timeout_s + 60),
-                heartbeat_timeout=timedelta(seconds=20),
-                retry_policy=RetryPolicy(
-                    maximum_interval=timedelta(seconds=5),
-                    non_retryable_error_types=[INSUFFICIENT_CLIENTS, ROUND_DENIED],
-                ),
-            )
-        except ActivityError as exc:
-            cause = exc.cause
-            if isinstance(cause, ApplicationError) and cause.type in (INSUFFICIENT_CLIENTS, ROUND_DENIED):
-                raise ApplicationError(cause.message, type=cause.type, non_retryable=True) from None
-            raise
+        selection = await self._select(inp, rnd, round_started)
         self._selected = list(selection.selected)
-        await workflow.execute_activity(
+        await self._short(
             "open_round",
             OpenRoundInput(
                 experiment_id=inp.experiment_id,
@@ -196,7 +181,6 @@ class ExperimentWorkflow:
                 strategy=agg.strategy,
                 params=agg.params,
             ),
-            **_SHORT,
         )
         self._status = "waiting_for_updates"
         try:
@@ -207,8 +191,8 @@ class ExperimentWorkflow:
             pass
         # The database is the record of what was accepted; signals only wake us early.
         self._status = "validating"
-        received: list[UpdateRef] = await workflow.execute_activity(
-            "close_round", RoundRef(experiment_id=inp.experiment_id, round=rnd), result_type=list[UpdateRef], **_SHORT
+        received: list[UpdateRef] = await self._short(
+            "close_round", RoundRef(experiment_id=inp.experiment_id, round=rnd), result_type=list[UpdateRef]
         )
         checked: ValidationOutcome = await workflow.execute_activity(
             "validate_updates",
@@ -274,7 +258,7 @@ class ExperimentWorkflow:
             **_HEAVY,
         )
         self._last = {"accuracy": evaluation.accuracy, "loss": evaluation.loss}
-        await workflow.execute_activity(
+        await self._short(
             "complete_round",
             CompleteRoundInput(
                 experiment_id=inp.experiment_id,
@@ -291,7 +275,6 @@ class ExperimentWorkflow:
                 strategy_info=aggregated.info,
                 policy=inp.policy,
             ),
-            **_SHORT,
         )
         return new_model
 
@@ -304,7 +287,7 @@ class ExperimentWorkflow:
         reason: str | None = None,
         error_code: str | None = None,
     ) -> None:
-        await workflow.execute_activity(
+        await self._short(
             "finish_experiment",
             FinishInput(
                 experiment_id=inp.experiment_id,
@@ -314,8 +297,73 @@ class ExperimentWorkflow:
                 reason=reason,
                 error_code=error_code,
             ),
-            **_SHORT,
         )
+
+    async def _short(self, name: str, arg: object, result_type: type | None = None) -> Any:
+        """Run a short database step of the experiments queue: a local activity on new runs.
+
+        A local activity runs in this worker straight from the workflow task, without a trip through
+        the Temporal server's task queue and a second workflow task to learn of its result. The steps
+        are idempotent, so running one again after a crash (its marker not yet recorded) is safe.
+        """
+        if self._local_steps:
+            return await workflow.execute_local_activity(name, arg, result_type=result_type, **_LOCAL)
+        return await workflow.execute_activity(name, arg, result_type=result_type, **_SHORT)
+
+    async def _select(self, inp: ExperimentInput, rnd: int, round_started: datetime) -> Selection:
+        """The round's clients; new runs first try a quick local selection, then wait in a normal activity.
+
+        The waiting selection polls and heartbeats for up to the selection timeout, which suits a
+        normal activity; but usually enough clients are eligible at once, and a local activity with
+        no wait (``timeout_s=0``) answers without the round trip. Only when it finds too few, or the
+        round is held by round_control rules, does the waiting activity run.
+        """
+        exp = inp.config.experiment_config
+        request = SelectClientsInput(
+            experiment_id=inp.experiment_id,
+            round=rnd,
+            min_clients=exp.min_clients,
+            client_fraction=exp.client_fraction,
+            seed=exp.seed,
+            timeout_s=inp.selection_timeout_s,
+            trust_threshold=inp.policy.trust_threshold,
+            policy=inp.policy,
+            hour_utc=round_started.hour,
+            weekday=round_started.weekday(),
+        )
+        if self._local_steps:
+            try:
+                return await workflow.execute_local_activity(
+                    "select_clients",
+                    request.model_copy(update={"timeout_s": 0.0}),
+                    result_type=Selection,
+                    start_to_close_timeout=timedelta(seconds=60),
+                    retry_policy=RetryPolicy(
+                        maximum_interval=timedelta(seconds=5),
+                        non_retryable_error_types=[INSUFFICIENT_CLIENTS, ROUND_DENIED],
+                    ),
+                )
+            except ActivityError as exc:
+                cause = exc.cause
+                if not (isinstance(cause, ApplicationError) and cause.type in (INSUFFICIENT_CLIENTS, ROUND_DENIED)):
+                    raise
+        try:
+            return await workflow.execute_activity(
+                "select_clients",
+                request,
+                result_type=Selection,
+                start_to_close_timeout=timedelta(seconds=inp.selection_timeout_s + 60),
+                heartbeat_timeout=timedelta(seconds=20),
+                retry_policy=RetryPolicy(
+                    maximum_interval=timedelta(seconds=5),
+                    non_retryable_error_types=[INSUFFICIENT_CLIENTS, ROUND_DENIED],
+                ),
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type in (INSUFFICIENT_CLIENTS, ROUND_DENIED):
+                raise ApplicationError(cause.message, type=cause.type, non_retryable=True) from None
+            raise
 
     async def _fail(
         self, inp: ExperimentInput, rounds_done: int, model: ModelRef | None, code: str, message: str

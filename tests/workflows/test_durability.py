@@ -12,7 +12,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from tests.workflows.harness import SimClient, run_experiment
-from workflows.experiment import SEARCH_ATTRIBUTES_PATCH, ExperimentWorkflow
+from workflows.experiment import LOCAL_STEPS_PATCH, ExperimentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -44,7 +44,8 @@ async def test_continue_as_new_keeps_rounds_strategy_state_and_metrics(
     assert carried["state"]["strategy_state_key"].endswith("round-2.safetensors")
     if os.environ.get("FEDLOOM_RECORD_HISTORIES"):
         # One file per workflow version: older files stay, so CI keeps replaying every version.
-        (HISTORIES / f"fedadam-continue-as-new-{SEARCH_ATTRIBUTES_PATCH}.json").write_text(out.history.to_json())
+        # Named after the newest patch the workflow carries.
+        (HISTORIES / f"fedadam-continue-as-new-{LOCAL_STEPS_PATCH}.json").write_text(out.history.to_json())
 
 
 async def test_recorded_histories_replay_without_nondeterminism() -> None:
@@ -58,3 +59,6 @@ async def test_recorded_histories_replay_without_nondeterminism() -> None:
     texts = [path.read_text() for path in files]
     assert any("upsertWorkflowSearchAttributes" not in t for t in texts)
     assert any("upsertWorkflowSearchAttributes" in t and "markerRecorded" in t for t in texts)
+    # And both sides of the local-steps patch: short steps as normal activities, and as local ones.
+    assert any('"name": "open_round"' in t for t in texts)
+    assert any("core_local_activity" in t for t in texts)

@@ -1,0 +1,185 @@
+"""End-to-end efficiency: wall time of an experiment over the training time it could not avoid.
+
+Workload: the digits experiment of ``make demo`` (``fedloom.demo.start_body``: the CNN, FedAvg, 5
+clients, 10 rounds) against a real ``fedloom serve``, with clients whose training takes a fixed,
+known time: each sleeps ``--train-s`` seconds (2 s) per round and then uploads a precomputed update.
+
+    efficiency = wall time (POST /training/start to the experiment recorded as finished)
+                 / sum over rounds of the slowest selected client's training time
+
+1.0 would mean the server, the protocol and the transfers cost nothing. The excess is split into the
+start-up (start to round 1 open), the clients' non-training time in each round (learning of the round,
+download, upload) and the server's time between a round's last upload and the next round's opening.
+
+    .venv/bin/python benchmarks/bench_efficiency.py [--quick] [--out DIR] [--train-s 2]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import (  # noqa: E402
+    base_parser,
+    machine,
+    machine_line,
+    median,
+    plot_path,
+    pyplot,
+    table,
+    update_doc_section,
+    write_result,
+)
+from benchmarks._control_plane import _epoch, db_round_times, run_experiment, start_server  # noqa: E402
+from fedloom.demo import start_body  # noqa: E402
+
+NAME = "efficiency"
+TARGET = 1.15
+
+
+def finished_at(data_dir: Path, experiment_id: str) -> float:
+    """When the database recorded the experiment's end (finish_experiment)."""
+    con = sqlite3.connect(f"file:{data_dir / 'fedloom.db'}?mode=ro", uri=True)
+    try:
+        (value,) = con.execute(
+            "SELECT finished_at FROM experiment WHERE experiment_id = ?", (experiment_id,)
+        ).fetchone()
+    finally:
+        con.close()
+    return _epoch(value)
+
+
+def measure(clients: int, rounds: int, train_s: float, work: Path) -> dict[str, Any]:
+    server = start_server(work / "data")
+    try:
+        run = asyncio.run(
+            run_experiment(server, start_body(rounds, clients), clients, train_s=train_s, architecture="CNN")
+        )
+        if run.status != "completed":
+            raise RuntimeError(f"experiment ended {run.status}: {run.final}")
+        times = db_round_times(server.data_dir, run.experiment_id)
+        ended = finished_at(server.data_dir, run.experiment_id)
+    finally:
+        server.stop()
+    per_round = []
+    for rnd in sorted(times):
+        t = times[rnd]
+        trained = [log.trained[rnd] for log in run.logs if rnd in log.trained]
+        told = [log.told[rnd] - t["opened"] for log in run.logs if rnd in log.told]
+        nxt = times[rnd + 1]["opened"] if rnd + 1 in times else ended
+        per_round.append(
+            {
+                "round": rnd,
+                "slowest_training_s": max(trained),
+                "clients_s": t["last_upload"] - t["opened"],
+                "notify_s": median(told),
+                "server_s": nxt - t["last_upload"],
+            }
+        )
+    wall = ended - run.started
+    training = sum(r["slowest_training_s"] for r in per_round)
+    return {
+        "experiment_id": run.experiment_id,
+        "wall_s": wall,
+        "training_s": training,
+        "efficiency": wall / training,
+        "startup_s": times[min(times)]["opened"] - run.started,
+        "client_excess_s": sum(r["clients_s"] - r["slowest_training_s"] for r in per_round),
+        "server_s": sum(r["server_s"] for r in per_round),
+        "median_server_ms": median([r["server_s"] * 1000 for r in per_round]),
+        "median_notify_ms": median([r["notify_s"] * 1000 for r in per_round]),
+        "per_round": per_round,
+    }
+
+
+def rows(m: dict[str, Any]) -> list[list[str]]:
+    return [
+        ["wall time (start to finished)", f"{m['wall_s']:.2f} s"],
+        ["sum of the slowest client's training per round (reference)", f"{m['training_s']:.2f} s"],
+        ["**efficiency** (wall / reference)", f"**{m['efficiency']:.3f}**"],
+        ["start-up: start request to round 1 open", f"{m['startup_s']:.2f} s"],
+        [
+            "clients' time beyond training (learn of the round, download, upload), all rounds",
+            f"{m['client_excess_s']:.2f} s",
+        ],
+        ["server: last upload to next round open (or to the end), all rounds", f"{m['server_s']:.2f} s"],
+        ["server per round (median)", f"{m['median_server_ms']:.0f} ms"],
+        ["a client learns of a round (median)", f"{m['median_notify_ms']:.0f} ms"],
+    ]
+
+
+def plot(m: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    rr = [r["round"] for r in m["per_round"]]
+    train = [r["slowest_training_s"] for r in m["per_round"]]
+    extra = [r["clients_s"] - r["slowest_training_s"] for r in m["per_round"]]
+    server = [r["server_s"] for r in m["per_round"]]
+    ax.bar(rr, train, label="training (fixed)")
+    ax.bar(rr, extra, bottom=train, label="clients: notify, download, upload")
+    ax.bar(rr, server, bottom=[a + b for a, b in zip(train, extra, strict=True)], label="server")
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"End-to-end efficiency {m['efficiency']:.3f} (target ≤ {TARGET})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def doc_section(m: dict[str, Any], clients: int, rounds: int, train_s: float, info: dict[str, Any]) -> str:
+    verdict = "met" if m["efficiency"] <= TARGET else "NOT met"
+    return f"""## End-to-end efficiency
+
+Workload: the digits experiment of `make demo` (CNN, FedAvg, {clients} clients, {rounds} rounds) against
+`fedloom serve`, with clients that train for a fixed {train_s:g} s per round (they sleep, then upload a
+precomputed update of the right shapes). Efficiency = wall time from `POST /training/start` to the
+experiment recorded as finished, divided by the sum over rounds of the slowest selected client's
+training time (the in-run reference: what an ideal server would take). {machine_line(info)}.
+
+{table(["", "measured"], rows(m))}
+
+Target: at most {TARGET}: **{verdict}** ({m["efficiency"]:.3f}). The excess over the reference is the
+start-up (workflow start, initial model, first selection), the clients' own non-training time and the
+server's time per round, measured in the "Round overhead" section; the changes made there (local
+activities for the short steps, one torch thread in the worker, woken long-polls) apply here too.
+
+![efficiency](img/bench_{NAME}.png)
+"""
+
+
+def main() -> int:
+    parser = base_parser(__doc__)
+    parser.add_argument("--train-s", type=float, default=None, help="fixed training time per round")
+    args = parser.parse_args()
+    clients, rounds, train_s = (2, 2, 0.5) if args.quick else (5, 10, 2.0)
+    train_s = args.train_s if args.train_s is not None else train_s
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedloom-bench-efficiency-") as tmp:
+        m = measure(clients, rounds, train_s, Path(tmp))
+    info = machine()
+    print(table(["", "measured"], rows(m)))
+    print(
+        f"efficiency {m['efficiency']:.3f} (target <= {TARGET}: {'met' if m['efficiency'] <= TARGET else 'NOT met'}); "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    write_result(
+        args.out,
+        NAME,
+        {"quick": args.quick, "clients": clients, "rounds": rounds, "train_s": train_s, "target": TARGET, **m},
+    )
+    plot(m, plot_path(args.out, NAME, args.quick))
+    if not args.quick:
+        update_doc_section(NAME, doc_section(m, clients, rounds, train_s, info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Smoke tests: each control-plane benchmark runs once on its --quick size and writes a sane JSON.
+
+They assert nothing about speed (the machine is shared); they keep the scripts working.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_quick(script: str, out: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    name = script.removeprefix("bench_").removesuffix(".py")
+    assert (out / f"bench_{name}.png").exists()
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.timeout(300)
+def test_round_overhead_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_round_overhead.py", tmp_path)
+    assert data["quick"] is True and data["benchmark"] == "round_overhead"
+    assert data["rounds_measured"] == data["rounds"] - 1 >= 1
+    assert len(data["overhead_ms"]) == data["rounds_measured"]
+    assert all(ms > 0 for ms in data["overhead_ms"])
+    assert data["median_clients_ms"] > 0 and data["median_notify_ms"] >= 0
+    phases = data["phase_median_ms"]
+    for phase in ("wake", "close", "validation", "aggregation", "evaluation", "persistence", "selection", "open"):
+        assert phases[phase] >= 0, phase
+    # The phases add up to the overhead they split (medians of parts need not add up exactly).
+    assert sum(phases[p] for p in ("close", "validation", "aggregation", "evaluation", "persistence")) > 0
+    assert isinstance(data["met"], bool)
+
+
+@pytest.mark.timeout(300)
+def test_efficiency_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_efficiency.py", tmp_path)
+    assert data["quick"] is True and data["benchmark"] == "efficiency"
+    assert len(data["per_round"]) == data["rounds"]
+    assert all(r["slowest_training_s"] >= data["train_s"] for r in data["per_round"])
+    # The wall time holds every round's training, so the ratio is at least 1.
+    assert data["wall_s"] >= data["training_s"] > 0
+    assert data["efficiency"] == pytest.approx(data["wall_s"] / data["training_s"])
+    assert data["startup_s"] > 0 and data["server_s"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_long_run_quick(tmp_path: Path) -> None:
+    data = run_quick("bench_long_run.py", tmp_path)
+    assert data["quick"] is True and data["benchmark"] == "long_run"
+    assert len(data["overhead_ms"]) == data["rounds"] - 1
+    for role in ("api", "worker"):
+        rss = data["rss"][role]
+        assert 10 < rss["first_mb"] < 10_000 and 10 < rss["last_mb"] < 10_000
+        assert rss["last_round"] == data["rounds"]
+    assert data["early_median_ms"] > 0 and data["late_median_ms"] > 0
+    assert isinstance(data["rss_met"], bool) and isinstance(data["overhead_met"], bool)
