@@ -10,6 +10,7 @@ stream.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -129,6 +130,16 @@ class BlobStore(ABC):
     def put_stream(self, key: str, stream: BinaryIO) -> BlobInfo:
         """Store everything readable from ``stream`` under ``key``, in chunks."""
 
+    def adopt_file(self, key: str, path: str | Path, sha256: str | None = None) -> BlobInfo:
+        """Store the local file at ``path`` under ``key``, taking the file itself where the backend can.
+
+        ``path`` is gone afterwards. ``sha256``, if given, is the file's digest as its writer computed
+        it, which saves reading the file again; a wrong one is caught by every later read.
+        """
+        info = self.put_file(key, path)
+        Path(path).unlink(missing_ok=True)
+        return info
+
     @abstractmethod
     def open_local(self, key: str, verify: bool = True) -> AbstractContextManager[Path]:
         """Yield a local path holding the blob's bytes, checked against the stored sha256."""
@@ -204,18 +215,52 @@ class LocalBlobStore(BlobStore):
         # new data with an old digest; a crash in between leaves the key absent, never half-written.
         size, sha = self._write_atomic(path, stream, lambda: sidecar.unlink(missing_ok=True))
         self._write_atomic(sidecar, io.BytesIO(f"{sha}\n".encode("ascii")), lambda: None)
-        with suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        self._fsync_dir(path.parent)
         return BlobInfo(key=key, size=size, sha256=sha)
 
     def put_file(self, key: str, path: str | Path) -> BlobInfo:
         """Copy the file at ``path`` into the store under ``key``."""
         with open(path, "rb") as src:
             return self.put_stream(key, src)
+
+    def adopt_file(self, key: str, path: str | Path, sha256: str | None = None) -> BlobInfo:
+        """Rename the file at ``path`` into the store (no copy), after an fsync; copy across filesystems.
+
+        The same commit order as ``put_stream``: the old sidecar goes, the data is renamed into
+        place, then the new sidecar is written; a crash in between leaves the key absent.
+        """
+        target = self._path(key)
+        source = Path(path)
+        with open(source, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if sha256 is None:
+                size, sha256 = _copy_hashing(fh, None)
+            os.fsync(fh.fileno())
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise BlobStoreError(f"cannot create the directory of {target}: a file is in the way") from exc
+        sidecar = self._sidecar(target)
+        sidecar.unlink(missing_ok=True)
+        try:
+            os.replace(source, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return super().adopt_file(key, source)
+        self._write_atomic(sidecar, io.BytesIO(f"{sha256}\n".encode("ascii")), lambda: None)
+        self._fsync_dir(target.parent)
+        return BlobInfo(key=key, size=size, sha256=sha256)
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        """Make a rename in ``directory`` durable (best effort: not every platform can open a directory)."""
+        with suppress(OSError):
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def info(self, key: str) -> BlobInfo:
         """Read the stored digest and the data size of ``key``."""
@@ -268,16 +313,29 @@ class LocalBlobStore(BlobStore):
         self._verified[str(path)] = (identity, sha256)
 
     def iter_bytes(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """Stream the file in ``chunk_size`` pieces, verifying the digest at the end."""
+        """Stream the file in ``chunk_size`` pieces, verifying the digest at the end.
+
+        As in ``open_local``, a digest this process already verified for this very file is not
+        computed again (a global model is downloaded by every client of a round).
+        """
         stored = self.info(key)
         path = self._path(key)
 
         def chunks() -> Iterator[bytes]:
             with open(path, "rb") as fh:
+                identity = _identity(os.fstat(fh.fileno()))
+                if self._verified.get(str(path)) == (identity, stored.sha256):
+                    while chunk := fh.read(chunk_size):
+                        yield chunk
+                    return
+                digest = hashlib.sha256()
                 while chunk := fh.read(chunk_size):
+                    digest.update(chunk)
                     yield chunk
+                _check_digest(key, stored.sha256, digest.hexdigest())
+                self._remember(path, identity, stored.sha256)
 
-        return _verified(key, chunks(), stored.sha256)
+        return chunks()
 
     def ping(self) -> None:
         """Check that the root is a writable directory."""

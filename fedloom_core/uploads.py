@@ -6,7 +6,8 @@ import hashlib
 import os
 import secrets
 import tempfile
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from fedloom_core.errors import (
     InvalidRequest,
     ModelValidationFailed,
     NotFound,
+    PayloadTooLarge,
     RoundNotActive,
 )
 from fedloom_core.repo import emit_event, open_round, running_experiment, session_scope
@@ -151,24 +153,30 @@ def store_update(
     client_id: str,
     upload_path: Path,
     metrics: dict[str, Any],
+    upload_sha256: str | None = None,
     experiment_id: str | None = None,
 ) -> StoredUpdate:
-    """Validate, store and record one uploaded update; a repeat of the same file returns the first record."""
+    """Validate, store and record one uploaded update; a repeat of the same file returns the first record.
+
+    ``upload_sha256`` is the uploaded file's digest if the caller computed it while receiving the
+    file; a safetensors upload is stored as it came, so that is the stored blob's digest too and
+    the file is not read again for it. The file itself is moved into the blob store, not copied.
+    """
     target = find_target(engine, client_id, experiment_id)
     expected = expected_structure(engine, blobs, target.global_model_id)
     with tempfile.TemporaryDirectory(prefix="fedloom-upload-", dir=upload_path.parent) as tmp:
         normalized = Path(tmp) / "update.safetensors"
         try:
-            check_update_file(upload_path, normalized, expected)
+            fmt = check_update_file(upload_path, normalized, expected)
         except ModelValidationFailed as exc:
             _announce_rejection(engine, target, client_id, exc.details)
             raise
-        digest = sha256_file(normalized)
+        digest = upload_sha256 if upload_sha256 and fmt == "safetensors" else sha256_file(normalized)
         existing = _existing(engine, target, client_id)
         if existing is not None:
             return _repeat(existing, digest)
         key = f"updates/{target.experiment_id}/{target.round}/{client_id}-{digest[:32]}.safetensors"
-        info = blobs.put_file(key, normalized)
+        info = blobs.adopt_file(key, normalized, sha256=digest)
     update = Update(
         update_id=f"update_{secrets.token_hex(8)}",
         experiment_id=target.experiment_id,
@@ -314,3 +322,148 @@ def get_update(engine: Engine, update_id: str) -> Update:
     if upd is None:
         raise NotFound("Resource not found", f"update '{update_id}' does not exist")
     return upd
+
+
+# -- receiving the multipart body ------------------------------------------------------------------
+
+# Largest non-file form field we keep (the metrics JSON is a few hundred bytes).
+MAX_FIELD_BYTES = 1 << 20
+
+
+@dataclass
+class ReceivedForm:
+    """An upload's form: the model file spooled to disk with its digest, and the other fields."""
+
+    path: Path | None = None
+    sha256: str | None = None
+    size: int = 0
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def require(self, *names: str) -> None:
+        """Raise INVALID_REQUEST naming every required form field that is missing."""
+        present = set(self.fields) | ({"model_file"} if self.path is not None else set())
+        missing = [name for name in names if name not in present]
+        if missing:
+            raise InvalidRequest(
+                "Malformed request body or parameters", "; ".join(f"{name}: Field required" for name in missing)
+            )
+
+
+class _FormReceiver:
+    """python-multipart callbacks that write the ``model_file`` part straight to a spool file.
+
+    Each piece of the body is written and hashed as it arrives: the file is never held in memory
+    and is written once, where the generic form parser would spool it to a temporary file first
+    and leave the copy to the route.
+    """
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        self.directory, self.limit = directory, limit
+        self.form = ReceivedForm()
+        self._headers: dict[bytes, bytes] = {}
+        self._field, self._value = b"", b""
+        self._name: str | None = None
+        self._file = None
+        self._digest = hashlib.sha256()
+        self._buffer = bytearray()
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._extend("_field", data[start:end]),
+            "on_header_value": lambda data, start, end: self._extend("_value", data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def _extend(self, attr: str, data: bytes) -> None:
+        setattr(self, attr, getattr(self, attr) + data)
+
+    def _part_begin(self) -> None:
+        self._headers, self._name = {}, None
+        self._buffer = bytearray()
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        _kind, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        self._name = name
+        if name == "model_file" and self.form.path is None and self._file is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, spool = tempfile.mkstemp(prefix="upload-", dir=self.directory)
+            self.form.path = Path(spool)
+            self._file = os.fdopen(fd, "wb")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        piece = memoryview(data)[start:end]
+        if self._file is not None and self._name == "model_file":
+            self.form.size += len(piece)
+            if self.form.size > self.limit:
+                raise PayloadTooLarge("Model file too large", f"the upload exceeds {self.limit} bytes")
+            self._file.write(piece)
+            self._digest.update(piece)
+        elif len(self._buffer) + len(piece) <= MAX_FIELD_BYTES:
+            self._buffer += piece
+        else:
+            raise InvalidRequest("Malformed request body or parameters", f"form field {self._name!r} is too large")
+
+    def _part_end(self) -> None:
+        if self._file is not None and self._name == "model_file":
+            self._file.close()
+            self._file = None
+            self.form.sha256 = self._digest.hexdigest()
+        elif self._name and self._name not in self.form.fields:
+            try:
+                self.form.fields[self._name] = self._buffer.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest(
+                    "Malformed request body or parameters", f"form field {self._name!r} is not UTF-8 text"
+                ) from None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.form.path is not None:
+            cleanup(self.form.path)
+
+
+async def receive_form(
+    chunks: AsyncIterator[bytes], content_type: str | None, directory: Path, limit: int
+) -> ReceivedForm:
+    """Read a multipart/form-data body, spooling its ``model_file`` part to ``directory`` as it arrives.
+
+    Bad bodies raise INVALID_REQUEST, a file over ``limit`` bytes PAYLOAD_TOO_LARGE; on any error
+    nothing is left on disk. The caller removes ``form.path`` when done with it.
+    """
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    kind, options = parse_options_header(content_type or "")
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise InvalidRequest(
+            "Malformed request body or parameters", "the body must be multipart/form-data with a boundary"
+        )
+    receiver = _FormReceiver(directory, limit)
+    try:
+        parser = MultipartParser(boundary, receiver.callbacks())
+        async for chunk in chunks:
+            parser.write(chunk)
+        parser.finalize()
+        if receiver._file is not None:  # the body ended inside the file part
+            raise InvalidRequest("Malformed request body or parameters", "the multipart body is cut short")
+    except MultipartParseError as exc:
+        receiver.abort()
+        raise InvalidRequest("Malformed request body or parameters", f"multipart body: {exc}") from None
+    except BaseException:
+        receiver.abort()
+        raise
+    return receiver.form

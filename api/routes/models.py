@@ -6,9 +6,8 @@ import hashlib
 import logging
 import os
 import tempfile
-from pathlib import Path
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
@@ -18,7 +17,7 @@ from api.deps import BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
 from fedloom_core import uploads, weights
 from fedloom_core.contracts import UpdateNotice
 from fedloom_core.db import Experiment, GlobalModel
-from fedloom_core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from fedloom_core.errors import InvalidRequest, NotFound
 from fedloom_core.export import export_onnx
 from fedloom_core.repo import iso, latest_experiment, latest_model, session_scope
 from workflows.experiment import ExperimentWorkflow, workflow_id
@@ -27,6 +26,8 @@ router = APIRouter(tags=["models"])
 log = logging.getLogger("fedloom.api")
 FORMATS = ("pytorch", "safetensors", "onnx")
 CHUNK = 1 << 20
+# Pieces of a streamed model download: each is one hop between the event loop and a worker thread.
+DOWNLOAD_CHUNK = 4 << 20
 _SUFFIX = {"pytorch": "pt", "onnx": "onnx", "safetensors": "safetensors"}
 
 
@@ -143,7 +144,7 @@ async def download_model(
     model = await run_in_threadpool(_find_model, engine, model_id)
     if fmt == "safetensors":
         return StreamingResponse(
-            blobs.iter_bytes(model.blob_key),
+            blobs.iter_bytes(model.blob_key, chunk_size=DOWNLOAD_CHUNK),
             media_type="application/octet-stream",
             headers={
                 "Content-Length": str(model.size_bytes),
@@ -164,45 +165,65 @@ async def download_model(
     )
 
 
-async def _spool(upload: UploadFile, directory: Path, limit: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="upload-", dir=directory)
-    size = 0
+def _form_body(required: list[str]) -> dict:
+    """The multipart request body, documented by hand: the route reads the body itself, as a stream."""
+    properties = {
+        "model_file": {"type": "string", "format": "binary", "description": "safetensors or torch.save state_dict"},
+        "metrics": {"type": "string", "description": 'JSON object, e.g. {"data_samples": 500, "local_accuracy": 0.8}'},
+    }
+    schema = {"type": "object", "properties": properties, "required": required}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+async def _receive(request: Request, settings, required: tuple[str, ...]) -> uploads.ReceivedForm:  # type: ignore[no-untyped-def]
+    """Stream the multipart body: the model file goes to ``<data dir>/tmp`` (beside the blobs) while it is hashed."""
+    form = await uploads.receive_form(
+        request.stream(),
+        request.headers.get("content-type"),
+        settings.data_dir / "tmp",
+        int(settings.max_upload_mb * 1e6),
+    )
     try:
-        with os.fdopen(fd, "wb") as fh:
-            while chunk := await upload.read(CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge("Model file too large", f"the upload exceeds {limit} bytes")
-                fh.write(chunk)
+        form.require(*required)
     except BaseException:
-        uploads.cleanup(Path(name))
+        if form.path is not None:
+            uploads.cleanup(form.path)
         raise
-    return Path(name)
+    return form
 
 
-@router.post("/model/update/{client_id}", responses=openapi.ok(openapi.UPLOAD_RESPONSE, 400, 404, 409, 413))
+@router.post(
+    "/model/update/{client_id}",
+    responses=openapi.ok(openapi.UPLOAD_RESPONSE, 400, 404, 409, 413),
+    openapi_extra=_form_body(["model_file", "metrics"]),
+)
 async def upload_update(
     client_id: str,
+    request: Request,
     engine: EngineDep,
     blobs: BlobsDep,
     settings: SettingsDep,
     temporal: TemporalDep,
     principal: PrincipalDep,
-    model_file: UploadFile = File(...),
-    metrics: str = Form(...),
 ) -> dict:
     """Receive a client's locally trained model; it is validated before aggregation."""
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
-    parsed = uploads.parse_metrics(metrics)
-    path = await _spool(model_file, settings.data_dir / "tmp", int(settings.max_upload_mb * 1e6))
+    form = await _receive(request, settings, ("model_file", "metrics"))
+    assert form.path is not None
     try:
+        parsed = uploads.parse_metrics(form.fields["metrics"])
         stored = await run_in_threadpool(
-            uploads.store_update, engine, blobs, client_id=client_id, upload_path=path, metrics=parsed
+            uploads.store_update,
+            engine,
+            blobs,
+            client_id=client_id,
+            upload_path=form.path,
+            metrics=parsed,
+            upload_sha256=form.sha256,
         )
     finally:
-        uploads.cleanup(path)
+        uploads.cleanup(form.path)
     upd = stored.update
     # Always signal, also on a repeat: the first attempt may have died before it could.
     await temporal.get_workflow_handle(workflow_id(upd.experiment_id)).signal(
@@ -237,26 +258,35 @@ async def get_update(update_id: str, engine: EngineDep, principal: PrincipalDep)
     return _update_body(upd)
 
 
-@router.post("/model/validate/{client_id}", responses=openapi.errors(400, 404, 413))
+@router.post(
+    "/model/validate/{client_id}",
+    responses=openapi.errors(400, 404, 413),
+    openapi_extra=_form_body(["model_file"]),
+)
 async def validate_update(
     client_id: str,
+    request: Request,
     engine: EngineDep,
     blobs: BlobsDep,
     settings: SettingsDep,
     principal: PrincipalDep,
-    model_file: UploadFile = File(...),
-    metrics: str | None = Form(default=None),
 ) -> dict:
     """Run an upload's checks as a dry run that stores nothing."""
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
-    path = await _spool(model_file, settings.data_dir / "tmp", int(settings.max_upload_mb * 1e6))
+    form = await _receive(request, settings, ("model_file",))
+    assert form.path is not None
     try:
         checks = await run_in_threadpool(
-            uploads.dry_run, engine, blobs, client_id=client_id, upload_path=path, raw_metrics=metrics
+            uploads.dry_run,
+            engine,
+            blobs,
+            client_id=client_id,
+            upload_path=form.path,
+            raw_metrics=form.fields.get("metrics"),
         )
     finally:
-        uploads.cleanup(path)
+        uploads.cleanup(form.path)
     return {
         "client_id": client_id,
         "valid": all(c.passed for c in checks),
