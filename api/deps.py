@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -40,9 +41,56 @@ def get_temporal(request: Request) -> TemporalClient:
     return client
 
 
+# How long a resolved client key is trusted without asking the database again.
+PRINCIPAL_TTL_S = 10.0
+PRINCIPAL_CACHE_MAX = 100_000
+
+
+class PrincipalCache:
+    """Client keys resolved recently, by the sha256 of the Authorization header.
+
+    Every request used to look its key up in the database in a worker thread; with 1,000 clients
+    long-polling that was a database session per request for an answer that never changes (keys
+    are only ever added). Only successful look-ups are kept, for ``PRINCIPAL_TTL_S``, so an unknown
+    key is still refused at once, and a key revoked in the database stops working within that time.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._entries: dict[str, tuple[float, auth.Principal]] = {}
+
+    def get(self, digest: str) -> auth.Principal | None:
+        found = self._entries.get(digest)
+        if found is None or time.monotonic() - found[0] > PRINCIPAL_TTL_S:
+            return None
+        return found[1]
+
+    def put(self, digest: str, principal: auth.Principal) -> None:
+        if len(self._entries) >= PRINCIPAL_CACHE_MAX:
+            self._entries.clear()
+        self._entries[digest] = (time.monotonic(), principal)
+
+
+def _principal_cache(request: Request) -> PrincipalCache:
+    """The app's cache, made on first use (and again if the app got a new engine)."""
+    state = _state(request)
+    cache = getattr(state, "principal_cache", None)
+    if cache is None or cache.engine is not state.engine:
+        cache = state.principal_cache = PrincipalCache(state.engine)
+    return cache
+
+
 async def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
     state = _state(request)
-    return await run_in_threadpool(auth.resolve, state.engine, state.admin_key_hash, authorization)
+    if not authorization:
+        return auth.resolve(state.engine, state.admin_key_hash, authorization)  # raises UNAUTHORIZED
+    cache = _principal_cache(request)
+    digest = auth.hash_key(authorization)
+    principal = cache.get(digest)
+    if principal is None:
+        principal = await run_in_threadpool(auth.resolve, state.engine, state.admin_key_hash, authorization)
+        cache.put(digest, principal)
+    return principal
 
 
 async def require_admin(principal: Annotated[auth.Principal, Depends(get_principal)]) -> auth.Principal:

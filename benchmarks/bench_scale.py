@@ -58,6 +58,7 @@ REGISTER_CONCURRENCY = 8
 ROUND_TIMEOUT_S = 120
 GENEROUS_LIMIT = "1000000"
 MIB = 2**20
+EXPERIMENT_ID = "scale"
 _T0 = time.perf_counter()
 
 
@@ -250,7 +251,6 @@ def _auth(key: str) -> dict[str, str]:
 
 async def _participate(http, log: ClientLog, api: str, cid: str, key: str, deltas: dict, deadline: float) -> None:  # type: ignore[no-untyped-def]
     """The client protocol: long-poll for a task, and when selected download, perturb and upload."""
-    seen_running: set[str] = set()
     samples = 50 + random.Random(cid).randrange(150)
     scale = 1.0 + random.Random(cid).random()
     while time.monotonic() < deadline:
@@ -263,9 +263,9 @@ async def _participate(http, log: ClientLog, api: str, cid: str, key: str, delta
             await asyncio.sleep(1.0)
             continue
         task = r.json()
-        if task.get("experiment_status") == "running":
-            seen_running.add(task["experiment_id"])
-        if task["status"] == "done" and task.get("experiment_id") in seen_running:
+        # The benchmark's own experiment ended. (Waiting to have seen it running first, as the client
+        # runtime does, can wait forever: a short experiment may start and end within one hold.)
+        if task["status"] == "done" and task.get("experiment_id") == EXPERIMENT_ID:
             return
         if task["status"] != "train":
             continue
@@ -307,11 +307,17 @@ async def _client_process(args) -> dict:  # type: ignore[no-untyped-def]
     ids = [f"scale-{i:05d}" for i in range(args.first, args.first + args.count)]
     api = f"{args.server}/api/v1"
     log = ClientLog()
-    limits = httpx.Limits(max_connections=args.count + 16, max_keepalive_connections=args.count + 16)
+    # The server closes idle keep-alive connections after 5 s; reusing one at that moment fails the
+    # request, so connections are dropped sooner here.
+    limits = httpx.Limits(
+        max_connections=args.count + 16, max_keepalive_connections=args.count + 16, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as http:
         gate = asyncio.Semaphore(REGISTER_CONCURRENCY)
         keys = await asyncio.gather(*(_register(http, log, api, args.admin_key, cid, gate) for cid in ids))
         print(f"registered {sum(k is not None for k in keys)}", flush=True)
+        # Wait for "go": the parent measures the idle reference first.
+        await asyncio.to_thread(sys.stdin.readline)
         deadline = time.monotonic() + args.max_seconds
         deltas: dict = {}
         joined = [(cid, key) for cid, key in zip(ids, keys, strict=True) if key]
@@ -344,7 +350,8 @@ def spawn_client_processes(server: Server, clients: int, procs: int, work: Path,
         result = work / f"clients-{p}.json"
         cmd = [sys.executable, __file__, "--client-worker", "--server", server.url, "--admin-key", server.admin_key]
         cmd += ["--first", str(first), "--count", str(count), "--result", str(result), "--max-seconds", str(max_s)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(work / f"clients-{p}.log", "wb"), text=True)  # noqa: SIM115
+        log = open(work / f"clients-{p}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
         spawned.append((proc, result))
     return spawned
 
@@ -365,7 +372,7 @@ def start_body(clients: int, selected: int, rounds: int) -> dict:
     """An MLP experiment on digits sampling ``selected`` of ``clients`` each round, waiting for all of them."""
     return {
         "experiment_config": {
-            "experiment_id": "scale",
+            "experiment_id": EXPERIMENT_ID,
             "rounds": rounds,
             "min_clients": selected,
             "client_fraction": selected / clients,
@@ -377,6 +384,55 @@ def start_body(clients: int, selected: int, rounds: int) -> dict:
         "training_config": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.05},
         "aggregation_config": {"strategy": "FedAvg", "min_updates": selected},
     }
+
+
+class Probe(threading.Thread):
+    """The reference request: an admin ``GET /clients/{id}/task`` without a hold, timed one at a time.
+
+    Measured first with every client registered and idle (the in-run reference), then every
+    ``every`` seconds during the experiment, so the ratio shows what the load costs one request.
+    """
+
+    def __init__(self, server: Server, client_id: str, every: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{server.url}/api/v1/clients/{client_id}/task"
+        self.headers = _auth(server.admin_key)
+        self.every = every
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._halt = threading.Event()
+
+    def once(self, http) -> float | None:  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        try:
+            r = http.get(self.url, headers=self.headers)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.append(type(exc).__name__)
+            return None
+        elapsed = time.perf_counter() - t0
+        if r.status_code != 200:
+            self.errors.append(str(r.status_code))
+            return None
+        return elapsed
+
+    def reference(self, count: int = 40) -> list[float]:
+        import httpx
+
+        with httpx.Client(timeout=60) as http:
+            values = [self.once(http) for _ in range(count)]
+        return [v for v in values if v is not None]
+
+    def run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=60) as http:
+            while not self._halt.wait(self.every):
+                if (elapsed := self.once(http)) is not None:
+                    self.latencies.append(elapsed)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
 
 
 def run_experiment(server: Server, body: dict, timeout: float) -> tuple[dict, list[float], float]:
@@ -507,8 +563,18 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
         registered = wait_registered(spawned, timeout=600)
         registration_s = time.perf_counter() - t_reg
         say(f"{registered} clients registered in {registration_s:.1f} s")
+        probe = Probe(server, "scale-00000")
+        reference = probe.reference()
+        say(f"idle reference: task (no hold) p50 {median(reference) * 1000:.1f} ms")
+        for proc, _ in spawned:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        probe.start()
         rss_registered = {role: rss_of(pid) for role, pid in server.children().items()}
-        status, status_lat, wall = run_experiment(server, start_body(clients, selected, rounds), max_s)
+        try:
+            status, status_lat, wall = run_experiment(server, start_body(clients, selected, rounds), max_s)
+        finally:
+            probe.stop()
         say(f"experiment {status.get('status')} after {wall:.1f} s")
         results = []
         for proc, path in spawned:
@@ -534,7 +600,9 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
         for _cid, rnd, got, _done in res["rounds"]:
             dispatch[rnd].append(got)
     latencies["training/status (admin)"] = status_lat
-    per_round = server_rounds(work / "data", "scale")
+    latencies["task, no hold (admin probe)"] = probe.latencies
+    errors["task, no hold (admin probe)"] = probe.errors
+    per_round = server_rounds(work / "data", EXPERIMENT_ID)
     return {
         "workload": {"clients": clients, "selected": selected, "rounds": rounds, "client_processes": procs},
         "registered": registered,
@@ -548,6 +616,13 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
         "round_time_s": [round(b["total_s"], 3) for b in breakdown(per_round, dispatch)],
         "breakdown": breakdown(per_round, dispatch),
         "latency": latency_table(latencies, errors),
+        "reference": {
+            "request": "GET /clients/{id}/task without a hold (admin), one at a time",
+            "idle_p50_ms": round(median(reference) * 1000, 2),
+            "idle_p99_ms": round(percentile(reference, 99) * 1000, 2),
+            "loaded_p50_ms": round(median(probe.latencies) * 1000, 2) if probe.latencies else None,
+            "loaded_p99_ms": round(percentile(probe.latencies, 99) * 1000, 2) if probe.latencies else None,
+        },
         "rss": sampler.summary(),
         "rss_after_registration_mib": {k: round(v / MIB, 1) for k, v in rss_registered.items() if v},
         "rss_series": [(round(t, 2), {k: round(v / MIB, 1) for k, v in s.items()}) for t, s in sampler.samples],
@@ -561,8 +636,54 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+PHASES = {
+    "select_and_open_s": "selection and opening (from the previous round's end)",
+    "uploads_s": "telling the clients and taking their downloads and uploads",
+    "close_s": "closing after the last upload",
+    "validate_aggregate_evaluate_persist_s": "validation, aggregation, evaluation and persistence",
+}
+
+CHANGES = """What the profiles showed, and what was changed (py-spy on the API and worker pids during runs of
+this benchmark):
+
+1. **The task long-poll re-ran its whole query for every held request every 0.25 s.** With 1,000
+   clients holding requests, most of the API's samples were in that query, and about a third in
+   decoding the open round's `policy_results` and `exclusions` JSON (an entry per registered
+   client) that a task never needs; the first run at this size failed (round 1 closed at its
+   deadline without all its updates). Now one light read of the round state per interval serves
+   every held request of an API process (`TaskBoard` in `api/routes/clients.py`), a held request
+   re-runs its own query only when that state changed, and the task, upload and training-status
+   queries leave the two per-client JSON columns unloaded (`fedloom_core/repo.py`).
+2. **Every poll was a SQLite write**: `last_seen` was refreshed every 5 s, i.e. on every 10-s poll
+   (about 100 write transactions a second at this size, each an ORM load and flush). It is now a
+   two-column read and a conditional `UPDATE` at most once a minute (nothing reads `last_seen`
+   more finely), and a long-poll that the shared state can answer (client known, not inactive, not
+   selected) starts without a database session at all.
+3. **Every request looked its API key up in the database** in a worker thread; resolved keys are
+   now kept for 10 s per API process (`api/deps.py`; unknown keys are still refused at once).
+4. **SQLite's pool was smaller than the API's thread pool** (15 connections for 40 threads), so
+   threads queued for a connection while WAL readers could have run: the pool now matches
+   (`fedloom_core/db.py`).
+5. **Evaluation in the worker was slowed by OpenMP spin-waiting** on cores shared with the API and
+   Temporal: the leave-one-out contribution scores (one evaluation per update, 100 a round) took
+   tens of seconds a round on the busy machine; `fedloom serve` now starts its children with
+   `OMP_WAIT_POLICY=PASSIVE` (unless set), which made one small evaluation about 15x faster there."""
+
+
+def _largest_phase(result: dict) -> tuple[str, float, float]:
+    """The phase with the largest median share of the round time: (name, median seconds, share)."""
+    shares = {}
+    for key in PHASES:
+        values = [b[key] for b in result["breakdown"] if b[key] is not None]
+        if values:
+            shares[key] = median(values)
+    total = median([b["total_s"] for b in result["breakdown"]])
+    key = max(shares, key=lambda k: shares[k])
+    return PHASES[key], shares[key], shares[key] / total if total else 0.0
+
+
 def report(result: dict) -> str:
-    """The Markdown section: workload, outcome, round times and breakdown, latencies, RSS."""
+    """The Markdown section: workload, outcome, round times and breakdown, latencies, RSS, changes."""
     w = result["workload"]
     met = result["all_rounds_complete"]
     rows = [
@@ -570,6 +691,7 @@ def report(result: dict) -> str:
             b["round"],
             _fmt(b["total_s"]),
             _fmt(b["select_and_open_s"]),
+            _fmt(b["dispatch_p50_s"]),
             _fmt(b["dispatch_max_s"]),
             _fmt(b["uploads_s"]),
             _fmt(b["close_s"]),
@@ -579,69 +701,78 @@ def report(result: dict) -> str:
         ]
         for b in result["breakdown"]
     ]
-    breakdown_md = table(
-        [
-            "round",
-            "round time s",
-            "select+open s",
-            "last client told s",
-            "all uploads in s",
-            "last upload→closed s",
-            "closed→completed s",
-            "aggregation s",
-            "evaluation s",
-        ],
-        rows,
-    )
+    headers = ["round", "round s", "select+open s", "told p50 s", "told max s", "all uploads in s"]
+    headers += ["last upload→closed s", "closed→completed s", "of which aggregation s", "evaluation s"]
+    breakdown_md = table(headers, rows)
     lat_rows = [
         [ep, v["count"], v["errors"], _fmt(v["p50_ms"], 1), _fmt(v["p99_ms"], 1), _fmt(v["max_ms"], 1)]
         for ep, v in result["latency"].items()
     ]
     lat_md = table(["endpoint", "requests", "errors", "p50 ms", "p99 ms", "max ms"], lat_rows)
     rss_rows = [
-        [role, _fmt(v["start_mib"], 1), _fmt(result["rss_after_registration_mib"].get(role), 1), _fmt(v["peak_mib"], 1)]
-        + [_fmt(v["end_mib"], 1)]
+        [role, _fmt(v["start_mib"], 1), _fmt(result["rss_after_registration_mib"].get(role), 1)]
+        + [_fmt(v["peak_mib"], 1), _fmt(v["end_mib"], 1)]
         for role, v in result["rss"].items()
     ]
     rss_md = table(["process", "at start MiB", "after registration MiB", "peak MiB", "at end MiB"], rss_rows)
     times = result["round_time_s"]
+    ref = result["reference"]
+    ratio_p50 = ref["loaded_p50_ms"] / ref["idle_p50_ms"] if ref["loaded_p50_ms"] else None
+    ratio_p99 = ref["loaded_p99_ms"] / ref["idle_p50_ms"] if ref["loaded_p99_ms"] else None
+    outcome = (
+        f"**Target: every round completes with all {w['selected']} updates: {'met' if met else 'NOT met'}.** "
+        f"Rounds completed: {result['rounds_completed']} of {w['rounds']}; accepted updates per round: "
+        f"{', '.join(str(n) for n in result['updates_per_round'])}."
+    )
+    timing = "no round completed."
+    if times:
+        phase, seconds, share = _largest_phase(result)
+        timing = (
+            f"Round time: median **{median(times):.1f} s** (min {min(times):.1f}, max {max(times):.1f}). "
+            f"The largest part is {phase}: median {seconds:.1f} s, {share:.0%} of the median round."
+        )
     return f"""## Scale: {w["clients"]:,} clients, {w["selected"]} selected per round
 
-Workload: `fedloom serve` (embedded Temporal dev server, one worker, one API process, SQLite, blobs in
-a directory) in a fresh data dir; {w["clients"]:,} clients registered with the admin key, run as
+Workload: `fedloom serve` (embedded Temporal dev server, one worker, one API process, SQLite, blobs
+in a directory) in a fresh data dir; {w["clients"]:,} clients registered with the admin key, run as
 asyncio tasks in {w["client_processes"]} client processes on the same machine. Each round selects
-{w["selected"]} clients (`client_fraction` {w["selected"] / w["clients"]:g}, `min_updates`
-{w["selected"]}), for {w["rounds"]} rounds of FedAvg on the digits MLP (contribution scores on, the
-default). A client long-polls `GET /clients/{{id}}/task?wait={LONG_POLL_S:g}`; when selected it
-downloads the global model and uploads it plus a precomputed perturbation (no training), so the
-rounds measure the server. Rate limits are raised for the run. Latency is measured by the clients
-for every request; RSS is sampled from `/proc` every 0.5 s; the round breakdown uses the server's
-own timestamps (round opened, last update received, round closed, round completed).
+{w["selected"]} of them (`client_fraction` {w["selected"] / w["clients"]:g}, `min_updates` {w["selected"]}),
+for {w["rounds"]} rounds of FedAvg on the digits MLP, contribution scores on (the default). A client
+long-polls `GET /clients/{{id}}/task?wait={LONG_POLL_S:g}` (the client runtime's value); when
+selected it downloads the global model and uploads it plus a precomputed perturbation (no
+training), so the rounds measure the server. Rate limits are raised for the run. Latency is
+measured by the clients for every request; RSS is sampled from `/proc` every 0.5 s; the round
+breakdown uses the server's own timestamps (round opened, updates received, round closed and
+completed) and the time each client received its `train` task.
 
-Machine: {machine_line(result["machine"])}.
+Machine: {machine_line(result["machine"])}. The machine is shared, so every absolute number here
+moves with the load of the moment.
 
-**Target: every round completes with all {w["selected"]} updates — {"met" if met else "NOT met"}.**
-Rounds completed: {result["rounds_completed"]} of {w["rounds"]}; accepted updates per round:
-{", ".join(str(n) for n in result["updates_per_round"])}. Registration of {result["registered"]:,}
-clients took {result["registration_s"]:.1f} s; the experiment {result["wall_s"]:.1f} s from
-`POST /training/start` to `completed` (status {result["experiment_status"]}).
+{outcome} Registering {result["registered"]:,} clients took {result["registration_s"]:.1f} s; the
+experiment ran {result["wall_s"]:.1f} s from `POST /training/start` to `{result["experiment_status"]}`.
 
-Round time: median **{_fmt(median(times) if times else None)} s** (min {_fmt(min(times) if times else None)},
-max {_fmt(max(times) if times else None)}). Where it goes, per round (seconds; "select+open" runs from
-the previous round's completion, or the start, to this round's opening; "last client told" is when the
-last selected client received its `train` task, from the round's opening):
+{timing} Per round, in seconds ("select+open" runs from the previous round's completion, or the
+start, to this round's opening; "told" is when the selected clients received their `train` task,
+from the opening):
 
 {breakdown_md}
 
-API latency, measured client-side (the task long-poll is held by the server up to {LONG_POLL_S:g} s
-while there is nothing to do, so its latency is mostly that hold; "last client told" above is the
-long-poll's real delay):
+In-run reference: one admin `GET /clients/{{id}}/task` without a hold, one request at a time,
+measured first with every client registered but idle (p50 {ref["idle_p50_ms"]:.1f} ms), then every
+0.5 s during the experiment: p50 {_fmt(ref["loaded_p50_ms"], 1)} ms ({_fmt(ratio_p50, 1)}x the idle p50),
+p99 {_fmt(ref["loaded_p99_ms"], 1)} ms ({_fmt(ratio_p99, 1)}x).
+
+API latency per endpoint, measured client-side (a task long-poll is held by the server up to
+{LONG_POLL_S:g} s while there is nothing to do, so its latency is mostly that hold; the "told"
+columns above and the probe are its real delay):
 
 {lat_md}
 
 Server RSS (the API, the worker, the Temporal dev server):
 
 {rss_md}
+
+{CHANGES}
 
 ![scale](img/bench_{NAME}.png)
 """

@@ -233,7 +233,11 @@ MIGRATIONS: dict[int, list[str]] = {}
 def make_engine(url: str) -> Engine:
     """An engine for ``url``, tuned for concurrent API and worker processes."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # As many connections as the API's worker threads (anyio's default 40) may want at once:
+        # WAL readers run concurrently, and a thread waiting for a pooled connection waits for nothing.
+        in_memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
+        pool = {} if in_memory else {"pool_size": 20, "max_overflow": 30}
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

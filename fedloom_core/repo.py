@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import defer
 from sqlmodel import Session, select
 
 from fedloom_core.db import Event, Experiment, GlobalModel, Round, utcnow
@@ -70,15 +71,29 @@ def latest_experiment(session: Session) -> Experiment | None:
     return session.exec(select(Experiment).order_by(Experiment.created_at.desc())).first()  # type: ignore[attr-defined]
 
 
+def _light_round():  # type: ignore[no-untyped-def]
+    """Load options that leave out a round's ``policy_results`` and ``exclusions`` until they are read.
+
+    Both hold an entry per registered client (large with many clients) and the frequent readers
+    (uploads, task polls, training status) never need them; read inside the session they still load.
+    """
+    return (defer(Round.policy_results), defer(Round.exclusions))  # type: ignore[arg-type]
+
+
 def open_round(session: Session, experiment_id: str) -> Round | None:
     """The round of ``experiment_id`` that is taking uploads, if any."""
-    return session.exec(select(Round).where(Round.experiment_id == experiment_id, Round.status == "open")).first()
+    return session.exec(
+        select(Round).where(Round.experiment_id == experiment_id, Round.status == "open").options(*_light_round())
+    ).first()
 
 
 def current_round(session: Session, experiment_id: str) -> Round | None:
     """The most recent round of an experiment."""
     return session.exec(
-        select(Round).where(Round.experiment_id == experiment_id).order_by(Round.round.desc())  # type: ignore[attr-defined]
+        select(Round)
+        .where(Round.experiment_id == experiment_id)
+        .order_by(Round.round.desc())  # type: ignore[attr-defined]
+        .options(*_light_round())
     ).first()
 
 
