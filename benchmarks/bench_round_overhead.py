@@ -40,6 +40,7 @@ from benchmarks._common import (  # noqa: E402
 )
 from benchmarks._control_plane import (  # noqa: E402
     OVERHEAD_PHASES,
+    Server,
     db_round_times,
     history_phases,
     overheads,
@@ -74,12 +75,11 @@ def experiment_body(rounds: int, clients: int) -> dict[str, Any]:
     }
 
 
-def measure(clients: int, rounds: int, work: Path, profile_dir: Path | None = None) -> dict[str, Any]:
-    """One experiment on a fresh server; per-round overheads and the phase breakdown.
+def measure(server: Server, clients: int, rounds: int, profile_dir: Path | None = None) -> dict[str, Any]:
+    """One experiment; per-round overheads and the phase breakdown.
 
     With ``profile_dir``, py-spy samples the worker and the API during the experiment.
     """
-    server = start_server(work / "data")
     profilers = {}
     try:
         if profile_dir is not None:
@@ -88,23 +88,18 @@ def measure(clients: int, rounds: int, work: Path, profile_dir: Path | None = No
                 profilers[role] = start_profiler(server.child_pid(role), profile_dir / f"profile-{role}.txt")
             time.sleep(1.0)  # py-spy attaches
         run = asyncio.run(run_experiment(server, experiment_body(rounds, clients), clients))
-        for proc in profilers.values():
-            stop_profiler(proc)
-        if run.status != "completed":
-            raise RuntimeError(f"experiment ended {run.status}: {run.final}")
-        times = db_round_times(server.data_dir, run.experiment_id)
-        per_round = overheads(times)
-        phases = history_phases(server.temporal_address, f"experiment-{run.experiment_id}", times)
     finally:
         for proc in profilers.values():
             stop_profiler(proc)
-        server.stop()
+    if run.status != "completed":
+        raise RuntimeError(f"experiment ended {run.status}: {run.final}")
+    times = db_round_times(server.data_dir, run.experiment_id)
     told = [log.told[r] - times[r]["opened"] for log in run.logs for r in log.told if r in times]
     return {
         "experiment_id": run.experiment_id,
         "wall_s": run.finished - run.started,
-        "per_round": per_round,
-        "phases": phases,
+        "per_round": overheads(times),
+        "phases": history_phases(server.temporal_address, f"experiment-{run.experiment_id}", times),
         "notify_s": told,
     }
 
@@ -247,13 +242,22 @@ def main() -> int:
     args = parser.parse_args()
     clients, rounds = (2, 3) if args.quick else (10, 20)
     started = time.perf_counter()
+    profile: dict[str, list] = {"worker": [], "api": []}
     with tempfile.TemporaryDirectory(prefix="fedloom-bench-overhead-") as tmp:
-        m = measure(clients, rounds, Path(tmp) / "run")
-        profile = {"worker": [], "api": []}
-        if not args.quick:
-            # A separate, profiled experiment: the sampler's own CPU stays out of the numbers above.
-            measure(clients, PROFILE_ROUNDS, Path(tmp) / "profiled", profile_dir=args.out / "profile")
-            profile = {r: profile_top(args.out / "profile" / f"profile-{r}.txt", top=6) for r in ("worker", "api")}
+        server = start_server(Path(tmp) / "data")
+        try:
+            m = measure(server, clients, rounds)
+            print(
+                f"median overhead {median([r['overhead_s'] for r in m['per_round'].values()]) * 1000:.0f} ms",
+                flush=True,
+            )
+            if not args.quick:
+                # A second, profiled experiment on the same server and clients: the sampler's own CPU
+                # stays out of the numbers above.
+                measure(server, clients, PROFILE_ROUNDS, profile_dir=args.out / "profile")
+                profile = {r: profile_top(args.out / "profile" / f"profile-{r}.txt", top=6) for r in profile}
+        finally:
+            server.stop()
     summary = {"clients": clients, "rounds": rounds, **summarise(m)}
     info = machine()
     print(table(PHASE_HEADERS, phase_rows(summary["phase_median_ms"])))
