@@ -16,6 +16,26 @@ import torch
 
 from fedloom_core.weights import mapped_tensors, save_state
 
+# Elements per ``add_`` call in ``fold``: below torch's parallel grain size (32768), so each call
+# runs on the calling thread alone.
+FOLD_SLICE = 1 << 15
+
+
+def fold(acc: torch.Tensor, update: torch.Tensor, weight: float) -> None:
+    """``acc += weight * update``, one slice at a time, on the calling thread.
+
+    One ``add_`` over a large tensor is split across torch's intra-op threads and waits for all of
+    them; when the other cores are busy (a shared 2-core server, other activities) that wait
+    dominates and the fold runs several times slower than on one thread. Slices below the grain
+    size never start a parallel region. Each element gets the same operation as in one ``add_``,
+    so the result is bit-identical (a test checks it).
+    """
+    if acc.numel() <= FOLD_SLICE:
+        acc.add_(update, alpha=weight)
+        return
+    for a, u in zip(acc.view(-1).split(FOLD_SLICE), update.reshape(-1).split(FOLD_SLICE), strict=True):
+        a.add_(u, alpha=weight)
+
 
 @dataclass(frozen=True)
 class UpdateFile:
@@ -73,7 +93,7 @@ def fedavg(
                 _check_like(update.client_id, tensors, acc, dtypes)
             for name, t in tensors.items():
                 if t.is_floating_point():
-                    acc[name].add_(t, alpha=weight)
+                    fold(acc[name], t, weight)
             del tensors
     result = {name: acc[name].to(dtypes[name]) for name in acc}
     save_state(result, out_path)
