@@ -281,15 +281,22 @@ def _training_status(engine) -> dict:  # type: ignore[no-untyped-def]
                 "selected_clients": [],
                 "round_metrics": None,
             }
-        metrics = s.exec(
-            select(RoundMetrics).where(RoundMetrics.experiment_id == exp.experiment_id).order_by(RoundMetrics.round)
-        ).all()
+        # Two small queries whatever the number of rounds: this route is polled hard by dashboards.
+        done, mean_duration = s.exec(
+            select(func.count(), func.avg(RoundMetrics.round_duration)).where(
+                RoundMetrics.experiment_id == exp.experiment_id
+            )
+        ).one()
+        last = s.exec(
+            select(RoundMetrics)
+            .where(RoundMetrics.experiment_id == exp.experiment_id)
+            .order_by(RoundMetrics.round.desc())  # type: ignore[attr-defined]
+            .limit(1)
+        ).first()
         rnd = current_round(s, exp.experiment_id)
-    done = len(metrics)
-    last = metrics[-1] if metrics else None
     estimated = None
     if exp.started_at is not None:
-        per_round = (sum(m.round_duration for m in metrics) / done) if done else DEFAULT_ROUND_SECONDS
+        per_round = float(mean_duration) if done else DEFAULT_ROUND_SECONDS
         estimated = iso(exp.started_at + timedelta(seconds=per_round * exp.total_rounds))
     return {
         "experiment_id": exp.experiment_id,

@@ -69,7 +69,7 @@ def test_five_clients_reach_90_percent_and_the_downloaded_model_agrees(tmp_path:
 
         asyncio.run(_check_web_ui_view(server))
         # Keys travel in headers and, for browsers, in the WebSocket URL; a wrong key is refused.
-        ws_url = server.url.replace("http", "ws") + f"/api/v1/ws/events?api_key={server.admin_key}&since=0"
+        ws_url = server.url.replace("http", "ws") + f"/ws/events?api_key={server.admin_key}&since=0"
         with connect_ws(ws_url) as ws:
             assert json.loads(ws.recv(timeout=10))["type"]
         bogus = "fladmin_" + "x" * 43

@@ -45,7 +45,7 @@ async def _replay(url: str) -> list[dict]:
 
 
 async def _scenario(server: LiveServer, http: httpx.Client) -> tuple[LoadReport, list[list[dict]], list[dict]]:
-    ws_url = server.url.replace("http", "ws") + f"/api/v1/ws/events?api_key={server.admin_key}&since=0"
+    ws_url = server.url.replace("http", "ws") + f"/ws/events?api_key={server.admin_key}&since=0"
     done = asyncio.Event()
     seen: list[list[dict]] = [[] for _ in range(LISTENERS)]
     listeners = [asyncio.create_task(_listen(ws_url, done, seen[i])) for i in range(LISTENERS)]
@@ -85,7 +85,7 @@ def test_status_holds_200_rps_while_50_listeners_follow_a_run(tmp_path: Path) ->
 
     print(f"\nload: {report.line()}")
     (tmp_path / "load.json").write_text(json.dumps(report.__dict__))
-    assert report.sent == RATE * DURATION
+    assert report.sent == RATE * DURATION, report.error_kinds
     assert report.errors == 0 and report.ok == report.sent, report.error_kinds
     # Held the rate: every request answered within the run plus a short drain.
     assert report.elapsed_s < DURATION + 5, report.line()
