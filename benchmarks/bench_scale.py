@@ -292,6 +292,18 @@ async def _participate(http, log: ClientLog, api: str, cid: str, key: str, delta
             log.trained += 1
 
 
+async def _own_connection(log: ClientLog, api: str, cid: str, key: str, deltas: dict, deadline: float, limits) -> None:  # type: ignore[no-untyped-def]
+    """One client on its own ``httpx.AsyncClient``, as a real client process has.
+
+    Hundreds of concurrent long-polls through one shared pool queue inside httpx: measured here,
+    250 clients holding 3-s polls through one pool saw a 10.6 s median, through a pool each 3.7 s.
+    """
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as http:
+        await _participate(http, log, api, cid, key, deltas, deadline)
+
+
 def _delta_for(model_bytes: bytes) -> dict[str, Any]:
     """A small seeded perturbation with the model's tensor names and shapes, computed once per process."""
     import numpy as np
@@ -309,9 +321,7 @@ async def _client_process(args) -> dict:  # type: ignore[no-untyped-def]
     log = ClientLog()
     # The server closes idle keep-alive connections after 5 s; reusing one at that moment fails the
     # request, so connections are dropped sooner here.
-    limits = httpx.Limits(
-        max_connections=args.count + 16, max_keepalive_connections=args.count + 16, keepalive_expiry=2.0
-    )
+    limits = httpx.Limits(max_connections=REGISTER_CONCURRENCY + 2, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=limits) as http:
         gate = asyncio.Semaphore(REGISTER_CONCURRENCY)
         keys = await asyncio.gather(*(_register(http, log, api, args.admin_key, cid, gate) for cid in ids))
@@ -321,7 +331,7 @@ async def _client_process(args) -> dict:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + args.max_seconds
         deltas: dict = {}
         joined = [(cid, key) for cid, key in zip(ids, keys, strict=True) if key]
-        await asyncio.gather(*(_participate(http, log, api, cid, key, deltas, deadline) for cid, key in joined))
+        await asyncio.gather(*(_own_connection(log, api, cid, key, deltas, deadline, limits) for cid, key in joined))
     return {
         "latencies": dict(log.latencies),
         "errors": dict(log.errors),
@@ -735,7 +745,9 @@ def report(result: dict) -> str:
 
 Workload: `fedloom serve` (embedded Temporal dev server, one worker, one API process, SQLite, blobs
 in a directory) in a fresh data dir; {w["clients"]:,} clients registered with the admin key, run as
-asyncio tasks in {w["client_processes"]} client processes on the same machine. Each round selects
+asyncio tasks, each on its own `httpx.AsyncClient` (as a real client has its own connection: one pool
+shared by hundreds of held requests queues them inside httpx), in {w["client_processes"]} client
+processes on the same machine. Each round selects
 {w["selected"]} of them (`client_fraction` {w["selected"] / w["clients"]:g}, `min_updates` {w["selected"]}),
 for {w["rounds"]} rounds of FedAvg on the digits MLP, contribution scores on (the default). A client
 long-polls `GET /clients/{{id}}/task?wait={LONG_POLL_S:g}` (the client runtime's value); when
