@@ -537,7 +537,8 @@ cache; {res["reps"]} interleaved repetitions, medians. Throughput is update byte
 3. The profile's largest item is `add_` itself. One `add_` over a large tensor is split across torch's two
    intra-op threads and waits for both; when the other core is busy (this machine is shared, and the worker
    runs other activities) that wait dominates. `aggregation.fold` now adds in slices below torch's parallel
-   grain size, on the calling thread, with bit-identical results (a test checks it). The row "one add_ per
+   grain size, on the calling thread, with bit-identical results (a test checks it); the accumulator starts as
+   `0 + w * u` from the first update instead of zeros and then an add (one pass instead of two). The row "one add_ per
    tensor" is the old fold; the reference keeps torch's default (whole-tensor `add_`), as the target defines it.
    System load average during this run: {load}.
 4. Updates were already read as zero-copy, copy-on-write memory maps (`weights.mapped_tensors`), one at a time.

@@ -37,6 +37,19 @@ def fold(acc: torch.Tensor, update: torch.Tensor, weight: float) -> None:
         a.add_(u, alpha=weight)
 
 
+def start_fold(update: torch.Tensor, weight: float) -> torch.Tensor:
+    """A new accumulator holding ``0 + weight * update`` (``update`` float32 or float64), in slices.
+
+    The same arithmetic as zeros followed by ``fold`` (so ``-0.0`` products still come out ``+0.0``),
+    without writing the zeros first: one pass over the accumulator instead of two.
+    """
+    acc = torch.empty(update.shape, dtype=update.dtype)
+    zero = torch.zeros((), dtype=update.dtype)
+    for a, u in zip(acc.view(-1).split(FOLD_SLICE), update.reshape(-1).split(FOLD_SLICE), strict=True):
+        torch.add(zero, u, alpha=weight, out=a)
+    return acc
+
+
 @dataclass(frozen=True)
 class UpdateFile:
     client_id: str
@@ -84,16 +97,18 @@ def fedavg(
             if not acc:
                 for name, t in tensors.items():
                     dtypes[name] = t.dtype
-                    if t.is_floating_point():
-                        work = torch.float64 if t.dtype == torch.float64 else torch.float32
-                        acc[name] = torch.zeros(t.shape, dtype=work)
-                    else:
+                    if not t.is_floating_point():
                         acc[name] = t.clone()
+                    elif t.dtype in (torch.float32, torch.float64):
+                        acc[name] = start_fold(t, weight)
+                    else:  # accumulated in float32: the first update is added to zeros like the rest
+                        acc[name] = torch.zeros(t.shape, dtype=torch.float32)
+                        fold(acc[name], t, weight)
             else:
                 _check_like(update.client_id, tensors, acc, dtypes)
-            for name, t in tensors.items():
-                if t.is_floating_point():
-                    fold(acc[name], t, weight)
+                for name, t in tensors.items():
+                    if t.is_floating_point():
+                        fold(acc[name], t, weight)
             del tensors
     result = {name: acc[name].to(dtypes[name]) for name in acc}
     save_state(result, out_path)

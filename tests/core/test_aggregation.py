@@ -498,3 +498,17 @@ def test_sliced_fold_is_bit_identical_to_one_add(dtype: torch.dtype) -> None:
         whole.add_(update, alpha=weight)
         fold(sliced, update, weight)
         assert torch.equal(whole.view(-1).view(torch.uint8), sliced.view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_start_fold_is_bit_identical_to_zeros_then_add(dtype: torch.dtype) -> None:
+    from fedloom_core.aggregation import FOLD_SLICE, start_fold
+
+    gen = torch.Generator().manual_seed(11)
+    update = torch.randn(2 * FOLD_SLICE + 99, generator=gen).to(dtype)
+    update[:50] = -0.0
+    update[50:60] = -1e-300 if dtype == torch.float64 else -1e-44
+    for weight in (0.1, 1 / 3, 1e-30):
+        expected = torch.zeros_like(update).add_(update, alpha=weight)
+        got = start_fold(update.reshape(-1, 1), weight).reshape(-1)
+        assert torch.equal(expected.view(torch.uint8), got.view(torch.uint8))
