@@ -15,6 +15,7 @@ more than the noise allowance (``GROWTH_LIMIT``).
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -197,7 +198,8 @@ def doc_section(m: dict[str, Any], clients: int, rounds: int, info: dict[str, An
 
 Workload: `fedloom serve` with `FEDLOOM_CONTINUE_AS_NEW_EVERY={CONTINUE_AS_NEW_EVERY}`, {clients} asyncio
 clients uploading a precomputed update at once, the MLP on digits, {rounds} rounds of FedAvg
-({m["elapsed_s"]:.0f} s). RSS of the API and worker processes read from /proc after every round;
+({m["elapsed_s"]:.0f} s; load average of the 2-core machine {m["load_average"][0]:.1f} at the start,
+{m["load_average"][1]:.1f} at the end). RSS of the API and worker processes read from /proc after every round;
 round overhead as in the "Round overhead" section. {machine_line(info)}.
 
 {table(HEADERS, rows(m))}
@@ -216,8 +218,10 @@ def main() -> int:
     args = parser.parse_args()
     clients, rounds = (2, 12) if args.quick else (5, 300)
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fedloom-bench-long-") as tmp:
         m = measure(clients, rounds, Path(tmp))
+    m["load_average"] = [load_start, os.getloadavg()[0]]
     info = machine()
     v = verdicts(m)
     print(table(HEADERS, rows(m)))
