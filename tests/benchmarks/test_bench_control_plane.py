@@ -6,6 +6,7 @@ They assert nothing about speed (the machine is shared); they keep the scripts w
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +39,9 @@ def test_round_overhead_quick(tmp_path: Path) -> None:
     assert all(ms > 0 for ms in data["overhead_ms"])
     assert data["median_clients_ms"] > 0 and data["median_notify_ms"] >= 0
     phases = data["phase_median_ms"]
+    # Every phase of the breakdown is there (values come from two clocks' timestamps, so only finiteness is checked).
     for phase in ("wake", "close", "validation", "aggregation", "evaluation", "persistence", "selection", "open"):
-        assert phases[phase] >= 0, phase
-    # The phases add up to the overhead they split (medians of parts need not add up exactly).
+        assert math.isfinite(phases[phase]), phase
     assert sum(phases[p] for p in ("close", "validation", "aggregation", "evaluation", "persistence")) > 0
     assert isinstance(data["met"], bool)
 
