@@ -533,9 +533,11 @@ against the measured {res["median_s"]["upload"] * 1e3:.0f} ms.
    worker thread), the route copied it to `<data dir>/tmp`, and it was hashed again afterwards.
 2. The checked file is renamed into the blob store (`BlobStore.adopt_file`: fsync, rename, digest
    sidecar) instead of copied and re-hashed; `normalize_upload` renames rather than copies too.
-3. The finite-value check reads each tensor 4 MiB at a time and judges each piece by its `aminmax`
-   (NaN propagates) instead of mapping the whole file and building an `isfinite` mask: a mapped file
-   counts in the API's RSS until it is closed, which with 10 concurrent uploads was several models.
+3. The finite-value check reads each tensor 128 KiB at a time (torch's parallel grain size, so it runs on
+   one thread instead of stalling in parallel regions while other uploads keep the other core busy) and
+   judges each piece by its `aminmax` (NaN propagates) instead of mapping the whole file and building an
+   `isfinite` mask: a mapped file counts in the API's RSS until it is closed, which with 10 concurrent
+   uploads was several models.
 4. Downloads go out in 4 MiB pieces (each piece is one hop to a worker thread), and the blob's
    digest, once verified by this process for this very file, is not recomputed for every client.
 

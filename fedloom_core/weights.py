@@ -272,14 +272,16 @@ def compare_structure(
     return problems
 
 
-# Bytes of a file read at a time by the checks that scan whole tensors.
-SCAN_CHUNK = 4 << 20
+# Bytes of a file read at a time by the checks that scan whole tensors: 32768 float32 values, torch's
+# parallel grain size, so each check runs on the calling thread (a parallel region stalls when the
+# other cores are busy, as they are while the API receives several uploads).
+SCAN_CHUNK = 128 << 10
 
 
 def nonfinite_tensors(path: str | Path) -> list[str]:
     """Names of floating-point tensors holding NaN or infinity.
 
-    The file is read a few MiB at a time into one reused buffer, not memory-mapped: every page
+    The file is read ``SCAN_CHUNK`` bytes at a time into one reused buffer, not memory-mapped: every page
     read through a map counts in the process's RSS until the map closes, and the API checks
     several large uploads at once. Each piece is judged by its minimum and maximum (one pass, no
     temporary tensor; both are NaN when the piece holds a NaN), which is much faster than
