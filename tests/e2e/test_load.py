@@ -16,7 +16,7 @@ import websockets
 from fedloom.loadtest import LoadReport, run_load
 from tests.conftest import LiveServer, small_run_body, spawn_clients, start_serve, stop_serve, wait_registered
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 RATE, DURATION, LISTENERS, CLIENTS, ROUNDS = 200, 60, 50, 3, 6
 
 
