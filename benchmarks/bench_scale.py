@@ -331,7 +331,16 @@ async def _client_process(args) -> dict:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + args.max_seconds
         deltas: dict = {}
         joined = [(cid, key) for cid, key in zip(ids, keys, strict=True) if key]
-        await asyncio.gather(*(_own_connection(log, api, cid, key, deltas, deadline, limits) for cid, key in joined))
+        everyone = asyncio.gather(
+            *(_own_connection(log, api, cid, key, deltas, deadline, limits) for cid, key in joined)
+        )
+        # SIGTERM from the parent (the experiment ended and a client missed it) stops the clients but
+        # still reports what they measured.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, everyone.cancel)
+        try:
+            await everyone
+        except asyncio.CancelledError:
+            pass
     return {
         "latencies": dict(log.latencies),
         "errors": dict(log.errors),
@@ -462,6 +471,8 @@ def run_experiment(server: Server, body: dict, timeout: float) -> tuple[dict, li
             status = http.get(f"{api}/training/status", headers=headers).json()
             latencies.append(time.perf_counter() - s0)
             if status.get("status") in ("completed", "failed", "stopped"):
+                record = http.get(f"{api}/experiments/{EXPERIMENT_ID}", headers=headers).json()
+                status["error"] = record.get("error") or record.get("error_code")
                 return status, latencies, time.perf_counter() - t0
     raise RuntimeError(f"the experiment did not end in {timeout:.0f} s")
 
@@ -585,10 +596,14 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
             status, status_lat, wall = run_experiment(server, start_body(clients, selected, rounds), max_s)
         finally:
             probe.stop()
-        say(f"experiment {status.get('status')} after {wall:.1f} s")
+        say(f"experiment {status.get('status')} after {wall:.1f} s {status.get('error') or ''}")
         results = []
         for proc, path in spawned:
-            proc.wait(timeout=LONG_POLL_S * 3 + 30)
+            try:
+                proc.wait(timeout=LONG_POLL_S * 3 + 30)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait(timeout=30)
             results.append(json.loads(path.read_text()))
     finally:
         try:
@@ -618,6 +633,7 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
         "registered": registered,
         "registration_s": round(registration_s, 2),
         "experiment_status": status.get("status"),
+        "experiment_error": status.get("error"),
         "wall_s": round(wall, 2),
         "rounds_completed": sum(1 for r in per_round if r["status"] == "completed"),
         "updates_per_round": [r["accepted_updates"] for r in per_round],
@@ -733,6 +749,7 @@ def report(result: dict) -> str:
         f"**Target: every round completes with all {w['selected']} updates: {'met' if met else 'NOT met'}.** "
         f"Rounds completed: {result['rounds_completed']} of {w['rounds']}; accepted updates per round: "
         f"{', '.join(str(n) for n in result['updates_per_round'])}."
+        + (f" The experiment failed: {result['experiment_error']}" if result.get("experiment_error") else "")
     )
     timing = "no round completed."
     if times:

@@ -530,6 +530,13 @@ async def get_client_task(
         current = await board.wait_change(min(TASK_POLL_S, remaining))
         # Only a state read after our own answer can tell that the answer is out of date.
         if current.read_at >= checked_at and current.signature(client_id) != signature:
+            # A change that cannot concern this client (an experiment started or ended, a round it is
+            # not in opened or closed) is answered from the board too: re-running every waiter's
+            # query at once at each change made the selected clients queue behind 1,000 others.
+            quick = board.quick_answer(client_id)
+            if quick is not None and quick[2] >= checked_at:
+                task, signature, checked_at = quick
+                continue
             checked_at = time.monotonic()
             task, signature = await run_in_threadpool(_task, engine, client_id)
             board.checked(client_id, checked_at)
