@@ -678,8 +678,10 @@ this benchmark):
    client) that a task never needs; the first run at this size failed (round 1 closed at its
    deadline without all its updates). Now one light read of the round state per interval serves
    every held request of an API process (`TaskBoard` in `api/routes/clients.py`), a held request
-   re-runs its own query only when that state changed, and the task, upload and training-status
-   queries leave the two per-client JSON columns unloaded (`fedloom_core/repo.py`).
+   re-runs its own query only when that state changed in a way that concerns it (a change such as
+   an experiment starting would otherwise send every waiter to the database at once), and the
+   task, upload and training-status queries leave the two per-client JSON columns unloaded
+   (`fedloom_core/repo.py`).
 2. **Every poll was a SQLite write**: `last_seen` was refreshed every 5 s, i.e. on every 10-s poll
    (about 100 write transactions a second at this size, each an ORM load and flush). It is now a
    two-column read and a conditional `UPDATE` at most once a minute (nothing reads `last_seen`
