@@ -142,6 +142,25 @@ def update_doc_section(name: str, markdown: str, doc: Path = DOC) -> None:
     doc.write_text(text)
 
 
+# The page's order: the issue's numbering of the benchmarks.
+SECTION_ORDER = ("aggregation", "memory", "transfer", "round_overhead", "efficiency", "scale", "long_run")
+
+
+def order_sections(doc: Path = DOC, order: Sequence[str] = SECTION_ORDER) -> None:
+    """Put the page's sections in ``order`` (unknown ones keep their place at the end)."""
+    if not doc.exists():
+        return
+    text = doc.read_text()
+    pattern = re.compile(r"<!-- bench:([a-z_]+) -->.*?<!-- /bench:\1 -->", re.S)
+    blocks = {m.group(1): m.group(0) for m in pattern.finditer(text)}
+    first = pattern.search(text)
+    if not blocks or first is None:
+        return
+    head = text[: first.start()].rstrip() + "\n\n"
+    ranked = sorted(blocks, key=lambda n: (order.index(n) if n in order else len(order), list(blocks).index(n)))
+    doc.write_text(head + "\n\n".join(blocks[n] for n in ranked) + "\n")
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table (also readable when printed to a terminal)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

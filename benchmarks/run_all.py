@@ -35,6 +35,11 @@ def main() -> int:
         print(f"=== {script.name}: exit {rc} in {time.perf_counter() - t0:.0f} s ===", flush=True)
         if rc:
             failed.append(script.name)
+    if not args.quick:
+        sys.path.insert(0, str(HERE))
+        from _common import order_sections
+
+        order_sections()
     print(f"\nall benchmarks: {time.perf_counter() - started:.0f} s; failed: {', '.join(failed) or 'none'}")
     return 1 if failed else 0
 

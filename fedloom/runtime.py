@@ -82,6 +82,7 @@ def run_client(
         log.info("%s already registered; continuing with the given key", client_id)
     seen_running: set[str] = set()
     trained = 0
+    first_poll, ended_before_join = True, None
     idle_since = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"fedloom-{client_id}-") as tmp:
         work = Path(tmp)
@@ -96,7 +97,12 @@ def run_client(
             exp_id = task.get("experiment_id")
             if task.get("experiment_status") == "running" and exp_id:
                 seen_running.add(exp_id)
-            if status == "done" and exp_id in seen_running:
+            if first_poll:
+                # An experiment already over when we joined is not ours to end on; any other that is
+                # done ran while we waited (possibly all within one long-poll) and ends our run.
+                ended_before_join = exp_id if status == "done" else None
+                first_poll = False
+            if status == "done" and (exp_id in seen_running or (exp_id and exp_id != ended_before_join)):
                 log.info("%s: experiment %s ended (%s)", client_id, exp_id, task.get("experiment_status"))
                 return trained
             if status != "train":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -212,11 +213,16 @@ class World:
         return self.acts.close_round(RoundRef(experiment_id=self.experiment_id, round=number))
 
     def upload(self, client_id: str, path: Path | None = None, samples: int = 10) -> StoredUpdate:
+        # store_update takes ownership of the received file (it moves it into the blob store), so each
+        # call gets its own copy, as each HTTP request brings its own body.
+        source = path or self.uploads[client_id]
+        received = source.with_name(f"{source.stem}-{uuid.uuid4().hex}.received")
+        shutil.copyfile(source, received)
         return store_update(
             self.engine,
             self.blobs,
             client_id=client_id,
-            upload_path=path or self.uploads[client_id],
+            upload_path=received,
             metrics={"data_samples": samples, "local_accuracy": 0.5, "local_loss": 0.7, "training_time": 1.5},
         )
 
