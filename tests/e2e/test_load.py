@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import httpx
 import pytest
 import websockets
 
-from fedloom.loadtest import LoadReport, run_load
+from fedloom.loadtest import LoadReport
 from tests.conftest import LiveServer, small_run_body, spawn_clients, start_serve, stop_serve, wait_registered
 
 pytestmark = [pytest.mark.e2e, pytest.mark.serial]
@@ -52,8 +54,23 @@ async def _scenario(server: LiveServer, http: httpx.Client) -> tuple[LoadReport,
     await asyncio.sleep(2)  # every listener connected before the experiment starts
     assert not any(t.done() for t in listeners), [t.exception() for t in listeners if t.done()]
 
-    load = asyncio.create_task(
-        run_load(f"{server.api}/training/status", server.admin_key, rate=RATE, duration=DURATION)
+    # The load comes from its own process (the `fedloom loadtest` script), not from this one, which
+    # is busy with the 50 listeners.
+    load = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fedloom.loadtest",
+        "--server",
+        server.url,
+        "--rate",
+        str(RATE),
+        "--duration",
+        str(DURATION),
+        "--concurrency",
+        "32",
+        "--json",
+        env={**os.environ, "FEDLOOM_API_KEY": server.admin_key},
+        stdout=asyncio.subprocess.PIPE,
     )
     started = await asyncio.to_thread(http.post, "/training/start", json=small_run_body("load", ROUNDS, CLIENTS))
     assert started.status_code == 200, started.text
@@ -62,7 +79,8 @@ async def _scenario(server: LiveServer, http: httpx.Client) -> tuple[LoadReport,
         assert time.monotonic() < deadline, "the experiment did not finish"
         assert not any(t.done() for t in listeners), "a listener was disconnected mid-run"
         await asyncio.sleep(1)
-    report = await load
+    out, _ = await load.communicate()
+    report = LoadReport(**json.loads(out.decode().strip().splitlines()[-1]))
     await asyncio.sleep(2)  # the hub polls the log every 0.2 s: let the last events reach everyone
     done.set()
     await asyncio.gather(*listeners)
