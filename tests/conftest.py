@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -55,9 +56,22 @@ def binary(name: str) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768 and up).
+
+    Ports handed out by the kernel (port 0) come from the range that Temporal's dev server also uses
+    for its internal services and that every outgoing connection uses, so with two test workers
+    starting servers at once such a port could be taken before it was bound. A random port in
+    20000-32000 that binds now avoids both.
+    """
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 @pytest.fixture(scope="session")

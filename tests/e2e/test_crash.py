@@ -169,7 +169,9 @@ def _restart_postgres(cluster: PrivateCluster) -> Callable[[LiveServer, Path, in
     return restart
 
 
-@pytest.fixture(scope="module")
+# Session scope: the crash tests share one xdist worker, but other modules' tests may run between
+# them there, which would tear a module-scoped fixture down and make it run again.
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     return _run(tmp_path_factory.mktemp("uninterrupted") / "run", None)
 
