@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedloom._client import FLClient
+from fedloom._client import FLAPIError, FLClient
 
 DEMO_TRAINING = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.05, "optimizer": "SGD"}
 
@@ -78,7 +78,11 @@ def _follow(api: FLClient, experiment_id: str, rounds: int) -> dict:
     ) as progress:
         task = progress.add_task("rounds", total=rounds, metrics="waiting for round 1")
         while True:
-            status = api.get_training_status()
+            try:
+                status = api.get_training_status()
+            except FLAPIError as exc:  # e.g. 429 on a long run: wait as told, then look again
+                time.sleep(exc.retry_after or 1.0)
+                continue
             metrics = status.get("round_metrics")
             done = round(status["progress"] * rounds)
             text = (
@@ -89,7 +93,7 @@ def _follow(api: FLClient, experiment_id: str, rounds: int) -> dict:
             progress.update(task, completed=done, metrics=text)
             if status["status"] != "running":
                 return status
-            time.sleep(0.5)
+            time.sleep(1.0)  # well inside the admin key's general rate limit
 
 
 def run_demo(clients: int = 5, rounds: int = 10, port: int = 0) -> int:
