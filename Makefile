@@ -25,7 +25,7 @@ demo: $(STAMP)
 # Most tests wait on servers and processes rather than compute, so two workers share them; the few
 # marked `serial` measure a rate or a deadline and run afterwards with the machine to themselves.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30 -n 2 --dist loadgroup -m "not serial"
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30 -n 2 --dist loadfile -m "not serial"
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m serial
 
 serve: $(STAMP)
