@@ -15,6 +15,7 @@ import httpx
 import pytest
 from temporalio.api.enums.v1 import PendingActivityState
 
+from api.routes.training import STATUS_TTL_S
 from fedloom_core.temporal import connect
 from tests.conftest import (
     LiveServer,
@@ -155,6 +156,8 @@ DATABASE_ROUTES = ["/training/status", "/clients", "/metrics/training", "/experi
 def _restart_postgres(cluster: PrivateCluster) -> Callable[[LiveServer, Path, int, int], LiveServer]:
     def restart(server: LiveServer, *_: object) -> LiveServer:
         cluster.stop()
+        # /training/status may answer from a read shared for STATUS_TTL_S; let it age out first.
+        time.sleep(4 * STATUS_TTL_S)
         http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
         for route in DATABASE_ROUTES:
             answer = http.get(route)
