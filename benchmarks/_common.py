@@ -20,7 +20,7 @@ import platform
 import re
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +97,13 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
-def rss_bytes(pid: int | None = None) -> int:
-    """Current resident set size of ``pid`` (default: this process), from /proc."""
+def rss_bytes(pid: int | None = None, field: str = "VmRSS") -> int:
+    """Resident set size of ``pid`` (default: this process) from /proc; ``field="VmHWM"`` for its peak.
+
+    Kept free of fedloom imports: it also runs in the Flower comparison's own virtualenv.
+    """
     status = Path(f"/proc/{pid or 'self'}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+    return int(re.search(field + r":\s+(\d+) kB", status).group(1)) * 1024
 
 
 def write_result(out: Path, name: str, data: dict[str, Any]) -> Path:
@@ -126,6 +129,33 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a finished matplotlib figure as a PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def publish(
+    args: argparse.Namespace,
+    name: str,
+    result: dict[str, Any],
+    plot: Callable[[dict[str, Any], Path], None],
+    section: Callable[[dict[str, Any], str], str],
+) -> None:
+    """Write the JSON result and the plot; a full run (not ``--quick``) also rewrites its docs section.
+
+    ``section(machine_info, image_path)`` returns the section's Markdown; the image path is relative to
+    ``docs/``.
+    """
+    info = machine()
+    write_result(args.out, name, result)
+    png = plot_path(args.out, name, args.quick)
+    plot(result, png)
+    if not args.quick:
+        update_doc_section(name, section(info, f"img/{png.name}"))
 
 
 def update_doc_section(name: str, markdown: str, doc: Path = DOC) -> None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,88 +29,22 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fedloom.launch import ServeProcess, memory_bytes, start_serve  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 LONG_POLL_S = 10.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A running ``fedloom serve`` (embedded Temporal dev server, worker, API) on free ports."""
-
-    url: str
-    admin_key: str
-    data_dir: Path
-    proc: subprocess.Popen
-    temporal_port: int
-
-    @property
-    def temporal_address(self) -> str:
-        return f"127.0.0.1:{self.temporal_port}"
-
-    def child_pid(self, role: str) -> int:
-        """The pid of serve's ``worker`` or ``api`` child, found through /proc."""
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == self.proc.pid and b"fedloom.cli" in args and role.encode() in args:
-                return int(entry.name)
-        raise LookupError(f"no {role} process under fedloom serve {self.proc.pid}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+# The benchmarks' name for a running ``fedloom serve``; started with rate limits far above any
+# rate a benchmark's clients reach.
+Server = ServeProcess
 
 
 def start_server(data_dir: Path, env_extra: dict[str, str] | None = None, timeout: float = 300) -> Server:
-    """Start ``fedloom serve`` in ``data_dir`` and wait until its API is healthy."""
+    """Start ``fedloom serve`` in ``data_dir`` (log in ``<data_dir>/serve.log``) and wait until it is healthy."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port, temporal_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
-    env.update(
-        {
-            "FEDLOOM_DATA_DIR": str(data_dir),
-            # A benchmark's clients poll and upload far more often than the default limits allow.
-            "FEDLOOM_RATE_LIMIT_GENERAL": "100000000",
-            "FEDLOOM_RATE_LIMIT_UPLOADS": "100000000",
-            "FEDLOOM_RATE_LIMIT_TRAINING_START": "100000000",
-            **(env_extra or {}),
-        }
-    )
-    log = open(data_dir / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
-    cmd = [sys.executable, "-m", "fedloom.cli", "serve", "--port", str(port), "--temporal-port", str(temporal_port)]
-    cmd += ["--temporal-ui-port", str(free_port()), "--temporal-headless"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fedloom serve exited with {proc.returncode}; see {data_dir / 'serve.log'}")
-        try:
-            if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
-                key = (data_dir / "admin_api_key").read_text().strip()
-                return Server(url, key, data_dir, proc, temporal_port)
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("fedloom serve did not become healthy in time")
+    return start_serve(data_dir, env_extra, log_path=data_dir / "serve.log", timeout=timeout)
 
 
 def precomputed_update(architecture: str, dataset: str, seed: int) -> bytes:
@@ -396,12 +330,36 @@ def history_phases(
     return out
 
 
+class RssSampler(threading.Thread):
+    """Samples the RSS (bytes) of the processes ``pids()`` names, role -> pid, every ``every`` seconds.
+
+    ``samples`` holds ``(seconds since start, {role: rss})``; a process that is gone is left out.
+    """
+
+    def __init__(self, pids: Callable[[], dict[str, int]], every: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.every = pids, every
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        while not self._halt.is_set():
+            sample = {role: rss for role, pid in self.pids().items() if (rss := memory_bytes(pid)) is not None}
+            self.samples.append((time.perf_counter() - started, sample))
+            self._halt.wait(self.every)
+
+    def stop(self) -> list[tuple[float, dict[str, int]]]:
+        self._halt.set()
+        self.join()
+        return self.samples
+
+
 def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise LookupError(f"no VmRSS for {pid}")
+    rss = memory_bytes(pid)
+    if rss is None:
+        raise LookupError(f"no VmRSS for {pid}")
+    return rss / 2**20
 
 
 # -- profiles ------------------------------------------------------------------------------

@@ -311,7 +311,11 @@ def flower_child(spec_path: str) -> None:
             fh.write("5")
         base = common.rss_bytes()
         out = aggregate(results) if fits is None else aggregate_inplace(fits)
-        print(json.dumps({"import_base": import_base, "base": base, "peak": _hwm(), "layers": len(out)}))
+        print(
+            json.dumps(
+                {"import_base": import_base, "base": base, "peak": common.rss_bytes(field="VmHWM"), "layers": len(out)}
+            )
+        )
         return
     fits = fit_results()
     methods = {"aggregate": lambda: aggregate(results), "aggregate_inplace": lambda: aggregate_inplace(fits)}
@@ -363,11 +367,6 @@ class FlowerChild:
         final = self._read()
         self.proc.wait()
         return {**final, "times": self.times}
-
-
-def _hwm() -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(text.split("VmHWM:")[1].split()[0]) * 1024
 
 
 # -- the benchmark -------------------------------------------------------------------------------
@@ -579,9 +578,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("GB/s of update bytes (median)")
     ax.set_title(f"Aggregation of K={res['clients']} updates of {res['model_bytes'] / 1e6:.0f} MB")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main() -> int:
@@ -611,12 +608,7 @@ def main() -> int:
         else "Flower not run"
     )
     print("profile (self time):", ", ".join(f"{p['function']} {p['share']:.0%}" for p in res["profile_fedavg"]))
-    info = common.machine()
-    common.write_result(args.out, NAME, res)
-    png = common.plot_path(args.out, NAME, args.quick)
-    plot(res, png)
-    if not args.quick:
-        common.update_doc_section(NAME, doc_section(res, info, f"img/{png.name}"))
+    common.publish(args, NAME, res, plot, lambda info, image: doc_section(res, info, image))
     return 0
 
 

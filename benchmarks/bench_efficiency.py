@@ -34,6 +34,7 @@ from benchmarks._common import (  # noqa: E402
     median,
     plot_path,
     pyplot,
+    save_figure,
     table,
     update_doc_section,
     write_result,
@@ -130,9 +131,7 @@ def plot(m: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("seconds")
     ax.set_title(f"End-to-end efficiency {m['efficiency']:.3f} (target ≤ {TARGET})")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def doc_section(m: dict[str, Any], clients: int, rounds: int, train_s: float, info: dict[str, Any]) -> str:

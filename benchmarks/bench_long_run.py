@@ -32,6 +32,7 @@ from benchmarks._common import (  # noqa: E402
     median,
     plot_path,
     pyplot,
+    save_figure,
     table,
     update_doc_section,
     write_result,
@@ -185,9 +186,7 @@ def plot(m: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("server overhead (ms)")
     ax2.set_ylim(bottom=0)
     fig.suptitle(f"Long run: {len(rr) + 1} rounds, continue-as-new every {CONTINUE_AS_NEW_EVERY}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def doc_section(m: dict[str, Any], clients: int, rounds: int, info: dict[str, Any]) -> str:

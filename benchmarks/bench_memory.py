@@ -37,11 +37,6 @@ LABELS = {
 }
 
 
-def _hwm() -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(text.split("VmHWM:")[1].split()[0]) * 1024
-
-
 def fedloom_child(spec_path: str) -> None:
     """Child mode: one FedAvg over the spec's blob keys; prints the RSS before and the peak during it."""
     from fedloom_core.aggregation import UpdateFile
@@ -63,7 +58,7 @@ def fedloom_child(spec_path: str) -> None:
         fh.write("5")
     base = common.rss_bytes()
     strategy.aggregate(ctx)
-    print(json.dumps({"import_base": base, "base": base, "peak": _hwm()}))
+    print(json.dumps({"import_base": base, "base": base, "peak": common.rss_bytes(field="VmHWM")}))
 
 
 def run_child(cmd: list[str]) -> dict[str, Any] | None:
@@ -204,9 +199,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.set_yscale("symlog")
     ax.set_title(f"Memory of one aggregation, {res['model_bytes'] / 1e6:.0f} MB model")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main() -> int:
@@ -224,12 +217,7 @@ def main() -> int:
     res = measure(ks, params, None if args.quick else agg.flower_python(create=True))
     print(report(res))
     print(f"fedloom FedAvg growth K={ks[0]} -> K={ks[-1]}: {res['growth_kmin_to_kmax_bytes'].get('fedloom_fedavg')} B")
-    info = common.machine()
-    common.write_result(args.out, NAME, res)
-    png = common.plot_path(args.out, NAME, args.quick)
-    plot(res, png)
-    if not args.quick:
-        common.update_doc_section(NAME, doc_section(res, info, f"img/{png.name}"))
+    common.publish(args, NAME, res, plot, lambda info, image: doc_section(res, info, image))
     return 0
 
 

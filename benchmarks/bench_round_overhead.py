@@ -35,6 +35,7 @@ from benchmarks._common import (  # noqa: E402
     percentile,
     plot_path,
     pyplot,
+    save_figure,
     table,
     update_doc_section,
     write_result,
@@ -51,6 +52,7 @@ from benchmarks._control_plane import (  # noqa: E402
     start_server,
     stop_profiler,
 )
+from fedloom.demo import start_body  # noqa: E402
 
 NAME = "round_overhead"
 TARGET_MS = 300.0
@@ -61,19 +63,10 @@ BASELINE = ROOT / "benchmarks" / "baselines" / "round_overhead-before.json"
 
 
 def experiment_body(rounds: int, clients: int) -> dict[str, Any]:
-    return {
-        "experiment_config": {
-            "rounds": rounds,
-            "min_clients": clients,
-            "client_fraction": 1.0,
-            "dataset": "digits",
-            "model_architecture": "MLP",
-            "seed": 0,
-            "round_timeout_s": 120,
-        },
-        "training_config": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.05},
-        "aggregation_config": {"strategy": "FedAvg", "weighted": True, "min_updates": clients},
-    }
+    """The demo's experiment with the tiny MLP (the clients upload precomputed updates of it)."""
+    body = start_body(rounds, clients)
+    body["experiment_config"].update(model_architecture="MLP", round_timeout_s=120)
+    return body
 
 
 def measure(server: Server, clients: int, rounds: int, profile_dir: Path | None = None) -> dict[str, Any]:
@@ -164,9 +157,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax2.set_xlabel("median ms per round")
     ax2.invert_yaxis()
     fig.suptitle("Round overhead, 10 zero-time clients, MLP on digits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def bound(summary: dict[str, Any]) -> dict[str, float]:

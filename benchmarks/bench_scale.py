@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +33,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    ROOT,
     base_parser,
     machine,
     machine_line,
@@ -43,10 +40,15 @@ from _common import (  # noqa: E402
     percentile,
     plot_path,
     pyplot,
+    save_figure,
     table,
     update_doc_section,
     write_result,
 )
+from _control_plane import RssSampler as _Sampler  # noqa: E402
+from _control_plane import Server  # noqa: E402
+
+from fedloom.launch import memory_bytes, start_serve  # noqa: E402
 
 NAME = "scale"
 FULL = {"clients": 1000, "selected": 100, "rounds": 5, "procs": 4}
@@ -56,7 +58,6 @@ LONG_POLL_S = 10.0
 # Registrations in flight per client process.
 REGISTER_CONCURRENCY = 8
 ROUND_TIMEOUT_S = 120
-GENEROUS_LIMIT = "1000000"
 MIB = 2**20
 EXPERIMENT_ID = "scale"
 _T0 = time.perf_counter()
@@ -70,122 +71,16 @@ def say(message: str) -> None:
 # -- the server ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A running ``fedloom serve`` and what the benchmark needs to reach and observe it."""
-
-    proc: subprocess.Popen
-    url: str
-    admin_key: str
-    data_dir: Path
-
-    def children(self) -> dict[str, int]:
-        """The pids of serve's children by role (api, worker, temporal), found through /proc."""
-        roles: dict[str, int] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                if ppid != self.proc.pid:
-                    continue
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except (OSError, IndexError, ValueError):
-                continue
-            words = [a.decode(errors="replace") for a in argv if a]
-            if any(w.endswith("temporal") for w in words[:1]):
-                roles["temporal"] = int(entry.name)
-            elif "worker" in words:
-                roles["worker"] = int(entry.name)
-            elif "api" in words:
-                roles["api"] = int(entry.name)
-        return roles
-
-
 def start_server(data_dir: Path) -> Server:
-    """``fedloom serve`` on free ports with generous rate limits, waited on until healthy."""
-    import httpx
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
-    env.update(
-        {
-            "FEDLOOM_DATA_DIR": str(data_dir),
-            # 1,000 clients behind one admin key would use up the default 100 requests a minute at once.
-            "FEDLOOM_RATE_LIMIT_GENERAL": GENEROUS_LIMIT,
-            "FEDLOOM_RATE_LIMIT_UPLOADS": GENEROUS_LIMIT,
-            "FEDLOOM_RATE_LIMIT_TRAINING_START": GENEROUS_LIMIT,
-        }
-    )
-    cmd = [sys.executable, "-m", "fedloom.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
-    cmd += ["--temporal-port", str(free_port()), "--temporal-ui-port", str(free_port()), "--temporal-headless"]
-    log = open(data_dir.parent / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fedloom serve exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
-                key = (data_dir / "admin_api_key").read_text().strip()
-                return Server(proc, url, key, data_dir)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("fedloom serve did not become healthy in 120 s")
+    """``fedloom serve`` on free ports with rate limits far above what 1,000 clients behind one admin key use."""
+    return start_serve(data_dir, timeout=120)
 
 
-def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-
-
-def rss_of(pid: int) -> int | None:
-    """VmRSS of ``pid`` in bytes, or None once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-class RssSampler(threading.Thread):
-    """Samples the RSS of the server's processes every ``every`` seconds until stopped."""
+class RssSampler(_Sampler):
+    """Samples the RSS of the server's processes (api, worker, temporal) every ``every`` seconds."""
 
     def __init__(self, server: Server, every: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.server, self.every = server, every
-        self.samples: list[tuple[float, dict[str, int]]] = []
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        started = time.monotonic()
-        while not self._halt.is_set():
-            pids = self.server.children()
-            sample = {role: rss for role, pid in pids.items() if (rss := rss_of(pid)) is not None}
-            self.samples.append((time.monotonic() - started, sample))
-            self._halt.wait(self.every)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
+        super().__init__(server.children, every)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per role: RSS at the first sample, the peak, and at the last sample, in MiB."""
@@ -591,7 +486,7 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
             proc.stdin.write("go\n")
             proc.stdin.flush()
         probe.start()
-        rss_registered = {role: rss_of(pid) for role, pid in server.children().items()}
+        rss_registered = {role: memory_bytes(pid) for role, pid in server.children().items()}
         try:
             status, status_lat, wall = run_experiment(server, start_body(clients, selected, rounds), max_s)
         finally:
@@ -612,7 +507,7 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
                     proc.kill()
             sampler.stop()
         finally:
-            stop_server(server)
+            server.stop()
             say("serve stopped")
     latencies: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, list[str]] = defaultdict(list)
@@ -836,9 +731,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_ylabel("RSS MiB")
     ax2.set_title("server RSS")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:

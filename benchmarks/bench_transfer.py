@@ -27,15 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +40,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 import bench_aggregation as agg  # noqa: E402
+from _control_plane import RssSampler, Server, start_profiler, start_server, stop_profiler  # noqa: E402
+
+from fedloom.launch import memory_bytes  # noqa: E402
 
 NAME = "transfer"
 CONCURRENT = 10
@@ -52,95 +51,6 @@ BOUNDARY = "fedloom-bench-boundary-7d1f0c"
 TARGET_UPLOAD = 200e6
 TARGET_DOWNLOAD = 500e6
 TARGET_RSS_GROWTH = 100e6
-
-
-# -- the server ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    admin_key: str
-    data_dir: Path
-    proc: subprocess.Popen
-
-    @property
-    def api(self) -> str:
-        return f"{self.url}/api/v1"
-
-
-def start_server(data_dir: Path) -> Server:
-    """``fedloom serve`` on free ports with generous rate limits, waited on until healthy."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
-    env.update(
-        {
-            "FEDLOOM_DATA_DIR": str(data_dir),
-            "FEDLOOM_RATE_LIMIT_GENERAL": "1000000",
-            "FEDLOOM_RATE_LIMIT_UPLOADS": "1000000",
-            "FEDLOOM_RATE_LIMIT_TRAINING_START": "1000000",
-        }
-    )
-    cmd = [sys.executable, "-m", "fedloom.cli", "serve", "--port", str(port), "--temporal-port", str(free_port())]
-    cmd += ["--temporal-ui-port", str(free_port()), "--temporal-headless"]
-    log = open(data_dir.parent / "serve.log", "ab")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=common.ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fedloom serve exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("fedloom serve did not become healthy in 180 s")
-    return Server(url, (data_dir / "admin_api_key").read_text().strip(), data_dir, proc)
-
-
-def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-
-
-def api_pid(server: Server) -> int:
-    """The pid of serve's API child (``fedloom.cli api``)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == server.proc.pid and b"fedloom.cli" in cmdline and b"api" in cmdline:
-            return int(entry.name)
-    raise RuntimeError("the API process of fedloom serve was not found")
-
-
-def status_bytes(pid: int, field: str) -> int:
-    found = re.search(field + r":\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(found.group(1)) * 1024 if found else 0
-
-
-# -- set-up: clients, a running round, a large global model --------------------------------------
 
 
 def register(http: httpx.Client, client_id: str) -> str:
@@ -242,27 +152,6 @@ def time_upload(http: httpx.Client, client_id: str, key: str, body: bytes) -> fl
     if resp.status_code != 200:
         raise RuntimeError(f"upload of {client_id} failed: {resp.status_code} {resp.text[:300]}")
     return elapsed
-
-
-class RssSampler(threading.Thread):
-    """Samples a process's VmRSS every few milliseconds until stopped."""
-
-    def __init__(self, pid: int, every: float = 0.01) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.every = pid, every
-        self.samples: list[tuple[float, int]] = []
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        start = time.perf_counter()
-        while not self._halt.is_set():
-            self.samples.append((time.perf_counter() - start, status_bytes(self.pid, "VmRSS")))
-            time.sleep(self.every)
-
-    def stop(self) -> list[tuple[float, int]]:
-        self._halt.set()
-        self.join()
-        return self.samples
 
 
 async def concurrent_uploads(api: str, clients: dict[str, str], body: bytes) -> list[float]:
@@ -377,17 +266,12 @@ def profile_api(server: Server, admin: httpx.Client, model_id: str, clients: dic
     if not spy.exists():
         return None
     raw = server.data_dir.parent / "api-profile.txt"
-    proc = subprocess.Popen(
-        [str(spy), "record", "-p", str(api_pid(server)), "-r", "250", "-o", str(raw), "--format", "raw"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_profiler(server.child_pid("api"), raw, rate=250)
     time.sleep(1.0)
     for cid, key in clients.items():
         time_upload(admin, cid, key, body)
         time_download(admin, model_id)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+    stop_profiler(proc)
     return py_spy_summary(raw) if raw.exists() else None
 
 
@@ -398,7 +282,7 @@ def measure(params: int, reps: int) -> dict[str, Any]:
         try:
             return _measure(server, params, reps, scratch)
         finally:
-            stop_server(server)
+            server.stop()
 
 
 def _measure(server: Server, params: int, reps: int, scratch: Path) -> dict[str, Any]:
@@ -411,7 +295,7 @@ def _measure(server: Server, params: int, reps: int, scratch: Path) -> dict[str,
     update = install_global_model(server, model_id, params, scratch)
     model_bytes = update.stat().st_size
     body = multipart(update.read_bytes())
-    pid = api_pid(server)
+    pid = server.child_pid("api")
     print(f"model {model_bytes / 1e6:.1f} MB; API pid {pid}; {reps} reps", flush=True)
 
     downloads, metadata, uploads = [], [], []
@@ -427,15 +311,15 @@ def _measure(server: Server, params: int, reps: int, scratch: Path) -> dict[str,
             metadata.append(meta_s)
     loopback = loopback_reference(model_bytes, reps)
 
-    before = status_bytes(pid, "VmRSS")
+    before = memory_bytes(pid) or 0
     Path(f"/proc/{pid}/clear_refs").write_text("5")
-    sampler = RssSampler(pid)
+    sampler = RssSampler(lambda: {"api": pid}, every=0.01)
     sampler.start()
     started = time.perf_counter()
     latencies = asyncio.run(concurrent_uploads(server.api, {c: keys[c] for c in together}, body))
     wall = time.perf_counter() - started
-    samples = sampler.stop()
-    peak = max(status_bytes(pid, "VmHWM"), max(rss for _, rss in samples))
+    samples = [(t, rss["api"]) for t, rss in sampler.stop() if "api" in rss]
+    peak = max(memory_bytes(pid, "VmHWM") or 0, max(rss for _, rss in samples))
     profile = profile_api(server, admin, model_id, {c: keys[c] for c in profiled}, body)
     floor = server_side_floor(update, server.data_dir, reps)
     admin.close()
@@ -563,9 +447,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     right.set_xlabel("seconds")
     right.set_ylabel("API RSS (MB)")
     right.set_title(f"{res['concurrent']['uploads']} concurrent uploads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main() -> int:
@@ -582,12 +464,7 @@ def main() -> int:
         f"{con['uploads']} concurrent uploads: {con['wall_s']:.2f} s; API RSS {con['rss_before_bytes'] / 1e6:.0f} -> "
         f"peak {con['rss_peak_bytes'] / 1e6:.0f} MB (growth {con['rss_growth_bytes'] / 1e6:.1f} MB)"
     )
-    info = common.machine()
-    common.write_result(args.out, NAME, res)
-    png = common.plot_path(args.out, NAME, args.quick)
-    plot(res, png)
-    if not args.quick:
-        common.update_doc_section(NAME, doc_section(res, info, f"img/{png.name}"))
+    common.publish(args, NAME, res, plot, lambda info, image: doc_section(res, info, image))
     return 0
 
 

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from fedloom._client import FLAPIError, FLClient
+from fedloom.launch import free_port, spawn_client, start_serve
 
 DEMO_TRAINING = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.05, "optimizer": "SGD"}
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_body(rounds: int, clients: int, experiment_id: str | None = None, seed: int = 0) -> dict:
@@ -38,20 +30,6 @@ def start_body(rounds: int, clients: int, experiment_id: str | None = None, seed
         "training_config": dict(DEMO_TRAINING),
         "aggregation_config": {"strategy": "FedAvg", "weighted": True, "min_updates": clients},
     }
-
-
-def _wait_ready(api: FLClient, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"fedloom serve exited with {server.returncode}")
-        try:
-            if api.get_health()["status"] == "healthy":
-                return
-        except Exception:  # noqa: BLE001 - still starting
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("the server did not become healthy in time")
 
 
 def _wait_clients(api: FLClient, count: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:
@@ -108,55 +86,16 @@ def run_demo(clients: int = 5, rounds: int = 10, port: int = 0) -> int:
         logs.mkdir()
         try:
             print(f"demo: starting fedloom serve in {data_dir}", flush=True)
-            server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fedloom.cli",
-                    "serve",
-                    "--port",
-                    str(port),
-                    "--temporal-port",
-                    str(free_port()),
-                    "--temporal-ui-port",
-                    str(free_port()),
-                ],
-                env=env,
-                stdout=open(logs / "serve.log", "wb"),
-                stderr=subprocess.STDOUT,  # noqa: SIM115
+            serve = start_serve(
+                Path(data_dir), port=port, log_path=logs / "serve.log", generous_limits=False, headless=False
             )
-            procs.append(server)
-            deadline = time.monotonic() + 60
-            key_file = Path(data_dir) / "admin_api_key"
-            while not key_file.exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            admin_key = key_file.read_text().strip()
+            procs.append(serve.proc)
+            admin_key = serve.admin_key
             api = FLClient(server_url, admin_key)
-            _wait_ready(api, server)
             print(f"demo: server ready at {server_url}; starting {clients} clients", flush=True)
             for i in range(1, clients + 1):
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "fedloom.cli",
-                            "client",
-                            "--server",
-                            server_url,
-                            "--client-id",
-                            f"demo-client-{i}",
-                            "--dataset",
-                            "digits",
-                            "--partition",
-                            f"{i}/{clients}",
-                        ],
-                        # The key goes by environment, not argv, where `ps` would show it.
-                        env={**env, "FEDLOOM_API_KEY": admin_key},
-                        stdout=open(logs / f"client-{i}.log", "wb"),
-                        stderr=subprocess.STDOUT,  # noqa: SIM115
-                    )
-                )
+                log = logs / f"client-{i}.log"
+                procs.append(spawn_client(server_url, admin_key, f"demo-client-{i}", f"{i}/{clients}", log, env=env))
             _wait_clients(api, clients, procs[1:])
             started = api.start_training(start_body(rounds, clients))
             exp_id = started["experiment_id"]

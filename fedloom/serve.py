@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedloom.launch import terminate
 from fedloom_core.temporal import dev_server_flags
 
 PR_SET_PDEATHSIG = 1
@@ -63,13 +64,7 @@ def spawn(cmd: list[str], env: dict[str, str], log_path: Path | None = None) -> 
 def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
     """SIGTERM children in reverse start order, then SIGKILL what is left."""
     for proc in reversed(procs):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout)
 
 
 def serve(

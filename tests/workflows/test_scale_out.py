@@ -12,12 +12,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from fedloom_core.settings import AGGREGATION_TASK_QUEUE
-from fedloom_core.temporal import SEARCH_ATTRIBUTES
-from tests.conftest import binary
+from tests.conftest import start_dev_server
 from tests.workflows.harness import SimClient, run_experiment
 from workflows.experiment import workflow_id
 
@@ -27,11 +25,7 @@ ROUNDS = 5
 
 @pytest.fixture
 async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=binary("temporal"),
-        data_converter=pydantic_data_converter,
-        search_attributes=SEARCH_ATTRIBUTES,
-    )
+    env = await start_dev_server()
     yield env
     await env.shutdown()
 
