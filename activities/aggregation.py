@@ -33,6 +33,8 @@ from fedloom_core.contracts import (
     Evaluation,
     ModelRef,
     PolicyConfig,
+    ProcessRoundInput,
+    ProcessRoundOutput,
     UpdateRef,
     ValidateInput,
     ValidationOutcome,
@@ -133,7 +135,6 @@ class AggregationActivities:
                 activity.logger.warning("fault injection: pausing %.1f s mid-aggregation", pause_after_first)
                 time.sleep(pause_after_first)
             opened += 1
-            heartbeat(update.client_id)
             with self.blobs.open_local(keys[update.client_id]) as path:
                 yield path
 
@@ -143,9 +144,42 @@ class AggregationActivities:
     def _files(refs: list[UpdateRef]) -> list[UpdateFile]:
         return [UpdateFile(u.client_id, Path(u.blob_key), u.num_samples) for u in refs]
 
+    @activity.defn(name="process_round")
+    @_kept_alive
+    def process_round(self, inp: ProcessRoundInput) -> ProcessRoundOutput:
+        """Validate, aggregate and evaluate a round in one activity: one dispatch through the task queue
+        instead of three. Each step writes under keys fixed by the experiment and round, so a retry
+        (after a crash at any point) redoes the steps and writes the same bytes."""
+        checked = self._validate(inp.validation)
+        if len(checked.accepted) < inp.min_updates:
+            return ProcessRoundOutput(validation=checked)
+        started = time.perf_counter()
+        aggregated = self._aggregate(inp.aggregation.model_copy(update={"updates": checked.accepted}))
+        took = time.perf_counter() - started
+        scored = checked.accepted if inp.contribution_scores else []
+        evaluation = self._evaluate(inp.evaluation.model_copy(update={"model": aggregated.model, "updates": scored}))
+        return ProcessRoundOutput(
+            validation=checked, aggregated=aggregated, evaluation=evaluation, aggregation_time=took
+        )
+
+    # The three steps as separate activities: workflows started before "fused-round-v1" run them.
+
     @activity.defn(name="validate_updates")
     @_kept_alive
     def validate_updates(self, inp: ValidateInput) -> ValidationOutcome:
+        return self._validate(inp)
+
+    @activity.defn(name="aggregate_round")
+    @_kept_alive
+    def aggregate_round(self, inp: AggregateInput) -> AggregateOutput:
+        return self._aggregate(inp)
+
+    @activity.defn(name="evaluate_model")
+    @_kept_alive
+    def evaluate_model(self, inp: EvaluateInput) -> Evaluation:
+        return self._evaluate(inp)
+
+    def _validate(self, inp: ValidateInput) -> ValidationOutcome:
         """Check the round's updates (norm bound, similarity, rules); rejected ones stay out of aggregation."""
         from fedloom_core import policy as policy_rules
 
@@ -213,9 +247,7 @@ class AggregationActivities:
                 rejected[ref.client_id] = reason
         return ValidationOutcome(accepted=accepted, rejected=rejected, stats=out_stats)
 
-    @activity.defn(name="aggregate_round")
-    @_kept_alive
-    def aggregate_round(self, inp: AggregateInput) -> AggregateOutput:
+    def _aggregate(self, inp: AggregateInput) -> AggregateOutput:
         """Aggregate the round's accepted updates with the experiment's strategy, streaming the updates."""
         from fedloom_core.strategies import build_strategy
         from fedloom_core.strategies.base import AggregationContext
@@ -254,9 +286,7 @@ class AggregationActivities:
         )
         return AggregateOutput(model=model, state_key=new_state, info=_jsonable(result.info))
 
-    @activity.defn(name="evaluate_model")
-    @_kept_alive
-    def evaluate_model(self, inp: EvaluateInput) -> Evaluation:
+    def _evaluate(self, inp: EvaluateInput) -> Evaluation:
         """Accuracy and loss on the server's held-out split, and optional leave-one-out loss deltas.
 
         Leave-one-out uses the (weighted) average: without update i it is

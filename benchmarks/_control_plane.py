@@ -277,10 +277,24 @@ def _activity_spans(history: Any) -> list[tuple[str, float, float | None, float 
 
 
 # The steps of a round in the workflow's order; each phase lasts from its step's schedule time to the next's.
-_STEPS = ("select_clients", "open_round", "close_round", "validate_updates", "aggregate_round", "evaluate_model")
-_STEPS += ("complete_round",)
+# New runs do a round's heavy work in one activity (process_round); older ones in three.
+_HEAVY_STEPS = ("process_round", "validate_updates", "aggregate_round", "evaluate_model")
+_STEPS = ("select_clients", "open_round", "close_round", *_HEAVY_STEPS, "complete_round")
+_PHASE_OF = {
+    "select_clients": "selection",
+    "open_round": "open",
+    "close_round": "close",
+    "process_round": "processing",
+    "validate_updates": "validation",
+    "aggregate_round": "aggregation",
+    "evaluate_model": "evaluation",
+    "complete_round": "persistence",
+}
 # Which phases make up the overhead of round r: its own from the wake-up on, and the next round's start.
-OVERHEAD_PHASES = ("wake", "close", "validation", "aggregation", "evaluation", "persistence", "selection", "open")
+# A run has either "processing" or the three phases after it, never both.
+OVERHEAD_PHASES = ("wake", "close", "processing", "validation", "aggregation", "evaluation", "persistence")
+OVERHEAD_PHASES += ("selection", "open")
+HEAVY_PHASES = ("processing", "validation", "aggregation", "evaluation")
 
 
 def history_phases(
@@ -303,13 +317,6 @@ def history_phases(
             rnd += 1
         if name in _STEPS:
             steps[rnd].setdefault(name, (t0, t_run, t1))
-    phase_of = dict(
-        zip(
-            _STEPS,
-            ("selection", "open", "close", "validation", "aggregation", "evaluation", "persistence"),
-            strict=True,
-        )
-    )
     out: dict[int, dict[str, float]] = {}
     for r, st in steps.items():
         if r + 1 not in steps or r not in db_times or "last_upload" not in db_times[r] or r + 1 not in db_times:
@@ -319,13 +326,14 @@ def history_phases(
         row["selection"] = nxt["open_round"][0] - nxt["select_clients"][0]
         row["open"] = db_times[r + 1]["opened"] - nxt["open_round"][0]
         row["wake"] = st["close_round"][0] - db_times[r]["last_upload"]
-        order = ["close_round", "validate_updates", "aggregate_round", "evaluate_model", "complete_round"]
+        heavy = [h for h in _HEAVY_STEPS if h in st]
+        order = ["close_round", *heavy, "complete_round"]
         bounds = [st[s][0] for s in order] + [nxt["select_clients"][0]]
         for i, s in enumerate(order):
-            row[phase_of[s]] = bounds[i + 1] - bounds[i]
+            row[_PHASE_OF[s]] = bounds[i + 1] - bounds[i]
             _, t_run, t1 = st[s]
             if t_run is not None and t1 is not None:
-                row[f"{phase_of[s]}_exec"] = t1 - t_run
+                row[f"{_PHASE_OF[s]}_exec"] = t1 - t_run
         out[r] = row
     return out
 

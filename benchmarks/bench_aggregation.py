@@ -154,17 +154,34 @@ def strategy_run(
     return run
 
 
-def whole_add(run: Callable[[], None]) -> Callable[[], None]:
-    """``run`` with FedAvg's fold done as one ``add_`` per tensor (how it was before slicing)."""
+# The fold of an earlier version: slices below torch's parallel grain size, on the calling thread.
+SLICE = 1 << 15
+
+
+def sliced(run: Callable[[], None]) -> Callable[[], None]:
+    """``run`` with FedAvg's fold done slice by slice on one thread (how it was before)."""
+    import torch
+
     from fedloom_core import aggregation
 
+    def fold(acc: Any, update: Any, weight: float) -> None:
+        for a, u in zip(acc.view(-1).split(SLICE), update.reshape(-1).split(SLICE), strict=True):
+            a.add_(u, alpha=weight)
+
+    def start_fold(update: Any, weight: float) -> Any:
+        acc = torch.empty(update.shape, dtype=update.dtype)
+        zero = torch.zeros((), dtype=update.dtype)
+        for a, u in zip(acc.view(-1).split(SLICE), update.reshape(-1).split(SLICE), strict=True):
+            torch.add(zero, u, alpha=weight, out=a)
+        return acc
+
     def variant() -> None:
-        saved = aggregation.FOLD_SLICE
-        aggregation.FOLD_SLICE = 1 << 62
+        saved = aggregation.fold, aggregation.start_fold
+        aggregation.fold, aggregation.start_fold = fold, start_fold
         try:
             run()
         finally:
-            aggregation.FOLD_SLICE = saved
+            aggregation.fold, aggregation.start_fold = saved
 
     variant.prepare = run.prepare  # type: ignore[attr-defined]
     return variant
@@ -403,8 +420,8 @@ def measure(clients: int, params: int, reps: int, robust_reps: int, flower: str 
             "reference": reference,
             "fedavg": strategy_run("FedAvg", {}, lambda: store, updates, out),
             "fedavg_rehash": strategy_run("FedAvg", {}, fresh_store, updates, scratch / "out-rehash.safetensors"),
-            "fedavg_whole_add": whole_add(
-                strategy_run("FedAvg", {}, lambda: store, updates, scratch / "out-whole.safetensors")
+            "fedavg_sliced": sliced(
+                strategy_run("FedAvg", {}, lambda: store, updates, scratch / "out-sliced.safetensors")
             ),
         }
         print(
@@ -475,7 +492,7 @@ LABELS = {
     "reference": "reference: in-memory `add_`",
     "fedavg": "fedloom FedAvg (blob store, mmap)",
     "fedavg_rehash": "fedloom FedAvg, digest re-hashed on every open (before)",
-    "fedavg_whole_add": "fedloom FedAvg, one add_ per tensor (before)",
+    "fedavg_sliced": "fedloom FedAvg, sliced one-thread fold (before)",
     "fedtrimmedavg": "fedloom FedTrimmedAvg (beta 0.1)",
     "multikrum": "fedloom MultiKrum (f = 1)",
     "flwr_aggregate": "Flower `aggregate` (numpy, in memory)",
@@ -555,13 +572,15 @@ cache; {res["reps"]} interleaved repetitions, medians. Throughput is update byte
    twice (validation, then aggregation). A digest the process has verified is now remembered with the file's
    identity (device, inode, size, mtime, ctime) and re-used while none changes; files changed in the last two
    seconds are always re-hashed. The row "digest re-hashed on every open" is the old behaviour.
-3. The profile's largest item is `add_` itself. One `add_` over a large tensor is split across torch's two
-   intra-op threads and waits for both; when the other core is busy (this machine is shared, and the worker
-   runs other activities) that wait dominates. `aggregation.fold` now adds in slices below torch's parallel
-   grain size, on the calling thread, with bit-identical results (a test checks it); the accumulator starts as
-   `0 + w * u` from the first update instead of zeros and then an add (one pass instead of two). The row "one add_ per
-   tensor" is the old fold; the reference keeps torch's default (whole-tensor `add_`), as the target defines it.
-   System load average during this run: {load}.
+3. The profile's largest item is `add_` itself. An earlier version added in slices below torch's parallel
+   grain size, on the calling thread, because on a heavily loaded machine (load average 10-24 on 2 cores)
+   one `add_` split across torch's two intra-op threads waited for the busy second core. Measured on a
+   quiet machine, that halved the throughput (the row "sliced one-thread fold"), so `aggregation.fold` is
+   again one whole-tensor `add_` per tensor on torch's threads, as the reference does; `fedloom serve`
+   starts its children with `OMP_WAIT_POLICY=PASSIVE`, so idle OpenMP threads sleep instead of spinning
+   on a busy core. The accumulator starts as `0 + w * u` from the first update instead of zeros and then
+   an add (one pass instead of two), bit-identical (a test checks it). System load average during this
+   run: {load}.
 4. Updates were already read as zero-copy, copy-on-write memory maps (`weights.mapped_tensors`), one at a time.
 """
 

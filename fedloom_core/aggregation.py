@@ -16,37 +16,20 @@ import torch
 
 from fedloom_core.weights import mapped_tensors, save_state
 
-# Elements per ``add_`` call in ``fold``: below torch's parallel grain size (32768), so each call
-# runs on the calling thread alone.
-FOLD_SLICE = 1 << 15
-
 
 def fold(acc: torch.Tensor, update: torch.Tensor, weight: float) -> None:
-    """``acc += weight * update``, one slice at a time, on the calling thread.
-
-    One ``add_`` over a large tensor is split across torch's intra-op threads and waits for all of
-    them; when the other cores are busy (a shared 2-core server, other activities) that wait
-    dominates and the fold runs several times slower than on one thread. Slices below the grain
-    size never start a parallel region. Each element gets the same operation as in one ``add_``,
-    so the result is bit-identical (a test checks it).
-    """
-    if acc.numel() <= FOLD_SLICE:
-        acc.add_(update, alpha=weight)
-        return
-    for a, u in zip(acc.view(-1).split(FOLD_SLICE), update.reshape(-1).split(FOLD_SLICE), strict=True):
-        a.add_(u, alpha=weight)
+    """``acc += weight * update`` in place, on torch's intra-op threads."""
+    acc.add_(update, alpha=weight)
 
 
 def start_fold(update: torch.Tensor, weight: float) -> torch.Tensor:
-    """A new accumulator holding ``0 + weight * update`` (``update`` float32 or float64), in slices.
+    """A new accumulator holding ``0 + weight * update`` (``update`` float32 or float64).
 
     The same arithmetic as zeros followed by ``fold`` (so ``-0.0`` products still come out ``+0.0``),
     without writing the zeros first: one pass over the accumulator instead of two.
     """
     acc = torch.empty(update.shape, dtype=update.dtype)
-    zero = torch.zeros((), dtype=update.dtype)
-    for a, u in zip(acc.view(-1).split(FOLD_SLICE), update.reshape(-1).split(FOLD_SLICE), strict=True):
-        torch.add(zero, u, alpha=weight, out=a)
+    torch.add(torch.zeros((), dtype=update.dtype), update, alpha=weight, out=acc)
     return acc
 
 

@@ -332,6 +332,28 @@ class Evaluation(BaseModel):
     loo_loss_deltas: dict[str, float] = Field(default_factory=dict)
 
 
+class ProcessRoundInput(BaseModel):
+    """A round's heavy work in one activity: validate the received updates, aggregate the accepted
+    ones, evaluate the new model. The activity puts the accepted updates into ``aggregation.updates``
+    and the new model (and, with contribution scores, the accepted updates) into ``evaluation``;
+    what those fields hold on the way in is not used."""
+
+    validation: ValidateInput
+    aggregation: AggregateInput
+    evaluation: EvaluateInput
+    min_updates: int
+    contribution_scores: bool = True
+
+
+class ProcessRoundOutput(BaseModel):
+    validation: ValidationOutcome
+    # Both None when fewer than min_updates updates were accepted: the workflow fails the round.
+    aggregated: AggregateOutput | None = None
+    evaluation: Evaluation | None = None
+    # Seconds spent aggregating, inside the activity.
+    aggregation_time: float = 0.0
+
+
 class CompleteRoundInput(BaseModel):
     experiment_id: str
     round: int

@@ -55,7 +55,7 @@ def build_workers(
             Worker(
                 client,
                 task_queue=aggregation_queue,
-                activities=[heavy.validate_updates, heavy.aggregate_round, heavy.evaluate_model],
+                activities=[heavy.process_round, heavy.validate_updates, heavy.aggregate_round, heavy.evaluate_model],
                 activity_executor=executor,
                 # Aggregation and evaluation are CPU- and memory-bound: one at a time per process.
                 max_concurrent_activities=1,

@@ -31,6 +31,8 @@ with workflow.unsafe.imports_passed_through():
         InitInput,
         ModelRef,
         OpenRoundInput,
+        ProcessRoundInput,
+        ProcessRoundOutput,
         RoundRef,
         SelectClientsInput,
         Selection,
@@ -48,6 +50,9 @@ SEARCH_ATTRIBUTES_PATCH = "search-attributes-v1"
 # Histories recorded before the short database steps ran as local activities replay with them as
 # normal activities (each of which cost a round trip through the Temporal server and a task queue).
 LOCAL_STEPS_PATCH = "local-steps-v1"
+# Histories recorded before a round's validation, aggregation and evaluation ran as one activity
+# (process_round) replay with the three activities they scheduled.
+FUSED_ROUND_PATCH = "fused-round-v1"
 
 _SHORT = dict(
     start_to_close_timeout=timedelta(seconds=60),
@@ -84,6 +89,7 @@ class ExperimentWorkflow:
         self._last: dict[str, float] = {}
         self._global_model_id: str | None = None
         self._local_steps = False
+        self._fused_round = False
 
     @workflow.run
     async def run(self, inp: ExperimentInput) -> ExperimentResult:
@@ -94,6 +100,7 @@ class ExperimentWorkflow:
         rounds_done = state.next_round - 1
         # Decided once per run, before the first command, so a run takes one path throughout.
         self._local_steps = workflow.patched(LOCAL_STEPS_PATCH)
+        self._fused_round = workflow.patched(FUSED_ROUND_PATCH)
         try:
             if state.global_model is None:
                 state.global_model = await self._short(
@@ -194,69 +201,87 @@ class ExperimentWorkflow:
         received: list[UpdateRef] = await self._short(
             "close_round", RoundRef(experiment_id=inp.experiment_id, round=rnd), result_type=list[UpdateRef]
         )
-        checked: ValidationOutcome = await workflow.execute_activity(
-            "validate_updates",
-            ValidateInput(
-                experiment_id=inp.experiment_id,
-                round=rnd,
-                global_model=model,
-                updates=received,
-                policy=inp.policy,
-                hour_utc=round_started.hour,
-                weekday=round_started.weekday(),
-            ),
-            result_type=ValidationOutcome,
-            task_queue=inp.aggregation_queue,
-            **_HEAVY,
+        validation = ValidateInput(
+            experiment_id=inp.experiment_id,
+            round=rnd,
+            global_model=model,
+            updates=received,
+            policy=inp.policy,
+            hour_utc=round_started.hour,
+            weekday=round_started.weekday(),
         )
-        updates = checked.accepted
+        aggregation = AggregateInput(
+            experiment_id=inp.experiment_id,
+            round=rnd,
+            updates=[],
+            weighted=agg.weighted,
+            previous=model,
+            strategy=agg.strategy,
+            params=agg.params,
+            state_key=state.strategy_state_key,
+            seed=exp.seed * 1_000_003 + rnd,
+        )
+        evaluation_input = EvaluateInput(
+            experiment_id=inp.experiment_id,
+            model=model,
+            dataset=exp.dataset,
+            architecture=exp.model_architecture,
+            input_shape=inp.input_shape,
+            num_classes=inp.num_classes,
+            weighted=agg.weighted,
+        )
         min_updates = agg.min_updates or exp.min_clients
-        if len(updates) < min_updates:
-            raise ApplicationError(
-                f"round {rnd} closed with {len(updates)} accepted update(s) of {len(received)} received, "
-                f"fewer than min_updates={min_updates}",
-                type=INSUFFICIENT_CLIENTS,
-                non_retryable=True,
+        if self._fused_round:
+            self._status = "aggregating"  # validation, aggregation and evaluation, in one activity
+            processed: ProcessRoundOutput = await workflow.execute_activity(
+                "process_round",
+                ProcessRoundInput(
+                    validation=validation,
+                    aggregation=aggregation,
+                    evaluation=evaluation_input,
+                    min_updates=min_updates,
+                    contribution_scores=inp.policy.contribution_scores,
+                ),
+                result_type=ProcessRoundOutput,
+                task_queue=inp.aggregation_queue,
+                **_HEAVY,
             )
-        self._status = "aggregating"
-        agg_started = workflow.now()
-        aggregated: AggregateOutput = await workflow.execute_activity(
-            "aggregate_round",
-            AggregateInput(
-                experiment_id=inp.experiment_id,
-                round=rnd,
-                updates=updates,
-                weighted=agg.weighted,
-                previous=model,
-                strategy=agg.strategy,
-                params=agg.params,
-                state_key=state.strategy_state_key,
-                seed=exp.seed * 1_000_003 + rnd,
-            ),
-            result_type=AggregateOutput,
-            task_queue=inp.aggregation_queue,
-            **_HEAVY,
-        )
+            checked = processed.validation
+            self._check_enough(rnd, checked, received, min_updates)
+            assert processed.aggregated is not None and processed.evaluation is not None
+            aggregated, evaluation = processed.aggregated, processed.evaluation
+            aggregation_time = processed.aggregation_time
+        else:
+            checked = await workflow.execute_activity(
+                "validate_updates",
+                validation,
+                result_type=ValidationOutcome,
+                task_queue=inp.aggregation_queue,
+                **_HEAVY,
+            )
+            self._check_enough(rnd, checked, received, min_updates)
+            self._status = "aggregating"
+            agg_started = workflow.now()
+            aggregated = await workflow.execute_activity(
+                "aggregate_round",
+                aggregation.model_copy(update={"updates": checked.accepted}),
+                result_type=AggregateOutput,
+                task_queue=inp.aggregation_queue,
+                **_HEAVY,
+            )
+            aggregation_time = (workflow.now() - agg_started).total_seconds()
+            self._status = "evaluating"
+            scored = checked.accepted if inp.policy.contribution_scores else []
+            evaluation = await workflow.execute_activity(
+                "evaluate_model",
+                evaluation_input.model_copy(update={"model": aggregated.model, "updates": scored}),
+                result_type=Evaluation,
+                task_queue=inp.aggregation_queue,
+                **_HEAVY,
+            )
+        updates = checked.accepted
         new_model = aggregated.model
         state.strategy_state_key = aggregated.state_key
-        aggregation_time = (workflow.now() - agg_started).total_seconds()
-        self._status = "evaluating"
-        evaluation: Evaluation = await workflow.execute_activity(
-            "evaluate_model",
-            EvaluateInput(
-                experiment_id=inp.experiment_id,
-                model=new_model,
-                dataset=exp.dataset,
-                architecture=exp.model_architecture,
-                input_shape=inp.input_shape,
-                num_classes=inp.num_classes,
-                updates=updates if inp.policy.contribution_scores else [],
-                weighted=agg.weighted,
-            ),
-            result_type=Evaluation,
-            task_queue=inp.aggregation_queue,
-            **_HEAVY,
-        )
         self._last = {"accuracy": evaluation.accuracy, "loss": evaluation.loss}
         await self._short(
             "complete_round",
@@ -277,6 +302,16 @@ class ExperimentWorkflow:
             ),
         )
         return new_model
+
+    @staticmethod
+    def _check_enough(rnd: int, checked: ValidationOutcome, received: list[UpdateRef], min_updates: int) -> None:
+        if len(checked.accepted) < min_updates:
+            raise ApplicationError(
+                f"round {rnd} closed with {len(checked.accepted)} accepted update(s) of {len(received)} received, "
+                f"fewer than min_updates={min_updates}",
+                type=INSUFFICIENT_CLIENTS,
+                non_retryable=True,
+            )
 
     async def _finish(
         self,
@@ -343,8 +378,9 @@ class ExperimentWorkflow:
                         non_retryable_error_types=[INSUFFICIENT_CLIENTS, ROUND_DENIED],
                     ),
                 )
-            except ActivityError as exc:
-                cause = exc.cause
+            except (ActivityError, ApplicationError) as exc:
+                # A local activity's failure can arrive as the ApplicationError itself, unwrapped.
+                cause = exc.cause if isinstance(exc, ActivityError) else exc
                 if not (isinstance(cause, ApplicationError) and cause.type in (INSUFFICIENT_CLIENTS, ROUND_DENIED)):
                     raise
         try:

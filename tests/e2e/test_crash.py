@@ -30,6 +30,8 @@ from tests.pg_cluster import PrivateCluster
 # One xdist worker runs them all, so the uninterrupted reference run is computed once.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.xdist_group("crash")]
 CLIENTS, ROUNDS = 3, 3
+# The activity that aggregates a round (with its validation and evaluation).
+HEAVY_ACTIVITY = "process_round"
 
 
 def _run(
@@ -87,27 +89,27 @@ def _kill_child(role: str) -> Callable[[LiveServer, Path, int, int], LiveServer]
 
 
 async def _aggregating(server: LiveServer, round: int) -> bool:
-    """Whether round ``round``'s aggregate_round activity is running on a worker right now."""
+    """Whether round ``round``'s process_round activity (validate, aggregate, evaluate) is running now."""
     client = await connect(server.temporal_address)
     handle = client.get_workflow_handle("experiment-crash")
     if (await handle.query("status"))["current_round"] != round:
         return False
     desc = await handle.describe()
     return any(
-        p.activity_type.name == "aggregate_round" and p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+        p.activity_type.name == HEAVY_ACTIVITY and p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
         for p in desc.raw_description.pending_activities
     )
 
 
 async def _aggregation_attempts(server: LiveServer, round: int) -> int:
-    """How many attempts round ``round``'s aggregate_round took, read from the workflow history."""
+    """How many attempts round ``round``'s process_round took, read from the workflow history."""
     client = await connect(server.temporal_address)
     history = await client.get_workflow_handle("experiment-crash").fetch_history()
     scheduled = [
         e.event_id
         for e in history.events
         if e.HasField("activity_task_scheduled_event_attributes")
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "aggregate_round"
+        and e.activity_task_scheduled_event_attributes.activity_type.name == HEAVY_ACTIVITY
     ]
     attempts = {
         e.activity_task_started_event_attributes.scheduled_event_id: e.activity_task_started_event_attributes.attempt

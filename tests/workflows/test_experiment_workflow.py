@@ -180,7 +180,24 @@ async def test_selection_deadline_without_enough_clients_fails(
             await handle.result()
     cause = info.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "INSUFFICIENT_CLIENTS"
-    assert "min_clients is 2" in str(cause)
+    # The waiting selection gave up at its deadline (not the instant first try, which does not wait).
+    assert "after 1.5s" in str(cause) and "min_clients is 2" in str(cause)
+
+
+async def test_selection_waits_for_a_client_that_registers_late(
+    time_skipping_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    h = Harness(time_skipping_env, tmp_path)
+    h.register("early")
+    inp = h.input(min_clients=2, min_updates=2, selection_timeout_s=60)
+    workers = h.workers()
+    async with workers[0], workers[1]:
+        handle = await _run(h, inp)
+        await asyncio.sleep(1.0)
+        h.register("late")
+        opened = await h.wait_open_round()
+        assert sorted(opened.selected_clients) == ["early", "late"]
+        await handle.cancel()
 
 
 async def test_stop_cancels_cleanly_and_keeps_last_model(

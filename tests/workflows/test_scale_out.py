@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -14,12 +13,14 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from fedloom.launch import terminate
 from fedloom_core.settings import AGGREGATION_TASK_QUEUE
 from tests.conftest import start_dev_server
 from tests.workflows.harness import SimClient, run_experiment
 from workflows.experiment import workflow_id
 
-HEAVY = {"validate_updates", "aggregate_round", "evaluate_model"}
+# The aggregation queue's work: validation, aggregation and evaluation, one activity per round.
+HEAVY = {"process_round"}
 ROUNDS = 5
 
 
@@ -88,12 +89,7 @@ async def test_two_aggregation_workers_share_two_concurrent_experiments(
         assert all(p.poll() is None for p in workers), "an aggregation worker died"
     finally:
         for proc in workers:
-            proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            terminate(proc, timeout=20)
 
     for out in (first, second):
         assert out.status == "completed"
