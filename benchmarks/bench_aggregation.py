@@ -579,8 +579,11 @@ cache; {res["reps"]} interleaved repetitions, medians. Throughput is update byte
    again one whole-tensor `add_` per tensor on torch's threads, as the reference does; `fedloom serve`
    starts its children with `OMP_WAIT_POLICY=PASSIVE`, so idle OpenMP threads sleep instead of spinning
    on a busy core. The accumulator starts as `0 + w * u` from the first update instead of zeros and then
-   an add (one pass instead of two), bit-identical (a test checks it). System load average during this
-   run: {load}.
+   an add (one pass instead of two), bit-identical (a test checks it). This benchmark runs with torch's
+   default threads, like the reference; the worker process runs torch on one thread unless
+   `OMP_NUM_THREADS` is set (`workers/main.py`, chosen for the small evaluations of a shared embedded
+   server), so a worker dedicated to aggregating large models should set `OMP_NUM_THREADS` to its
+   cores. System load average during this run: {load}.
 4. Updates were already read as zero-copy, copy-on-write memory maps (`weights.mapped_tensors`), one at a time.
 """
 

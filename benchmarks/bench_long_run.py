@@ -6,7 +6,7 @@ benchmark), the MLP on digits, 300 rounds of FedAvg. While it runs, the resident
 API and worker processes is sampled from /proc after every completed round.
 
 Checks: RSS at round 300 minus RSS at round 10 is under 50 MB for each process, and the median round
-overhead (as in the round-overhead benchmark) of rounds 280-299 is not above that of rounds 10-30 by
+overhead (as in the round-overhead benchmark) of rounds 250-299 is not above that of rounds 10-59 by
 more than the noise allowance (``GROWTH_LIMIT``).
 
     .venv/bin/python benchmarks/bench_long_run.py [--quick] [--out DIR]
@@ -82,7 +82,7 @@ class RssSampler:
 def windows(rounds: int) -> tuple[range, range, int]:
     """Early and late rounds compared, and the round of the first RSS reading."""
     if rounds >= 300:
-        return range(10, 31), range(280, 300), 10
+        return range(10, 60), range(250, 300), 10  # 50 rounds each: medians of fewer move with the noise
     third = max(1, rounds // 3)
     return range(2, 2 + third), range(rounds - third, rounds), 2
 
@@ -206,7 +206,11 @@ round overhead as in the "Round overhead" section. {machine_line(info)}.
 Targets: RSS growth under {RSS_LIMIT_MB:.0f} MB for each process: **{rss}**. Round overhead does not grow
 (late median at most {GROWTH_LIMIT}× the early one, an allowance for noise on this shared machine):
 **{growth}**; the least-squares slope over all rounds is {m["slope_ms_per_100_rounds"]:+.1f} ms per 100
-rounds.
+rounds. The windows are 50 rounds each: once rounds got faster (about 130 ms of overhead), one run with
+20-round windows showed ×1.28 (137 ms to 175 ms), and a second run's per-phase breakdown from the
+workflow histories (wake, close, processing, persistence, selection, open) showed the same medians in
+rounds 10-30, 140-159 and 280-299 (124, 134 and 121 ms): the ratio of two 20-round medians moved with
+the machine's noise, not with the round number.
 
 ![long run](img/bench_{NAME}.png)
 """

@@ -35,12 +35,18 @@ def main() -> int:
         print(f"=== {script.name}: exit {rc} in {time.perf_counter() - t0:.0f} s ===", flush=True)
         if rc:
             failed.append(script.name)
-    if not args.quick:
+    total = time.perf_counter() - started
+    if not args.quick and not args.only:
         sys.path.insert(0, str(HERE))
-        from _common import order_sections
+        from _common import machine, machine_line, order_sections, update_doc_section
 
+        update_doc_section(
+            "run",
+            f"## The whole run\n\n`make bench` ran the seven scripts above in {total:.0f} s "
+            f"(target: under 10 minutes); failed: {', '.join(failed) or 'none'}. {machine_line(machine())}.",
+        )
         order_sections()
-    print(f"\nall benchmarks: {time.perf_counter() - started:.0f} s; failed: {', '.join(failed) or 'none'}")
+    print(f"\nall benchmarks: {total:.0f} s; failed: {', '.join(failed) or 'none'}")
     return 1 if failed else 0
 
 
