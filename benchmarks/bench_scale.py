@@ -46,9 +46,9 @@ from _common import (  # noqa: E402
     write_result,
 )
 from _control_plane import RssSampler as _Sampler  # noqa: E402
-from _control_plane import Server  # noqa: E402
+from _control_plane import Server, start_server  # noqa: E402
 
-from fedloom.launch import memory_bytes, start_serve  # noqa: E402
+from fedloom.launch import memory_bytes  # noqa: E402
 
 NAME = "scale"
 FULL = {"clients": 1000, "selected": 100, "rounds": 5, "procs": 4}
@@ -69,11 +69,6 @@ def say(message: str) -> None:
 
 
 # -- the server ----------------------------------------------------------------------------------
-
-
-def start_server(data_dir: Path) -> Server:
-    """``fedloom serve`` on free ports with rate limits far above what 1,000 clients behind one admin key use."""
-    return start_serve(data_dir, timeout=120)
 
 
 class RssSampler(_Sampler):

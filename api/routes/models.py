@@ -167,7 +167,7 @@ async def download_model(
     )
 
 
-async def _body(request: Request, settings) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
+async def _body(request: Request, settings, engine) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
     """The request body as it arrives.
 
     Fault injection for the crash tests: ``FEDLOOM_FAULT_PAUSE_UPLOAD=<round>:<seconds>`` holds the
@@ -177,7 +177,7 @@ async def _body(request: Request, settings) -> AsyncIterator[bytes]:  # type: ig
     at, _, seconds = os.environ.get("FEDLOOM_FAULT_PAUSE_UPLOAD", "").partition(":")
     marker = settings.data_dir / "fault-upload-paused"
     pause = float(seconds) if seconds and not marker.exists() else 0.0
-    if pause and await run_in_threadpool(_current_round, settings) != int(at):
+    if pause and await run_in_threadpool(_current_round, engine) != int(at):
         pause = 0.0
     async for chunk in request.stream():
         yield chunk
@@ -188,10 +188,8 @@ async def _body(request: Request, settings) -> AsyncIterator[bytes]:  # type: ig
             pause = 0.0
 
 
-def _current_round(settings) -> int | None:  # type: ignore[no-untyped-def]
-    from fedloom_core.db import make_engine
-
-    with session_scope(make_engine(settings.database_url)) as s:
+def _current_round(engine) -> int | None:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
         exp = latest_experiment(s)
         return exp.current_round if exp else None
 
@@ -206,10 +204,10 @@ def _form_body(required: list[str]) -> dict:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-async def _receive(request: Request, settings, required: tuple[str, ...]) -> uploads.ReceivedForm:  # type: ignore[no-untyped-def]
+async def _receive(request: Request, settings, engine, required: tuple[str, ...]) -> uploads.ReceivedForm:  # type: ignore[no-untyped-def]
     """Stream the multipart body: the model file goes to ``<data dir>/tmp`` (beside the blobs) while it is hashed."""
     form = await uploads.receive_form(
-        _body(request, settings),
+        _body(request, settings, engine),
         request.headers.get("content-type"),
         settings.data_dir / "tmp",
         int(settings.max_upload_mb * 1e6),
@@ -240,7 +238,7 @@ async def upload_update(
     """Receive a client's locally trained model; it is validated before aggregation."""
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
-    form = await _receive(request, settings, ("model_file", "metrics"))
+    form = await _receive(request, settings, engine, ("model_file", "metrics"))
     assert form.path is not None
     try:
         parsed = uploads.parse_metrics(form.fields["metrics"])
@@ -305,7 +303,7 @@ async def validate_update(
     """Run an upload's checks as a dry run that stores nothing."""
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
-    form = await _receive(request, settings, ("model_file",))
+    form = await _receive(request, settings, engine, ("model_file",))
     assert form.path is not None
     try:
         checks = await run_in_threadpool(

@@ -7,6 +7,7 @@ import secrets
 import time
 from datetime import timedelta
 from typing import Annotated
+from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Body
 from fastapi.concurrency import run_in_threadpool
@@ -330,24 +331,24 @@ def _training_status(engine) -> dict:  # type: ignore[no-untyped-def]
 # request of the next STATUS_TTL_S seconds in this process (concurrent requests share the read), and
 # start and stop drop it at once. The worker's progress therefore shows at most that much later.
 STATUS_TTL_S = 0.25
-_status_reads: dict[int, tuple[object, float, asyncio.Future]] = {}
+_status_reads: WeakKeyDictionary = WeakKeyDictionary()  # engine -> (read at, the read's future)
 
 
 def _forget_status(engine) -> None:  # type: ignore[no-untyped-def]
-    _status_reads.pop(id(engine), None)
+    _status_reads.pop(engine, None)
 
 
 @router.get("/training/status", responses=openapi.ok(openapi.TRAINING_STATUS))
 async def training_status(engine: EngineDep, _: PrincipalDep) -> dict:
     """Progress of the current (or last) experiment."""
     now = time.monotonic()
-    entry = _status_reads.get(id(engine))
-    if entry is None or entry[0] is not engine or now - entry[1] > STATUS_TTL_S:
-        entry = (engine, now, asyncio.ensure_future(run_in_threadpool(_training_status, engine)))
-        _status_reads[id(engine)] = entry
+    entry = _status_reads.get(engine)
+    if entry is None or now - entry[0] > STATUS_TTL_S:
+        entry = (now, asyncio.ensure_future(run_in_threadpool(_training_status, engine)))
+        _status_reads[engine] = entry
     try:
-        return await asyncio.shield(entry[2])
+        return await asyncio.shield(entry[1])
     except Exception:
-        if _status_reads.get(id(engine)) is entry:
+        if _status_reads.get(engine) is entry:
             _forget_status(engine)  # a failed read (e.g. the database is down) is not kept
         raise
