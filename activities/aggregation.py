@@ -15,9 +15,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 from temporalio import activity
@@ -290,20 +291,31 @@ class AggregationActivities:
         """Accuracy and loss on the server's held-out split, and optional leave-one-out loss deltas.
 
         Leave-one-out uses the (weighted) average: without update i it is
-        (N * avg - n_i * w_i) / (N - n_i), one extra evaluation per update.
+        (N * avg - n_i * w_i) / (N - n_i), one extra evaluation per update, measured against the
+        plain average (which, under FedAvg, is the new global model itself and is not evaluated twice).
+        The models are evaluated ``evaluation_threads()`` at a time, each on its own core.
         """
-        from fedloom_core.training import evaluate
+        from fedloom_core.training import evaluate_states, evaluation_threads
 
         started = time.perf_counter()
         test = load_test(inp.dataset)
-        model = build_model(inp.architecture, inp.input_shape, inp.num_classes)
         with self.blobs.open_local(inp.model.blob_key) as path:
             state = weights.load_state(path)
-        model.load_state_dict(state)
-        accuracy, loss = evaluate(model, test)
+        scored = sorted(self._files(inp.updates), key=lambda f: f.client_id) if len(inp.updates) > 1 else []
+        with tempfile.TemporaryDirectory(prefix="fedloom-loo-") as tmp:
+            models = self._evaluation_plan(inp, scored, state, Path(tmp))
+            results = evaluate_states(
+                functools.partial(build_model, inp.architecture, inp.input_shape, inp.num_classes),
+                models.states(),
+                test,
+                evaluation_threads(),
+            )
+        accuracy, loss = results[0]
         deltas: dict[str, float] = {}
-        if len(inp.updates) > 1:
-            deltas = self._leave_one_out(inp, test)
+        if scored:
+            base = loss if models.average_is_global else results[1][1]
+            without = results[1 if models.average_is_global else 2 :]
+            deltas = {f.client_id: r[1] - base for f, r in zip(scored, without, strict=True)}
         return Evaluation(
             accuracy=accuracy,
             loss=loss if math.isfinite(loss) else None,
@@ -311,32 +323,54 @@ class AggregationActivities:
             loo_loss_deltas={cid: d for cid, d in deltas.items() if math.isfinite(d)},
         )
 
-    def _leave_one_out(self, inp: EvaluateInput, test) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    def _evaluation_plan(self, inp: EvaluateInput, scored: list[UpdateFile], state: dict, tmp: Path) -> _EvaluationPlan:
+        """What to evaluate: the new global model, then (with updates to score) the plain average unless
+        it equals the global model, then the average without each update in ``scored``'s order."""
         from fedloom_core.aggregation import fedavg
-        from fedloom_core.training import evaluate
 
-        files = self._files(inp.updates)
-        total = sum(f.num_samples for f in files) if inp.weighted else len(files)
-        model = build_model(inp.architecture, inp.input_shape, inp.num_classes)
-        opener = self._opener(inp.updates)
-        with tempfile.TemporaryDirectory(prefix="fedloom-loo-") as tmp:
-            avg = fedavg(files, Path(tmp) / "avg.safetensors", weighted=inp.weighted, opener=opener)
-            # The baseline is the plain average, so the deltas compare like with like whatever the strategy.
-            model.load_state_dict(avg)
-            base = evaluate(model, test)[1]
-            deltas = {}
-            for f in sorted(files, key=lambda f: f.client_id):
-                share = f.num_samples if inp.weighted else 1
-                with opener(f) as path, weights.mapped_tensors(path) as own:
-                    without = {
-                        name: ((t * total - own[name] * share) / (total - share)).to(t.dtype)
-                        if t.is_floating_point()
-                        else t
-                        for name, t in avg.items()
-                    }
-                model.load_state_dict(without)
-                deltas[f.client_id] = evaluate(model, test)[1] - base
-        return deltas
+        if not scored:
+            return _EvaluationPlan(state)
+        avg = fedavg(scored, tmp / "avg.safetensors", weighted=inp.weighted, opener=self._opener(inp.updates))
+        return _EvaluationPlan(state, avg, scored, self._opener(inp.updates), inp.weighted)
+
+
+@dataclass
+class _EvaluationPlan:
+    """The models one evaluation looks at, produced one at a time (each leave-one-out model is a full copy)."""
+
+    state: dict
+    average: dict | None = None
+    scored: list[UpdateFile] = field(default_factory=list)
+    opener: Callable | None = None
+    weighted: bool = True
+
+    @functools.cached_property
+    def average_is_global(self) -> bool:
+        avg, state = self.average, self.state
+        return (
+            avg is not None
+            and avg.keys() == state.keys()
+            and all(avg[n].dtype == state[n].dtype and torch.equal(avg[n], state[n]) for n in avg)
+        )
+
+    def states(self) -> Iterator[dict]:
+        yield self.state
+        if self.average is None or self.opener is None:
+            return
+        avg = self.average
+        if not self.average_is_global:
+            yield avg
+        total = sum(f.num_samples for f in self.scored) if self.weighted else len(self.scored)
+        for f in self.scored:
+            share = f.num_samples if self.weighted else 1
+            with self.opener(f) as path, weights.mapped_tensors(path) as own:
+                without = {
+                    name: ((t * total - own[name] * share) / (total - share)).to(t.dtype)
+                    if t.is_floating_point()
+                    else t
+                    for name, t in avg.items()
+                }
+            yield without
 
 
 @contextmanager

@@ -58,6 +58,18 @@ def finished_at(data_dir: Path, experiment_id: str) -> float:
     return _epoch(value)
 
 
+def evaluation_times(data_dir: Path, experiment_id: str) -> dict[int, float]:
+    """Per round, the seconds the server spent evaluating the new model (test split, leave-one-out)."""
+    con = sqlite3.connect(f"file:{data_dir / 'fedloom.db'}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT round, evaluation_time FROM round_metrics WHERE experiment_id = ?", (experiment_id,)
+        ).fetchall()
+    finally:
+        con.close()
+    return {rnd: float(t or 0.0) for rnd, t in rows}
+
+
 def measure(clients: int, rounds: int, train_s: float, work: Path) -> dict[str, Any]:
     server = start_server(work / "data")
     try:
@@ -68,6 +80,7 @@ def measure(clients: int, rounds: int, train_s: float, work: Path) -> dict[str, 
             raise RuntimeError(f"experiment ended {run.status}: {run.final}")
         times = db_round_times(server.data_dir, run.experiment_id)
         ended = finished_at(server.data_dir, run.experiment_id)
+        evaluated = evaluation_times(server.data_dir, run.experiment_id)
     finally:
         server.stop()
     per_round = []
@@ -83,6 +96,7 @@ def measure(clients: int, rounds: int, train_s: float, work: Path) -> dict[str, 
                 "clients_s": t["last_upload"] - t["opened"],
                 "notify_s": median(told),
                 "server_s": nxt - t["last_upload"],
+                "evaluation_s": evaluated.get(rnd, 0.0),
             }
         )
     wall = ended - run.started
@@ -97,6 +111,8 @@ def measure(clients: int, rounds: int, train_s: float, work: Path) -> dict[str, 
         "server_s": sum(r["server_s"] for r in per_round),
         "median_server_ms": median([r["server_s"] * 1000 for r in per_round]),
         "median_notify_ms": median([r["notify_s"] * 1000 for r in per_round]),
+        "median_evaluation_ms": median([r["evaluation_s"] * 1000 for r in per_round]),
+        "evaluation_s": sum(r["evaluation_s"] for r in per_round),
         "per_round": per_round,
     }
 
@@ -114,6 +130,10 @@ def rows(m: dict[str, Any]) -> list[list[str]]:
         ["server: last upload to next round open (or to the end), all rounds", f"{m['server_s']:.2f} s"],
         ["server per round (median)", f"{m['median_server_ms']:.0f} ms"],
         ["a client learns of a round (median)", f"{m['median_notify_ms']:.0f} ms"],
+        [
+            "of the server's time: evaluating the new model, test split and leave-one-out (median)",
+            f"{m['median_evaluation_ms']:.0f} ms",
+        ],
     ]
 
 
@@ -162,6 +182,14 @@ complete the round and open the next; see "Round overhead" for that breakdown). 
 {train_s:g} s rounds needs them under {(TARGET - 1) * train_s * 1000:.0f} ms per round; with this run's
 {fixed * 1000:.0f} ms, rounds whose slowest client trains for {fixed / (TARGET - 1):.1f} s or more meet it (derived
 from this run, not measured separately).
+
+The largest single item is evaluation: {m["median_evaluation_ms"]:.0f} ms per round (median; the new model on the
+test split, then one model per update for the contribution scores, two at a time). It stays on the
+critical path by design: a round's accuracy, loss and contribution scores are recorded with the round,
+and the next round's selection already sees the trust scores they move, as in the peers' server-side
+evaluation. Taking it off the critical path (evaluating round r while round r+1 trains) would make the
+ratio {(m["wall_s"] - m["evaluation_s"]) / m["training_s"]:.3f} in this run (wall time minus the evaluation
+time, derived), at the price of trust scores one round late.
 
 ![efficiency](img/bench_{NAME}.png)
 """

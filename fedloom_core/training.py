@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 from torch import nn
@@ -98,3 +102,40 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> tuple[floa
         correct += int((logits.argmax(1) == y).sum())
     n = max(len(data), 1)
     return correct / n, loss_sum / n
+
+
+def evaluation_threads() -> int:
+    """How many models the server evaluates side by side: ``FEDLOOM_EVAL_THREADS``, else up to 2 (one per core)."""
+    configured = os.environ.get("FEDLOOM_EVAL_THREADS", "").strip()
+    if configured:
+        return max(1, int(configured))
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def evaluate_states(
+    build: Callable[[], nn.Module],
+    states: Iterable[dict[str, torch.Tensor]],
+    data: Split,
+    threads: int = 1,
+) -> list[tuple[float, float]]:
+    """Accuracy and loss of each state dict on ``data``, in order, ``threads`` models at a time.
+
+    Each thread evaluates on its own model instance; torch releases the GIL inside its operators,
+    so the evaluations run side by side on separate cores. At most ``threads`` states are taken from
+    ``states`` at once, so a generator of large states stays bounded in memory.
+    """
+    models = [build() for _ in range(max(1, threads))]
+
+    def one(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        model.load_state_dict(state)
+        return evaluate(model, data)
+
+    states = iter(states)
+    results: list[tuple[float, float]] = []
+    if len(models) == 1:
+        return [one(models[0], state) for state in states]
+    with ThreadPoolExecutor(len(models), thread_name_prefix="fedloom-eval") as pool:
+        while batch := list(islice(states, len(models))):
+            futures = [pool.submit(one, model, state) for model, state in zip(models, batch, strict=False)]
+            results.extend(f.result() for f in futures)
+    return results

@@ -36,6 +36,12 @@ TASK_POLL_S = 0.25
 # While task requests are held, the shared round state is re-read this often and a change wakes them
 # at once: clients learn of a new round within about this long, at one light read per interval.
 BOARD_REFRESH_S = 0.05
+# Between two rounds of a running experiment (no round open: the last one is being processed or the
+# next selected) the next round is usually a few hundred milliseconds away, so the state is read this
+# often instead, for at most BOARD_FAST_WINDOW_S after the gap was first seen (a selection that waits
+# for clients to register goes back to the normal interval).
+BOARD_REFRESH_FAST_S = 0.01
+BOARD_FAST_WINDOW_S = 3.0
 # last_seen is written at most this often, so long-polling clients do not write on every request
 # (at 5 s, 1,000 clients polling every 10 s made 100 SQLite write transactions a second).
 LAST_SEEN_RESOLUTION_S = 60.0
@@ -415,6 +421,8 @@ class TaskBoard:
         self._changed = asyncio.Event()
         self._held = 0
         self._refresher: asyncio.Task | None = None
+        # When the refresher first saw the running experiment with no round open (None: a round is open).
+        self._gap_since: float | None = None
         # client id -> when this process last answered it from the database (which also marks it seen).
         self._checked: dict[str, float] = {}
 
@@ -486,7 +494,16 @@ class TaskBoard:
             if before is None or board.state() != before.state():
                 self._changed.set()
                 self._changed = asyncio.Event()
-            await asyncio.sleep(BOARD_REFRESH_S)
+            await asyncio.sleep(self._interval(board))
+
+    def _interval(self, board: Board) -> float:
+        """How long to sleep before the next read: shorter while a running experiment is between rounds."""
+        if board.experiment_status != "running" or board.round is not None:
+            self._gap_since = None
+            return BOARD_REFRESH_S
+        if self._gap_since is None:
+            self._gap_since = board.read_at
+        return BOARD_REFRESH_FAST_S if board.read_at - self._gap_since < BOARD_FAST_WINDOW_S else BOARD_REFRESH_S
 
 
 def _task_board(request: Request, engine) -> TaskBoard:  # type: ignore[no-untyped-def]

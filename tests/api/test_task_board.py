@@ -1,0 +1,29 @@
+"""The shared round-state reader behind the task long-polls: how often it re-reads the database."""
+
+from __future__ import annotations
+
+from api.routes.clients import (
+    BOARD_FAST_WINDOW_S,
+    BOARD_REFRESH_FAST_S,
+    BOARD_REFRESH_S,
+    Board,
+    TaskBoard,
+)
+
+
+def test_reads_fast_only_while_a_running_experiment_is_between_rounds() -> None:
+    board = TaskBoard(engine=None)
+    open_round = Board(10.0, "e1", "running", 3, frozenset({"a"}))
+    assert board._interval(open_round) == BOARD_REFRESH_S
+    # Round 3 closed, round 4 not open yet: the change clients wait for is close, read often.
+    assert board._interval(Board(10.5, "e1", "running")) == BOARD_REFRESH_FAST_S
+    assert board._interval(Board(10.5 + BOARD_FAST_WINDOW_S / 2, "e1", "running")) == BOARD_REFRESH_FAST_S
+    # A gap longer than the window (a selection waiting for clients) goes back to the normal pace...
+    assert board._interval(Board(10.6 + BOARD_FAST_WINDOW_S, "e1", "running")) == BOARD_REFRESH_S
+    # ...and the window starts again at the next gap.
+    assert board._interval(Board(20.0, "e1", "running", 4, frozenset({"a"}))) == BOARD_REFRESH_S
+    assert board._interval(Board(22.0, "e1", "running")) == BOARD_REFRESH_FAST_S
+    # No running experiment: nothing is about to open.
+    assert board._interval(Board(23.0, "e1", "completed")) == BOARD_REFRESH_S
+    assert board._interval(Board(24.0)) == BOARD_REFRESH_S
+    assert BOARD_REFRESH_FAST_S < BOARD_REFRESH_S
