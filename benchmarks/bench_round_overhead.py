@@ -250,6 +250,12 @@ OPTIMISATIONS = """What the profiles and the breakdown showed, and what was chan
   cores are also running the API, Temporal and the clients, every small operator waits for a second
   thread. The worker now runs torch on one thread unless `OMP_NUM_THREADS` says otherwise
   (`workers/main.py`).
+- **Evaluations side by side, and none twice.** With one thread per evaluation, the round's models
+  (the new global model, then one leave-one-out model per update) are evaluated two at a time, each on
+  its own model instance in its own thread (`training.evaluate_states`; torch releases the GIL in its
+  operators). Six CNN evaluations of the digits test split took 90 ms one after the other and 35 ms two
+  at a time on this machine. The leave-one-out baseline, the plain average of the updates, is the new
+  global model itself under FedAvg and is no longer evaluated a second time.
 - **Short steps as local activities.** The history showed each database step (select, open, close,
   complete) costing a trip through the Temporal server: schedule, a poll of the task queue, the
   completion, and a new workflow task to learn of it. New runs now execute them as local activities in
@@ -268,7 +274,8 @@ OPTIMISATIONS = """What the profiles and the breakdown showed, and what was chan
   per-update call is gone.
 - **Clients learn of a round sooner.** A held task long-poll is woken as soon as the API's shared
   round-state read sees a change, and that read is refreshed more often while requests are held
-  (`api/routes/clients.py`)."""
+  (`api/routes/clients.py`): every 50 ms, and every 10 ms while a running experiment is between
+  rounds (no round open), when the next round is usually a few hundred milliseconds away."""
 
 
 def main() -> int:
