@@ -61,12 +61,15 @@ def precomputed_update(architecture: str, dataset: str, seed: int) -> bytes:
 
 @dataclass
 class ClientLog:
-    """What one fast client saw: per round, when it learnt of the round and when its upload was accepted."""
+    """What one fast client saw: per round, when it learnt of the round and when its upload was accepted,
+    and how long its download and upload requests took (seconds)."""
 
     client_id: str
     told: dict[int, float] = field(default_factory=dict)
     uploaded: dict[int, float] = field(default_factory=dict)
     trained: dict[int, float] = field(default_factory=dict)
+    download_s: dict[int, float] = field(default_factory=dict)
+    upload_s: dict[int, float] = field(default_factory=dict)
 
 
 async def fast_client(
@@ -96,12 +99,15 @@ async def fast_client(
             continue
         rnd = int(task["round"])
         log.told[rnd] = time.time()
+        started = time.perf_counter()
         got = await http.get(f"/api/v1/model/download/{task['model_id']}", headers=auth)
         got.raise_for_status()
+        log.download_s[rnd] = time.perf_counter() - started
         started = time.perf_counter()
         if train_s > 0:
             await asyncio.sleep(train_s)
         log.trained[rnd] = time.perf_counter() - started
+        started = time.perf_counter()
         up = await http.post(
             f"/api/v1/model/update/{client_id}",
             files={"model_file": ("update.safetensors", io.BytesIO(update))},
@@ -111,6 +117,7 @@ async def fast_client(
         if up.status_code == 409:  # the round closed while we slept: the next poll says what to do
             continue
         up.raise_for_status()
+        log.upload_s[rnd] = time.perf_counter() - started
         log.uploaded[rnd] = time.time()
 
 

@@ -88,6 +88,8 @@ def measure(clients: int, rounds: int, train_s: float, work: Path) -> dict[str, 
         t = times[rnd]
         trained = [log.trained[rnd] for log in run.logs if rnd in log.trained]
         told = [log.told[rnd] - t["opened"] for log in run.logs if rnd in log.told]
+        downloads = [log.download_s[rnd] for log in run.logs if rnd in log.download_s]
+        uploads = [log.upload_s[rnd] for log in run.logs if rnd in log.upload_s]
         nxt = times[rnd + 1]["opened"] if rnd + 1 in times else ended
         per_round.append(
             {
@@ -95,6 +97,9 @@ def measure(clients: int, rounds: int, train_s: float, work: Path) -> dict[str, 
                 "slowest_training_s": max(trained),
                 "clients_s": t["last_upload"] - t["opened"],
                 "notify_s": median(told),
+                "download_s": median(downloads),
+                "upload_s": median(uploads),
+                "slowest_upload_s": max(uploads),
                 "server_s": nxt - t["last_upload"],
                 "evaluation_s": evaluated.get(rnd, 0.0),
             }
@@ -112,6 +117,9 @@ def measure(clients: int, rounds: int, train_s: float, work: Path) -> dict[str, 
         "median_server_ms": median([r["server_s"] * 1000 for r in per_round]),
         "median_notify_ms": median([r["notify_s"] * 1000 for r in per_round]),
         "median_evaluation_ms": median([r["evaluation_s"] * 1000 for r in per_round]),
+        "median_download_ms": median([r["download_s"] * 1000 for r in per_round]),
+        "median_upload_ms": median([r["upload_s"] * 1000 for r in per_round]),
+        "median_slowest_upload_ms": median([r["slowest_upload_s"] * 1000 for r in per_round]),
         "evaluation_s": sum(r["evaluation_s"] for r in per_round),
         "per_round": per_round,
     }
@@ -130,6 +138,11 @@ def rows(m: dict[str, Any]) -> list[list[str]]:
         ["server: last upload to next round open (or to the end), all rounds", f"{m['server_s']:.2f} s"],
         ["server per round (median)", f"{m['median_server_ms']:.0f} ms"],
         ["a client learns of a round (median)", f"{m['median_notify_ms']:.0f} ms"],
+        ["a client downloads the model (median)", f"{m['median_download_ms']:.0f} ms"],
+        [
+            "a client uploads its update, request to response (median; slowest of the round, median)",
+            f"{m['median_upload_ms']:.0f} ms; {m['median_slowest_upload_ms']:.0f} ms",
+        ],
         [
             "of the server's time: evaluating the new model, test split and leave-one-out (median)",
             f"{m['median_evaluation_ms']:.0f} ms",
@@ -174,22 +187,26 @@ was {m["load_average"][0]:.1f} at the start and {m["load_average"][1]:.1f} at th
 
 What bounds it: the ratio is 1 + (start-up + clients' non-training time + server time) / reference.
 Per round, the costs beyond training came to {fixed * 1000:.0f} ms: {client_ms:.0f} ms on the clients' side of the
-protocol (learning of the round, a median {m["median_notify_ms"]:.0f} ms; downloading the model; uploading the
-update until it is accepted) and {server_ms:.0f} ms on the server's (the Temporal signal and workflow task
-that close the round, one `process_round` activity that validates, aggregates and evaluates the CNN on
-the test split once plus once per update for the contribution scores, and the database steps that
-complete the round and open the next; see "Round overhead" for that breakdown). Meeting {TARGET} with
-{train_s:g} s rounds needs them under {(TARGET - 1) * train_s * 1000:.0f} ms per round; with this run's
-{fixed * 1000:.0f} ms, rounds whose slowest client trains for {fixed / (TARGET - 1):.1f} s or more meet it (derived
-from this run, not measured separately).
+protocol and {server_ms:.0f} ms on the server's. Meeting {TARGET} with {train_s:g} s rounds needs them under
+{(TARGET - 1) * train_s * 1000:.0f} ms per round; with this run's {fixed * 1000:.0f} ms, rounds whose slowest client
+trains for {fixed / (TARGET - 1):.1f} s or more meet it (derived from this run, not measured separately).
 
-The largest single item is evaluation: {m["median_evaluation_ms"]:.0f} ms per round (median; the new model on the
-test split, then one model per update for the contribution scores, two at a time). It stays on the
-critical path by design: a round's accuracy, loss and contribution scores are recorded with the round,
-and the next round's selection already sees the trust scores they move, as in the peers' server-side
-evaluation. Taking it off the critical path (evaluating round r while round r+1 trains) would make the
-ratio {(m["wall_s"] - m["evaluation_s"]) / m["training_s"]:.3f} in this run (wall time minus the evaluation
-time, derived), at the price of trust scores one round late.
+- **Clients' side.** A client learns of a round a median {m["median_notify_ms"]:.0f} ms after it opens and downloads
+  the model in {m["median_download_ms"]:.0f} ms. Uploads: every client finishes its fixed
+  training at the same moment, so the round's {clients} uploads arrive together, and the slowest of them took a
+  median {m["median_slowest_upload_ms"]:.0f} ms from request to response. Each upload is streamed to disk and hashed,
+  checked (names, shapes, dtypes, finite values), moved into the blob store with fsyncs, recorded in
+  one database transaction and signalled to the workflow; the {clients} of them share the machine's two cores
+  with the benchmark's own clients, the worker and Temporal.
+- **Server's side.** The Temporal signal and the workflow task that close the round, one `process_round`
+  activity (validation, aggregation, evaluation) and the database steps that complete the round and
+  open the next; "Round overhead" breaks these down. Evaluation took {m["median_evaluation_ms"]:.0f} ms per round
+  (median; the new model on the test split, then one model per update for the contribution scores, two
+  at a time). It stays on the critical path by design: a round's accuracy, loss and contribution scores
+  are recorded with the round, and the next round's selection already sees the trust scores they move,
+  as with the peers' server-side evaluation. Evaluating round r while round r+1 trains would make the
+  ratio {(m["wall_s"] - m["evaluation_s"]) / m["training_s"]:.3f} in this run (wall time minus the evaluation time,
+  derived), at the price of trust scores one round late.
 
 ![efficiency](img/bench_{NAME}.png)
 """
