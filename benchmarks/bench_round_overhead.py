@@ -54,6 +54,7 @@ from benchmarks._control_plane import (  # noqa: E402
     start_server,
     stop_profiler,
 )
+from benchmarks._temporal_floor import measure_floor  # noqa: E402
 from fedloom.demo import start_body  # noqa: E402
 
 NAME = "round_overhead"
@@ -189,6 +190,17 @@ def bound_text(summary: dict[str, Any]) -> str:
         f"{b['heavy_dispatch_ms']:.0f} ms between scheduling the aggregation-queue activity and a worker "
         f"starting it; the activity's own work is {b['heavy_exec_ms']:.0f} ms and the local database steps "
         f"{b['local_ms']:.0f} ms."
+    ) + floor_text(summary["temporal_floor"])
+
+
+def floor_text(floor: dict[str, Any]) -> str:
+    return (
+        " Temporal alone, for a workflow of the same shape that does no work (`benchmarks/_temporal_floor.py`: "
+        "a signal, a local activity, an activity on a second task queue, a local activity; same dev server, "
+        f"same run), takes {floor['round_ms']:.0f} ms from a round's signal to its end: a signal "
+        f"{floor['signal_rpc_ms']:.0f} ms, a workflow task {floor['workflow_task_dispatch_ms']:.0f} ms to be "
+        f"picked up and {floor['workflow_task_ms']:.0f} ms to run, an activity on the second queue "
+        f"{floor['activity_dispatch_ms']:.0f} ms to be picked up (medians of {floor['rounds']} rounds)."
     )
 
 
@@ -289,6 +301,7 @@ def main() -> int:
         server = start_server(Path(tmp) / "data")
         try:
             m = measure(server, clients, rounds)
+            floor = asyncio.run(measure_floor(server.temporal_address, rounds=3 if args.quick else 20))
             print(
                 f"median overhead {median([r['overhead_s'] for r in m['per_round'].values()]) * 1000:.0f} ms",
                 flush=True,
@@ -302,6 +315,7 @@ def main() -> int:
             server.stop()
     summary = {"clients": clients, "rounds": rounds, **summarise(m), "load_average": [load_start, os.getloadavg()[0]]}
     summary["bound"] = bound(summary)
+    summary["temporal_floor"] = floor
     info = machine()
     print(table(PHASE_HEADERS, phase_rows(summary["phase_median_ms"])))
     print(bound_text(summary))

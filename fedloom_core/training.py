@@ -105,11 +105,13 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 512) -> tuple[floa
 
 
 def evaluation_threads() -> int:
-    """How many models the server evaluates side by side: ``FEDLOOM_EVAL_THREADS``, else up to 2 (one per core)."""
+    """How many models the server evaluates side by side: ``FEDLOOM_EVAL_THREADS``, else one per core that
+    torch's own intra-op threads leave free, at most 2 (the worker runs torch on one thread, so 2 on a
+    2-core machine; a process whose torch already uses every core evaluates one model at a time)."""
     configured = os.environ.get("FEDLOOM_EVAL_THREADS", "").strip()
     if configured:
         return max(1, int(configured))
-    return max(1, min(2, os.cpu_count() or 1))
+    return max(1, min(2, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
 
 
 def evaluate_states(

@@ -46,6 +46,12 @@ def test_round_overhead_quick(tmp_path: Path) -> None:
     assert "aggregation" not in phases
     assert sum(phases[p] for p in ("close", "processing", "persistence")) > 0
     assert isinstance(data["met"], bool)
+    # Temporal alone, for a workflow of the same shape: every round ran and each part was timed.
+    floor = data["temporal_floor"]
+    assert floor["rounds"] == 3
+    for part in ("round_ms", "signal_rpc_ms", "workflow_task_dispatch_ms", "workflow_task_ms", "activity_dispatch_ms"):
+        assert math.isfinite(floor[part]) and floor[part] >= 0, part
+    assert floor["round_ms"] >= floor["workflow_task_ms"]
 
 
 @pytest.mark.timeout(300)
@@ -58,6 +64,9 @@ def test_efficiency_quick(tmp_path: Path) -> None:
     assert data["wall_s"] >= data["training_s"] > 0
     assert data["efficiency"] == pytest.approx(data["wall_s"] / data["training_s"])
     assert data["startup_s"] > 0 and data["server_s"] > 0
+    # The clients time their requests, and the server records its evaluation of each round.
+    assert data["median_download_ms"] > 0 and data["median_slowest_upload_ms"] >= data["median_upload_ms"] > 0
+    assert all(r["evaluation_s"] > 0 for r in data["per_round"])
 
 
 @pytest.mark.timeout(300)

@@ -143,3 +143,17 @@ def test_evaluate_states_keeps_order_and_takes_at_most_threads_states_ahead(monk
         model = build()
         expected.append(real(model, test))
     assert got == expected and len({loss for _, loss in got}) == 5
+
+
+def test_evaluation_threads_leave_room_for_torchs_own_threads(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("FEDLOOM_EVAL_THREADS", raising=False)
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(training.torch, "get_num_threads", lambda: 1)
+    assert training.evaluation_threads() == 2  # the worker: torch on one thread, two cores
+    monkeypatch.setattr(training.torch, "get_num_threads", lambda: 2)
+    assert training.evaluation_threads() == 1  # torch already uses both cores
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(training.torch, "get_num_threads", lambda: 1)
+    assert training.evaluation_threads() == 2
+    monkeypatch.setenv("FEDLOOM_EVAL_THREADS", "3")
+    assert training.evaluation_threads() == 3
