@@ -256,11 +256,17 @@ class OpenRoundInput(BaseModel):
 
 
 class UpdateNotice(BaseModel):
-    """Sent to the workflow when an upload has been stored and recorded."""
+    """Sent to the workflow when an upload has been stored and recorded.
+
+    The API sends it once a round has an update from every selected client, with all of them in
+    ``reported``; a notice without ``reported`` (older senders, the tests' harness) reports
+    ``client_id`` alone.
+    """
 
     update_id: str
     client_id: str
     round: int
+    reported: list[str] = Field(default_factory=list)
 
 
 class RoundRef(BaseModel):

@@ -223,6 +223,24 @@ def store_update(
     return StoredUpdate(update, True)
 
 
+def round_reported(engine: Engine, experiment_id: str, round: int) -> list[str] | None:
+    """The clients with a stored update in the round, once every selected client has one; else None.
+
+    Read after the caller's own upload committed: of uploads that finish together, the last to
+    commit sees all of them, so the round's completion is always noticed by at least one.
+    """
+    with session_scope(engine) as s:
+        selected = s.exec(
+            select(Round.selected_clients).where(Round.experiment_id == experiment_id, Round.round == round)
+        ).first()
+        if selected is None:
+            return None
+        stored = set(
+            s.exec(select(Update.client_id).where(Update.experiment_id == experiment_id, Update.round == round)).all()
+        )
+    return sorted(stored) if stored >= set(selected) else None
+
+
 def _announce_rejection(engine: Engine, target: Target, client_id: str, reason: str) -> None:
     with session_scope(engine) as s:
         emit_event(

@@ -424,7 +424,7 @@ class ExperimentWorkflow:
     def update_received(self, notice: UpdateNotice) -> None:
         """An upload for this experiment was stored and recorded."""
         if notice.round == self._round:
-            self._reported.add(notice.client_id)
+            self._reported.update(notice.reported or [notice.client_id])
 
     @workflow.signal
     def request_stop(self, reason: str) -> None:

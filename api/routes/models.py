@@ -254,11 +254,16 @@ async def upload_update(
     finally:
         uploads.cleanup(form.path)
     upd = stored.update
-    # Always signal, also on a repeat: the first attempt may have died before it could.
-    await temporal.get_workflow_handle(workflow_id(upd.experiment_id)).signal(
-        ExperimentWorkflow.update_received,
-        UpdateNotice(update_id=upd.update_id, client_id=client_id, round=upd.round),
-    )
+    # The workflow waits for the round's last update (or its deadline); the database is the record.
+    # So only the upload that completes the round wakes it, naming every client that reported: one
+    # workflow task per round instead of one per upload. Checked also on a repeat, since the first
+    # attempt may have died before it could signal.
+    reported = await run_in_threadpool(uploads.round_reported, engine, upd.experiment_id, upd.round)
+    if reported is not None:
+        await temporal.get_workflow_handle(workflow_id(upd.experiment_id)).signal(
+            ExperimentWorkflow.update_received,
+            UpdateNotice(update_id=upd.update_id, client_id=client_id, round=upd.round, reported=reported),
+        )
     return _update_body(upd)
 
 

@@ -71,7 +71,7 @@ from fedloom_core.repo import (
     running_experiment,
     session_scope,
 )
-from fedloom_core.uploads import StoredUpdate, store_update
+from fedloom_core.uploads import StoredUpdate, round_reported, store_update
 
 PG_URL_ENV = "FEDLOOM_TEST_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -688,6 +688,35 @@ def test_repeated_and_conflicting_uploads_are_recorded_once(db: Engine, tmp_path
     assert _count(db, Update, Update.experiment_id == world.experiment_id) == 1
     assert _round(db, world.experiment_id, 1).upload_count == 1
     assert len(_events(db, "client_update", world.experiment_id)) == 1
+
+
+def test_a_round_is_reported_complete_once_every_selected_client_has_an_update(db: Engine, tmp_path: Path) -> None:
+    world = make_world(db, tmp_path, 3)
+    world.open(1, selected=["client_00", "client_01"])
+    assert round_reported(db, world.experiment_id, 1) is None
+    world.upload("client_00")
+    assert round_reported(db, world.experiment_id, 1) is None  # client_01 has not reported yet
+    world.upload("client_01")
+    assert round_reported(db, world.experiment_id, 1) == ["client_00", "client_01"]
+    assert round_reported(db, world.experiment_id, 2) is None  # no such round
+
+
+def test_of_concurrent_last_uploads_at_least_one_sees_the_round_complete(db: Engine, tmp_path: Path) -> None:
+    world = make_world(db, tmp_path, 4)
+    world.open(1)
+    barrier = threading.Barrier(4)
+
+    def go(cid: str) -> list[str] | None:
+        barrier.wait(JOIN_S)
+        world.upload(cid)
+        return round_reported(db, world.experiment_id, 1)
+
+    workers = [Worker(f"last-{cid}", lambda cid=cid: go(cid)) for cid in world.clients]
+    for w in workers:
+        w.start()
+    results = [w.finish() for w in workers]
+    assert [w.error for w in workers] == [None] * 4
+    assert sorted(world.clients) in results
 
 
 def test_concurrent_identical_uploads_of_one_client_are_recorded_once(db: Engine, tmp_path: Path) -> None:

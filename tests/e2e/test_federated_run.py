@@ -108,6 +108,16 @@ async def _check_web_ui_view(server) -> None:  # type: ignore[no-untyped-def]
                 break
             await asyncio.sleep(0.2)
         assert found == ["experiment-e2e"], query
+    # The API wakes the workflow once per round, with the upload that completes it, naming every client.
+    history = await client.get_workflow_handle("experiment-e2e").fetch_history()
+    wakes = [
+        json.loads(ev.workflow_execution_signaled_event_attributes.input.payloads[0].data)
+        for ev in history.events
+        if ev.HasField("workflow_execution_signaled_event_attributes")
+        and ev.workflow_execution_signaled_event_attributes.signal_name == "update_received"
+    ]
+    assert [w["round"] for w in wakes] == list(range(1, ROUNDS + 1))
+    assert all(len(w["reported"]) == CLIENTS for w in wakes)
     desc = await client.get_workflow_handle("experiment-e2e").describe()
     memo = await desc.memo()
     assert memo["name"] == "e2e" and "FedAvg" in memo["summary"] and f"{ROUNDS} rounds" in memo["summary"]
