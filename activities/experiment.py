@@ -377,11 +377,22 @@ class ExperimentActivities:
         accepted = {u.client_id for u in inp.updates}
         shares = trust.contribution_shares(inp.evaluation.loo_loss_deltas) if inp.evaluation.loo_loss_deltas else {}
         max_failures = inp.policy.max_client_failures
+        # Two queries for all the selected clients, not two per client.
+        clients = {c.client_id: c for c in s.exec(select(Client).where(Client.client_id.in_(selected))).all()}  # type: ignore[attr-defined]
+        standing = {
+            e.client_id: e
+            for e in s.exec(
+                select(ExperimentClient).where(
+                    ExperimentClient.experiment_id == inp.experiment_id,
+                    ExperimentClient.client_id.in_(selected),  # type: ignore[attr-defined]
+                )
+            ).all()
+        }
         for cid in selected:
-            client = s.get(Client, cid)
+            client = clients.get(cid)
             if client is None:
                 continue
-            own = s.get(ExperimentClient, (inp.experiment_id, cid))
+            own = standing.get(cid)
             if own is None:
                 own = ExperimentClient(experiment_id=inp.experiment_id, client_id=cid, trust_score=trust.TRUST_PRIOR)
             stats = inp.stats.get(cid, {})
