@@ -34,6 +34,7 @@ def test_bench_aggregation_quick(tmp_path: Path) -> None:
     if result["flower"] is not None:  # only where Flower's own venv exists
         assert result["ratio_vs_flower"] > 0 and result["flower"]["max_abs_diff_vs_fedloom"] < 1e-3
     assert set(result["output_write_median_s"]) == {"write_save_file", "write_save_state"}
+    assert result["map_updates_median_s"] > 0
 
 
 def test_bench_memory_quick(tmp_path: Path) -> None:
