@@ -108,7 +108,8 @@ async def _check_web_ui_view(server) -> None:  # type: ignore[no-untyped-def]
                 break
             await asyncio.sleep(0.2)
         assert found == ["experiment-e2e"], query
-    # The API wakes the workflow once per round, with the upload that completes it, naming every client.
+    # The API wakes the workflow only with an upload that completes a round, naming every client. (Two
+    # last uploads that commit together may both see the round complete and both signal: harmless.)
     history = await client.get_workflow_handle("experiment-e2e").fetch_history()
     wakes = [
         json.loads(ev.workflow_execution_signaled_event_attributes.input.payloads[0].data)
@@ -116,7 +117,7 @@ async def _check_web_ui_view(server) -> None:  # type: ignore[no-untyped-def]
         if ev.HasField("workflow_execution_signaled_event_attributes")
         and ev.workflow_execution_signaled_event_attributes.signal_name == "update_received"
     ]
-    assert [w["round"] for w in wakes] == list(range(1, ROUNDS + 1))
+    assert sorted({w["round"] for w in wakes}) == list(range(1, ROUNDS + 1))
     assert all(len(w["reported"]) == CLIENTS for w in wakes)
     desc = await client.get_workflow_handle("experiment-e2e").describe()
     memo = await desc.memo()
