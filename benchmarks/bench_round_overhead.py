@@ -268,6 +268,11 @@ OPTIMISATIONS = """What the profiles and the breakdown showed, and what was chan
   operators). Six CNN evaluations of the digits test split took 90 ms one after the other and 35 ms two
   at a time on this machine. The leave-one-out baseline, the plain average of the updates, is the new
   global model itself under FedAvg and is no longer evaluated a second time.
+- **One wake-up per round, not one per upload.** The history showed a signal, and so a workflow task,
+  for every upload; with all clients uploading at once the signal of the last one queued behind the
+  others' tasks. The API now signals only when an upload completes the round (every selected client
+  has one), naming all of them; the workflow's history gains one signal per round instead of one per
+  client (100 a round at the 1,000-client scale).
 - **Short steps as local activities.** The history showed each database step (select, open, close,
   complete) costing a trip through the Temporal server: schedule, a poll of the task queue, the
   completion, and a new workflow task to learn of it. New runs now execute them as local activities in
