@@ -199,23 +199,31 @@ def _epoch(value: datetime | str) -> float:
     return value.timestamp()
 
 
-def db_round_times(data_dir: Path, experiment_id: str) -> dict[int, dict[str, float]]:
-    """Per round, from the database: ``opened`` (open_round's commit), ``last_upload`` and ``completed``."""
+def db_rows(data_dir: Path, sql: str, *params: object) -> list[tuple]:
+    """The rows of one query on the server's SQLite database, opened read-only."""
     import sqlite3
 
     con = sqlite3.connect(f"file:{data_dir / 'fedloom.db'}?mode=ro", uri=True)
     try:
-        rounds = con.execute(
-            "SELECT round, started_at, completed_at FROM round WHERE experiment_id = ? ORDER BY round", (experiment_id,)
-        ).fetchall()
-        last = dict(
-            con.execute(
-                'SELECT round, MAX(received_at) FROM "update" WHERE experiment_id = ? GROUP BY round',
-                (experiment_id,),
-            ).fetchall()
-        )
+        return con.execute(sql, params).fetchall()
     finally:
         con.close()
+
+
+def db_round_times(data_dir: Path, experiment_id: str) -> dict[int, dict[str, float]]:
+    """Per round, from the database: ``opened`` (open_round's commit), ``last_upload`` and ``completed``."""
+    rounds = db_rows(
+        data_dir,
+        "SELECT round, started_at, completed_at FROM round WHERE experiment_id = ? ORDER BY round",
+        experiment_id,
+    )
+    last = dict(
+        db_rows(
+            data_dir,
+            'SELECT round, MAX(received_at) FROM "update" WHERE experiment_id = ? GROUP BY round',
+            experiment_id,
+        )
+    )
     out: dict[int, dict[str, float]] = {}
     for rnd, opened, completed in rounds:
         out[rnd] = {"opened": _epoch(opened)}

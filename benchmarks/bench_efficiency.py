@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from benchmarks._common import (  # noqa: E402
     update_doc_section,
     write_result,
 )
-from benchmarks._control_plane import _epoch, db_round_times, run_experiment, start_server  # noqa: E402
+from benchmarks._control_plane import _epoch, db_round_times, db_rows, run_experiment, start_server  # noqa: E402
 from fedloom.demo import start_body  # noqa: E402
 
 NAME = "efficiency"
@@ -48,25 +47,13 @@ TARGET = 1.15
 
 def finished_at(data_dir: Path, experiment_id: str) -> float:
     """When the database recorded the experiment's end (finish_experiment)."""
-    con = sqlite3.connect(f"file:{data_dir / 'fedloom.db'}?mode=ro", uri=True)
-    try:
-        (value,) = con.execute(
-            "SELECT finished_at FROM experiment WHERE experiment_id = ?", (experiment_id,)
-        ).fetchone()
-    finally:
-        con.close()
+    ((value,),) = db_rows(data_dir, "SELECT finished_at FROM experiment WHERE experiment_id = ?", experiment_id)
     return _epoch(value)
 
 
 def evaluation_times(data_dir: Path, experiment_id: str) -> dict[int, float]:
     """Per round, the seconds the server spent evaluating the new model (test split, leave-one-out)."""
-    con = sqlite3.connect(f"file:{data_dir / 'fedloom.db'}?mode=ro", uri=True)
-    try:
-        rows = con.execute(
-            "SELECT round, evaluation_time FROM round_metrics WHERE experiment_id = ?", (experiment_id,)
-        ).fetchall()
-    finally:
-        con.close()
+    rows = db_rows(data_dir, "SELECT round, evaluation_time FROM round_metrics WHERE experiment_id = ?", experiment_id)
     return {rnd: float(t or 0.0) for rnd, t in rows}
 
 
