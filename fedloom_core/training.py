@@ -109,8 +109,8 @@ def evaluation_threads() -> int:
     torch's own intra-op threads leave free, at most 2 (the worker runs torch on one thread, so 2 on a
     2-core machine; a process whose torch already uses every core evaluates one model at a time)."""
     configured = os.environ.get("FEDLOOM_EVAL_THREADS", "").strip()
-    if configured:
-        return max(1, int(configured))
+    if configured.isdigit() and int(configured) > 0:  # anything else: the default below
+        return int(configured)
     return max(1, min(2, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
 
 

@@ -157,3 +157,6 @@ def test_evaluation_threads_leave_room_for_torchs_own_threads(monkeypatch) -> No
     assert training.evaluation_threads() == 2
     monkeypatch.setenv("FEDLOOM_EVAL_THREADS", "3")
     assert training.evaluation_threads() == 3
+    for bad in ("0", "-1", "two"):  # a mistyped setting falls back to the default, never breaks evaluation
+        monkeypatch.setenv("FEDLOOM_EVAL_THREADS", bad)
+        assert training.evaluation_threads() == 2
