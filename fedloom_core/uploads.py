@@ -47,6 +47,8 @@ class Target:
 class StoredUpdate:
     update: Update
     created: bool
+    # Set when this upload was the one that completed its round: every selected client (sorted).
+    completed_round: list[str] | None = None
 
 
 def parse_metrics(raw: str | None) -> dict[str, Any]:
@@ -190,16 +192,20 @@ def store_update(
     )
     try:
         with session_scope(engine) as s:
-            # Taking the round row first serialises this insert with close_round.
+            # Taking the round row first serialises this insert with close_round, and with the round's
+            # other uploads: the count it returns tells exactly one of them that it completed the round
+            # (only selected clients reach here, and each one's update is unique).
             opened = s.execute(
                 sa_update(Round)
                 .where(Round.experiment_id == target.experiment_id, Round.round == target.round, Round.status == "open")
                 .values(upload_count=Round.upload_count + 1)
-            )
-            if opened.rowcount == 0:
+                .returning(Round.upload_count, Round.selected_clients)
+            ).first()
+            if opened is None:
                 raise RoundNotActive(
                     "Specified round is not currently active", f"round {target.round} closed before the upload finished"
                 )
+            count, selected = opened
             s.add(update)
             client = s.get(Client, client_id)
             if client is not None:
@@ -220,14 +226,15 @@ def store_update(
         if existing is None:
             raise
         return _repeat(existing, digest)
-    return StoredUpdate(update, True)
+    everyone = set(selected)
+    return StoredUpdate(update, True, sorted(everyone) if count >= len(everyone) else None)
 
 
 def round_reported(engine: Engine, experiment_id: str, round: int) -> list[str] | None:
     """The clients with a stored update in the round, once every selected client has one; else None.
 
-    Read after the caller's own upload committed: of uploads that finish together, the last to
-    commit sees all of them, so the round's completion is always noticed by at least one.
+    A new upload learns this from its own transaction (``StoredUpdate.completed_round``); a repeated
+    one asks here, after the fact, since the first attempt may have died before it could tell.
     """
     with session_scope(engine) as s:
         selected = s.exec(

@@ -255,11 +255,15 @@ async def upload_update(
         uploads.cleanup(form.path)
     upd = stored.update
     # The workflow waits for the round's last update (or its deadline); the database is the record.
-    # So only the upload that completes the round wakes it, naming every client that reported: about one
-    # workflow task per round instead of one per upload (two last uploads that commit together may both
-    # signal; a repeated notice changes nothing). Checked also on a repeat, since the first attempt may
-    # have died before it could signal.
-    reported = await run_in_threadpool(uploads.round_reported, engine, upd.experiment_id, upd.round)
+    # So only the upload that completes the round wakes it, naming every client that reported: one
+    # workflow task per round instead of one per upload. A new upload knows from its own transaction;
+    # a repeat checks again, since the first attempt may have died before it could signal (a second
+    # notice changes nothing).
+    reported = (
+        stored.completed_round
+        if stored.created
+        else await run_in_threadpool(uploads.round_reported, engine, upd.experiment_id, upd.round)
+    )
     if reported is not None:
         await temporal.get_workflow_handle(workflow_id(upd.experiment_id)).signal(
             ExperimentWorkflow.update_received,

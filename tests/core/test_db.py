@@ -694,29 +694,33 @@ def test_a_round_is_reported_complete_once_every_selected_client_has_an_update(d
     world = make_world(db, tmp_path, 3)
     world.open(1, selected=["client_00", "client_01"])
     assert round_reported(db, world.experiment_id, 1) is None
-    world.upload("client_00")
+    assert world.upload("client_00").completed_round is None
     assert round_reported(db, world.experiment_id, 1) is None  # client_01 has not reported yet
-    world.upload("client_01")
+    assert world.upload("client_01").completed_round == ["client_00", "client_01"]
     assert round_reported(db, world.experiment_id, 1) == ["client_00", "client_01"]
     assert round_reported(db, world.experiment_id, 2) is None  # no such round
+    # A repeat does not claim to have completed the round: it asks round_reported again.
+    repeat = world.upload("client_01")
+    assert not repeat.created and repeat.completed_round is None
 
 
-def test_of_concurrent_last_uploads_at_least_one_sees_the_round_complete(db: Engine, tmp_path: Path) -> None:
+def test_of_concurrent_last_uploads_exactly_one_completes_the_round(db: Engine, tmp_path: Path) -> None:
     world = make_world(db, tmp_path, 4)
     world.open(1)
     barrier = threading.Barrier(4)
 
     def go(cid: str) -> list[str] | None:
         barrier.wait(JOIN_S)
-        world.upload(cid)
-        return round_reported(db, world.experiment_id, 1)
+        return world.upload(cid).completed_round
 
     workers = [Worker(f"last-{cid}", lambda cid=cid: go(cid)) for cid in world.clients]
     for w in workers:
         w.start()
     results = [w.finish() for w in workers]
     assert [w.error for w in workers] == [None] * 4
-    assert sorted(world.clients) in results
+    # The round row serialises the uploads' transactions, so the count each one reads is its own.
+    assert results.count(sorted(world.clients)) == 1 and results.count(None) == 3
+    assert round_reported(db, world.experiment_id, 1) == sorted(world.clients)
 
 
 def test_concurrent_identical_uploads_of_one_client_are_recorded_once(db: Engine, tmp_path: Path) -> None:
