@@ -92,10 +92,12 @@ def keep_alive(interval: float = KEEP_ALIVE_INTERVAL_S) -> Iterator[None]:
 
 
 def _kept_alive(fn: Callable) -> Callable:
+    """A heavy activity method: it heartbeats while it runs, and reads each blob once (``read_once``)."""
+
     @functools.wraps(fn)
-    def wrapper(*args: object, **kwargs: object) -> object:
-        with keep_alive():
-            return fn(*args, **kwargs)
+    def wrapper(self: AggregationActivities, *args: object, **kwargs: object) -> object:
+        with keep_alive(), self.blobs.read_once():
+            return fn(self, *args, **kwargs)
 
     return wrapper
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -164,6 +165,38 @@ class BlobStore(ABC):
     def ping(self) -> None:
         """Raise :class:`BlobStoreError` if the backend is unreachable."""
 
+    @contextmanager
+    def read_once(self) -> Iterator[None]:
+        """Within this block, on the calling thread, fetch and verify each blob at most once.
+
+        One round reads each update several times (validation, aggregation, the evaluation's
+        leave-one-out models), moments after its first read checked it. Inside the block later
+        opens reuse that: the local backend does not re-hash a file whose identity (device, inode,
+        size, timestamps) is unchanged since it was checked or written in the block, however recently
+        it was written; S3 keeps the checked download until the block ends instead of fetching the
+        object again. Blocks nest (the outermost one counts); other threads are not affected. The
+        price: inside a block, a local file changed in place within the same tick of the kernel's
+        coarse clock as its check would go unseen (the store itself only ever replaces files whole).
+        """
+        reads = self.__dict__.setdefault("_reads", threading.local())
+        if getattr(reads, "seen", None) is not None:
+            yield
+            return
+        reads.seen = {}
+        try:
+            yield
+        finally:
+            seen, reads.seen = reads.seen, None
+            self._end_reads(seen)
+
+    def _seen(self) -> dict[str, Any] | None:
+        """What this thread's :meth:`read_once` block has checked so far, or None outside a block."""
+        reads = self.__dict__.get("_reads")
+        return getattr(reads, "seen", None) if reads is not None else None
+
+    def _end_reads(self, seen: dict[str, Any]) -> None:  # noqa: B027 - most backends keep nothing
+        """Release what a :meth:`read_once` block kept."""
+
 
 class LocalBlobStore(BlobStore):
     """Blob store on a local directory, with atomic writes and sha256 sidecar files."""
@@ -216,7 +249,14 @@ class LocalBlobStore(BlobStore):
         size, sha = self._write_atomic(path, stream, lambda: sidecar.unlink(missing_ok=True))
         self._write_atomic(sidecar, io.BytesIO(f"{sha}\n".encode("ascii")), lambda: None)
         self._fsync_dir(path.parent)
+        self._written(path, sha)
         return BlobInfo(key=key, size=size, sha256=sha)
+
+    def _written(self, path: Path, sha256: str) -> None:
+        """In a :meth:`read_once` block, a file this block wrote (hashing it) counts as checked."""
+        seen = self._seen()
+        if seen is not None:
+            seen[str(path)] = (_identity(os.stat(path)), sha256)
 
     def put_file(self, key: str, path: str | Path) -> BlobInfo:
         """Copy the file at ``path`` into the store under ``key``."""
@@ -298,10 +338,13 @@ class LocalBlobStore(BlobStore):
         path = self._path(key)
         if verify:
             with open(path, "rb") as fh:
-                identity = _identity(os.fstat(fh.fileno()))
-                if self._verified.get(str(path)) != (identity, stored.sha256):
+                known = (_identity(os.fstat(fh.fileno())), stored.sha256)
+                seen = self._seen()
+                if self._verified.get(str(path)) != known and (seen is None or seen.get(str(path)) != known):
                     _check_digest(key, stored.sha256, _copy_hashing(fh, None)[1])
-                    self._remember(path, identity, stored.sha256)
+                    self._remember(path, *known)
+                    if seen is not None:
+                        seen[str(path)] = known
         yield path
 
     def _remember(self, path: Path, identity: tuple[int, ...], sha256: str) -> None:
@@ -384,6 +427,7 @@ class S3BlobStore(BlobStore):
     def put_file(self, key: str, path: str | Path) -> BlobInfo:
         """Hash the file in one streaming pass, then upload it with the digest as metadata."""
         object_key = self._object_key(key)
+        self._forget(key)
         with open(path, "rb") as fh:
             size, sha = _copy_hashing(fh, None)
         with self._errors(key):
@@ -393,6 +437,7 @@ class S3BlobStore(BlobStore):
     def put_stream(self, key: str, stream: BinaryIO) -> BlobInfo:
         """Spool ``stream`` to a temp file while hashing it, then upload the spool."""
         object_key = self._object_key(key)
+        self._forget(key)
         with tempfile.TemporaryFile() as spool:
             size, sha = _copy_hashing(stream, spool)  # type: ignore[arg-type]
             spool.seek(0)
@@ -423,6 +468,7 @@ class S3BlobStore(BlobStore):
     def delete(self, key: str) -> None:
         """Delete the object; a missing key is not an error."""
         object_key = self._object_key(key)
+        self._forget(key)
         with self._errors(key):
             self.client.delete_object(Bucket=self.bucket, Key=object_key)
 
@@ -439,9 +485,17 @@ class S3BlobStore(BlobStore):
 
     @contextmanager
     def open_local(self, key: str, verify: bool = True) -> Iterator[Path]:
-        """Download into a private temp dir while hashing, yield the file, then delete it."""
+        """Download into a private temp dir while hashing, yield the file, then delete it.
+
+        In a :meth:`read_once` block a checked download is kept (and yielded again) until the block ends.
+        """
+        seen = self._seen()
+        if seen is not None and key in seen:
+            yield seen[key]
+            return
         body, sha = self._get(key)
         tmp_dir = Path(tempfile.mkdtemp(prefix="fedloom-blob-"))
+        kept = False
         try:
             target = tmp_dir / key.rsplit("/", 1)[-1]
             digest = hashlib.sha256()
@@ -454,9 +508,22 @@ class S3BlobStore(BlobStore):
                 body.close()
             if verify:
                 _check_digest(key, sha, digest.hexdigest())
+                if seen is not None:
+                    seen[key], kept = target, True
             yield target
         finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            if not kept:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def _forget(self, key: str) -> None:
+        """Drop this thread's kept download of ``key`` (it is being replaced or deleted)."""
+        seen = self._seen()
+        if seen is not None and key in seen:
+            shutil.rmtree(seen.pop(key).parent, ignore_errors=True)
+
+    def _end_reads(self, seen: dict[str, Any]) -> None:
+        for path in seen.values():
+            shutil.rmtree(path.parent, ignore_errors=True)
 
     def iter_bytes(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Stream the object body in ``chunk_size`` pieces, verifying the digest at the end."""

@@ -160,3 +160,30 @@ def test_evaluation_threads_leave_room_for_torchs_own_threads(monkeypatch) -> No
     for bad in ("0", "-1", "two"):  # a mistyped setting falls back to the default, never breaks evaluation
         monkeypatch.setenv("FEDLOOM_EVAL_THREADS", bad)
         assert training.evaluation_threads() == 2
+
+
+def test_an_evaluation_activity_checks_each_fresh_blob_once(setup, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The updates were stored just now, so the digest cache cannot vouch for them; within one heavy
+    activity (a ``read_once`` block) each is still hashed once, not once per read."""
+    from collections import Counter
+
+    from fedloom_core import blobstore
+
+    store, refs, files, test = setup
+    fedavg(files, tmp_path / "global.safetensors")
+    store.put_file("models/e1/round-1.safetensors", tmp_path / "global.safetensors")
+    checked: Counter[str] = Counter()
+    real = blobstore._check_digest
+    monkeypatch.setattr(blobstore, "_check_digest", lambda k, e, a: checked.update([k]) or real(k, e, a))
+    acts = AggregationActivities(None, store)  # type: ignore[arg-type]
+    inp = _evaluate_input(store, refs, "models/e1/round-1.safetensors")
+    unscoped = acts._evaluate(inp)
+    assert all(checked[r.blob_key] >= 2 for r in refs)  # the average, then each leave-one-out model
+    checked.clear()
+    scoped = acts.evaluate_model(inp)
+    assert checked == Counter([r.blob_key for r in refs] + ["models/e1/round-1.safetensors"])
+    assert (scoped.accuracy, scoped.loss, scoped.loo_loss_deltas) == (
+        unscoped.accuracy,
+        unscoped.loss,
+        unscoped.loo_loss_deltas,
+    )
