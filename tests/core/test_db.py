@@ -960,3 +960,70 @@ def test_finish_experiment_is_idempotent(db: Engine, tmp_path: Path, status: str
         world.upload("client_01")
     assert type(refused.value).__name__ in ("ExperimentNotActive", "RoundNotActive")
     assert _count(db, Update, Update.experiment_id == world.experiment_id) == 1
+
+
+# -- SQLite writers take turns within a process ------------------------------------------------------
+
+
+def _sqlite_counter(tmp_path: Path) -> Engine:
+    from fedloom_core.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'turns.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER)"))
+        conn.execute(text("INSERT INTO counter VALUES (1, 0)"))
+    return engine
+
+
+def test_sqlite_write_transactions_of_a_process_take_turns_and_readers_do_not(tmp_path: Path) -> None:
+    from fedloom_core import db as dbmod
+
+    engine = _sqlite_counter(tmp_path)
+    lock = dbmod._writer_lock(str(tmp_path / "turns.db"))
+    assert not lock.locked()
+    holder = engine.connect()
+    holder.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))  # opens a write transaction
+    assert lock.locked()  # taken at the statement that opened it
+    # A reader is not held up by the writer (WAL), and takes no turn.
+    with engine.connect() as reader:
+        assert reader.execute(text("SELECT n FROM counter")).scalar() == 0
+
+    def write() -> int:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE counter SET n = n + 10 WHERE id = 1"))
+            return int(conn.execute(text("SELECT n FROM counter")).scalar())
+
+    waiter = Worker("second-writer", write)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()  # waiting for its turn
+    holder.commit()  # the turn is released after the commit
+    assert waiter.finish() == 11 and waiter.error is None
+    assert not lock.locked()
+    # A rollback (and a connection returned to the pool mid-transaction) gives the turn back too.
+    holder.execute(text("UPDATE counter SET n = 0"))
+    holder.rollback()
+    assert not lock.locked()
+    holder.execute(text("UPDATE counter SET n = 0"))
+    holder.close()
+    assert not lock.locked()
+    with engine.connect() as reader:
+        assert reader.execute(text("SELECT n FROM counter")).scalar() == 11
+
+
+def test_a_sqlite_writer_that_waits_too_long_for_its_turn_goes_on_to_sqlites_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedloom_core import db as dbmod
+
+    engine = _sqlite_counter(tmp_path)
+    monkeypatch.setattr(dbmod, "_WRITER_TURN_TIMEOUT_S", 0.2)
+    lock = dbmod._writer_lock(str(tmp_path / "turns.db"))
+    assert lock.acquire(timeout=1)  # a turn that is never given back (a leaked connection, say)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE counter SET n = 5"))
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT n FROM counter")).scalar() == 5
+    finally:
+        lock.release()
