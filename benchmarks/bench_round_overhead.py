@@ -46,6 +46,7 @@ from benchmarks._control_plane import (  # noqa: E402
     OVERHEAD_PHASES,
     Server,
     db_round_times,
+    db_rows,
     history_phases,
     overheads,
     profile_top,
@@ -92,13 +93,39 @@ def measure(server: Server, clients: int, rounds: int, profile_dir: Path | None 
         raise RuntimeError(f"experiment ended {run.status}: {run.final}")
     times = db_round_times(server.data_dir, run.experiment_id)
     told = [log.told[r] - times[r]["opened"] for log in run.logs for r in log.told if r in times]
+    phases = history_phases(server.temporal_address, f"experiment-{run.experiment_id}", times)
+    split_processing(phases, server.data_dir, run.experiment_id)
     return {
         "experiment_id": run.experiment_id,
         "wall_s": run.finished - run.started,
         "per_round": overheads(times),
-        "phases": history_phases(server.temporal_address, f"experiment-{run.experiment_id}", times),
+        "phases": phases,
         "notify_s": told,
     }
+
+
+# The parts of process_round's own time, from the times the activity recorded with each round.
+PROCESSING_PARTS = ("processing_validation", "processing_aggregation", "processing_evaluation")
+
+
+def split_processing(phases: dict[int, dict[str, float]], data_dir: Path, experiment_id: str) -> None:
+    """Add to each round's phases the validation, aggregation and evaluation inside its process_round.
+
+    The round's metrics hold the aggregation and evaluation times the activity measured; validation
+    is the rest of the activity's time (with the activity's own small overheads).
+    """
+    rows = db_rows(
+        data_dir,
+        "SELECT round, aggregation_time, evaluation_time FROM round_metrics WHERE experiment_id = ?",
+        experiment_id,
+    )
+    recorded = {int(r): (float(a or 0.0), float(e or 0.0)) for r, a, e in rows}
+    for rnd, ph in phases.items():
+        if "processing_exec" not in ph or rnd not in recorded:
+            continue
+        agg, ev = recorded[rnd]
+        ph["processing_aggregation"], ph["processing_evaluation"] = agg, ev
+        ph["processing_validation"] = max(0.0, ph["processing_exec"] - agg - ev)
 
 
 def summarise(m: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +161,9 @@ PHASE_MEANING = {
     "persistence": "complete_round (model, metrics, trust scores, events)",
     "selection": "select_clients of the next round",
     "open": "open_round of the next round (row committed)",
+    "processing_validation": "↳ validation (norms, similarity, rules) and the rest",
+    "processing_aggregation": "↳ aggregation (FedAvg, new model blob)",
+    "processing_evaluation": "↳ evaluation (test split; leave-one-out contributions)",
 }
 
 
@@ -146,6 +176,8 @@ def phase_rows(ph: dict[str, float]) -> list[list[str]]:
         rows.append(
             [p, PHASE_MEANING[p], f"{ph.get(p, float('nan')):.1f}", "local" if inside is None else f"{inside:.1f}"]
         )
+        if p == "processing":  # what the activity's own time went to (not phases: they do not add up to the round)
+            rows += [[""] + [PHASE_MEANING[q], "", f"{ph[q]:.1f}"] for q in PROCESSING_PARTS if q in ph]
     return rows
 
 
