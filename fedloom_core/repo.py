@@ -52,7 +52,10 @@ def emit_event(
 def running_experiment(session: Session) -> Experiment | None:
     """The experiment that is running now, if any."""
     return session.exec(
-        select(Experiment).where(Experiment.status == "running").order_by(Experiment.started_at.desc().nulls_last())  # type: ignore[union-attr]
+        select(Experiment)
+        .where(Experiment.status == "running")
+        .order_by(Experiment.started_at.desc().nulls_last())  # type: ignore[union-attr]
+        .limit(1)
     ).first()
 
 
@@ -65,10 +68,11 @@ def latest_experiment(session: Session) -> Experiment | None:
         select(Experiment)
         .where(Experiment.started_at.is_not(None))  # type: ignore[union-attr]
         .order_by(Experiment.started_at.desc())  # type: ignore[union-attr]
+        .limit(1)
     ).first()
     if started is not None:
         return started
-    return session.exec(select(Experiment).order_by(Experiment.created_at.desc())).first()  # type: ignore[attr-defined]
+    return session.exec(select(Experiment).order_by(Experiment.created_at.desc()).limit(1)).first()  # type: ignore[attr-defined]
 
 
 def _light_round():  # type: ignore[no-untyped-def]
@@ -94,6 +98,7 @@ def current_round(session: Session, experiment_id: str) -> Round | None:
         .where(Round.experiment_id == experiment_id)
         .order_by(Round.round.desc())  # type: ignore[attr-defined]
         .options(*_light_round())
+        .limit(1)
     ).first()
 
 

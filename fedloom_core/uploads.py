@@ -29,7 +29,7 @@ from fedloom_core.errors import (
     PayloadTooLarge,
     RoundNotActive,
 )
-from fedloom_core.repo import emit_event, open_round, running_experiment, session_scope
+from fedloom_core.repo import emit_event, session_scope
 
 _structure_cache: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
 
@@ -80,17 +80,25 @@ def find_target(engine: Engine, client_id: str, experiment_id: str | None = None
     ``experiment_id`` names the experiment when several run at once on one database (e.g. started
     straight through Temporal); by default it is the running one.
     """
+    # Every upload asks this first, so it reads only the columns it needs (no ORM objects, no JSON config).
     with session_scope(engine) as s:
-        if s.get(Client, client_id) is None:
+        if s.exec(select(Client.client_id).where(Client.client_id == client_id)).first() is None:
             raise ClientNotRegistered(
                 "Client not registered with server", f"The specified client ID '{client_id}' is not registered"
             )
-        exp = running_experiment(s) if experiment_id is None else s.get(Experiment, experiment_id)
-        if exp is not None and exp.status != "running":
-            exp = None
+        experiments = select(Experiment.experiment_id, Experiment.current_round).where(Experiment.status == "running")
+        if experiment_id is None:
+            experiments = experiments.order_by(Experiment.started_at.desc().nulls_last())  # type: ignore[union-attr]
+        else:
+            experiments = experiments.where(Experiment.experiment_id == experiment_id)
+        exp = s.exec(experiments.limit(1)).first()
         if exp is None:
             raise ExperimentNotActive("No active experiment running", "no experiment is running; start one first")
-        rnd = open_round(s, exp.experiment_id)
+        rnd = s.exec(
+            select(Round.round, Round.selected_clients, Round.global_model_id)
+            .where(Round.experiment_id == exp.experiment_id, Round.status == "open")
+            .limit(1)
+        ).first()
         if rnd is None:
             raise RoundNotActive(
                 "No round is taking uploads",
@@ -207,11 +215,8 @@ def store_update(
                 )
             count, selected = opened
             s.add(update)
-            client = s.get(Client, client_id)
-            if client is not None:
-                client.last_update = utcnow()
-                client.last_seen = client.last_update
-                s.add(client)
+            now = utcnow()
+            s.execute(sa_update(Client).where(Client.client_id == client_id).values(last_update=now, last_seen=now))
             emit_event(
                 s,
                 type="client_update",
