@@ -178,7 +178,7 @@ class BlobStore(ABC):
         price: inside a block, a local file changed in place within the same tick of the kernel's
         coarse clock as its check would go unseen (the store itself only ever replaces files whole).
         """
-        reads = self.__dict__.setdefault("_reads", threading.local())
+        reads = self.__dict__.get("_reads") or self.__dict__.setdefault("_reads", threading.local())
         if getattr(reads, "seen", None) is not None:
             yield
             return

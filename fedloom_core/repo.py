@@ -49,14 +49,14 @@ def emit_event(
     return event
 
 
+def running_first(query):  # type: ignore[no-untyped-def]
+    """``query`` over experiments narrowed to the running ones, the most recently started first."""
+    return query.where(Experiment.status == "running").order_by(Experiment.started_at.desc().nulls_last())  # type: ignore[union-attr]
+
+
 def running_experiment(session: Session) -> Experiment | None:
     """The experiment that is running now, if any."""
-    return session.exec(
-        select(Experiment)
-        .where(Experiment.status == "running")
-        .order_by(Experiment.started_at.desc().nulls_last())  # type: ignore[union-attr]
-        .limit(1)
-    ).first()
+    return session.exec(running_first(select(Experiment)).limit(1)).first()
 
 
 def latest_experiment(session: Session) -> Experiment | None:

@@ -29,7 +29,7 @@ from fedloom_core.errors import (
     PayloadTooLarge,
     RoundNotActive,
 )
-from fedloom_core.repo import emit_event, session_scope
+from fedloom_core.repo import emit_event, running_first, session_scope
 
 _structure_cache: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
 
@@ -86,10 +86,8 @@ def find_target(engine: Engine, client_id: str, experiment_id: str | None = None
             raise ClientNotRegistered(
                 "Client not registered with server", f"The specified client ID '{client_id}' is not registered"
             )
-        experiments = select(Experiment.experiment_id, Experiment.current_round).where(Experiment.status == "running")
-        if experiment_id is None:
-            experiments = experiments.order_by(Experiment.started_at.desc().nulls_last())  # type: ignore[union-attr]
-        else:
+        experiments = running_first(select(Experiment.experiment_id, Experiment.current_round))
+        if experiment_id is not None:
             experiments = experiments.where(Experiment.experiment_id == experiment_id)
         exp = s.exec(experiments.limit(1)).first()
         if exp is None:
