@@ -24,27 +24,28 @@ from sqlmodel import select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from fedloom_core import trust, weights
-from fedloom_core.aggregation import UpdateFile
-from fedloom_core.blobstore import BlobStore
-from fedloom_core.contracts import (
+from fedloom_core.learning import weights
+from fedloom_core.learning.datasets import load_test
+from fedloom_core.learning.kernels import UpdateFile
+from fedloom_core.learning.zoo import build_model
+from fedloom_core.messages import (
     AggregateInput,
     AggregateOutput,
     EvaluateInput,
     Evaluation,
     ModelRef,
-    PolicyConfig,
     ProcessRoundInput,
     ProcessRoundOutput,
     UpdateRef,
     ValidateInput,
     ValidationOutcome,
 )
-from fedloom_core.datasets import load_test
-from fedloom_core.db import Client, ExperimentClient
-from fedloom_core.models import build_model
-from fedloom_core.repo import model_id_for, session_scope
-from fedloom_core.update_checks import UpdateStats, measure_updates
+from fedloom_core.policy import trust
+from fedloom_core.policy.validation import UpdateStats, measure_updates
+from fedloom_core.schemas import PolicyConfig
+from fedloom_core.storage.blobstore import BlobStore
+from fedloom_core.storage.db import Client, ExperimentClient
+from fedloom_core.storage.repo import model_id_for, session_scope
 
 
 def model_key(experiment_id: str, round: int) -> str:
@@ -184,7 +185,7 @@ class AggregationActivities:
 
     def _validate(self, inp: ValidateInput) -> ValidationOutcome:
         """Check the round's updates (norm bound, similarity, rules); rejected ones stay out of aggregation."""
-        from fedloom_core import policy as policy_rules
+        from fedloom_core.policy import rules as policy_rules
 
         pol = inp.policy
         with self.blobs.open_local(inp.global_model.blob_key) as global_path:
@@ -252,8 +253,8 @@ class AggregationActivities:
 
     def _aggregate(self, inp: AggregateInput) -> AggregateOutput:
         """Aggregate the round's accepted updates with the experiment's strategy, streaming the updates."""
-        from fedloom_core.strategies import build_strategy
-        from fedloom_core.strategies.base import AggregationContext
+        from fedloom_core.learning.strategies import build_strategy
+        from fedloom_core.learning.strategies.base import AggregationContext
 
         strategy = build_strategy(inp.strategy, inp.params, inp.weighted)
         with tempfile.TemporaryDirectory(prefix="fedloom-agg-") as tmp:
@@ -297,7 +298,7 @@ class AggregationActivities:
         plain average (which, under FedAvg, is the new global model itself and is not evaluated twice).
         The models are evaluated ``evaluation_threads()`` at a time, each on its own core.
         """
-        from fedloom_core.training import evaluate_states, evaluation_threads
+        from fedloom_core.learning.training import evaluate_states, evaluation_threads
 
         started = time.perf_counter()
         test = load_test(inp.dataset)
@@ -328,7 +329,7 @@ class AggregationActivities:
     def _evaluation_plan(self, inp: EvaluateInput, scored: list[UpdateFile], state: dict, tmp: Path) -> _EvaluationPlan:
         """What to evaluate: the new global model, then (with updates to score) the plain average unless
         it equals the global model, then the average without each update in ``scored``'s order."""
-        from fedloom_core.aggregation import fedavg
+        from fedloom_core.learning.kernels import fedavg
 
         if not scored:
             return _EvaluationPlan(state)

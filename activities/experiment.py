@@ -18,9 +18,9 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.aggregation import heartbeat, model_key
-from fedloom_core import weights
-from fedloom_core.blobstore import BlobStore
-from fedloom_core.contracts import (
+from fedloom_core.learning import weights
+from fedloom_core.learning.zoo import build_model, parameters_count
+from fedloom_core.messages import (
     CompleteRoundInput,
     FinishInput,
     InitInput,
@@ -31,7 +31,10 @@ from fedloom_core.contracts import (
     Selection,
     UpdateRef,
 )
-from fedloom_core.db import (
+from fedloom_core.policy.rules import Decision, evaluate
+from fedloom_core.policy.selection import Candidate, select_clients
+from fedloom_core.storage.blobstore import BlobStore
+from fedloom_core.storage.db import (
     Client,
     ClientMetrics,
     ClientRoundScore,
@@ -43,10 +46,7 @@ from fedloom_core.db import (
     Update,
     utcnow,
 )
-from fedloom_core.models import build_model, parameters_count
-from fedloom_core.policy import Decision, evaluate
-from fedloom_core.repo import emit_event, model_id_for, session_scope
-from fedloom_core.selection import Candidate, select_clients
+from fedloom_core.storage.repo import emit_event, model_id_for, session_scope
 
 INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
 ROUND_DENIED = "ROUND_DENIED"
@@ -55,7 +55,7 @@ SELECTION_POLL_S = 0.5
 
 def _client_config(inp: OpenRoundInput) -> dict[str, dict]:
     """Per-client training parameters for the round: the strategy's, then configure rules' on top."""
-    from fedloom_core.strategies import build_strategy
+    from fedloom_core.learning.strategies import build_strategy
 
     strategy = build_strategy(inp.strategy, inp.params, weighted=True)
     config: dict[str, dict] = {cid: dict(inp.round_config) for cid in inp.selected}
@@ -164,7 +164,7 @@ class ExperimentActivities:
     @activity.defn(name="select_clients")
     def select_clients(self, inp: SelectClientsInput) -> Selection:
         """Sample the round's clients, waiting (with a deadline) until enough are eligible."""
-        from fedloom_core.policy import validate_rules
+        from fedloom_core.policy.rules import validate_rules
 
         rules = validate_rules(inp.policy.rules) if inp.policy.rules else None
         deadline = time.monotonic() + inp.timeout_s
@@ -372,7 +372,7 @@ class ExperimentActivities:
     @staticmethod
     def _score_clients(s, inp: CompleteRoundInput, selected: list[str], delivered: set[str]) -> None:  # type: ignore[no-untyped-def]
         """Move each selected client's trust, reliability, failures and contribution; record the history."""
-        from fedloom_core import trust
+        from fedloom_core.policy import trust
 
         accepted = {u.client_id for u in inp.updates}
         shares = trust.contribution_shares(inp.evaluation.loo_loss_deltas) if inp.evaluation.loo_loss_deltas else {}

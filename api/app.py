@@ -14,9 +14,9 @@ from temporalio.client import Client as TemporalClient
 from api import errors, openapi, ratelimit
 from api.auth import hash_key, load_or_create_admin_key
 from api.routes import clients, events, experiments, metrics, models, status, training
-from fedloom_core.blobstore import open_blob_store
-from fedloom_core.db import create_schema, make_engine
 from fedloom_core.settings import Settings
+from fedloom_core.storage.blobstore import open_blob_store
+from fedloom_core.storage.db import create_schema, make_engine
 from fedloom_core.temporal import connect_with_retry
 
 log = logging.getLogger("fedloom.api")

@@ -12,9 +12,9 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from fedloom_core.db import ApiKey
 from fedloom_core.errors import Forbidden, Unauthorized
-from fedloom_core.repo import session_scope
+from fedloom_core.storage.db import ApiKey
+from fedloom_core.storage.repo import session_scope
 
 ADMIN_KEY_FILE = "admin_api_key"
 

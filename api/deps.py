@@ -12,10 +12,10 @@ from sqlalchemy.engine import Engine
 from temporalio.client import Client as TemporalClient
 
 from api import auth
-from fedloom_core.blobstore import BlobStore
-from fedloom_core.contracts import check_id
 from fedloom_core.errors import InvalidRequest, ServiceUnavailable
+from fedloom_core.ids import check_id
 from fedloom_core.settings import Settings
+from fedloom_core.storage.blobstore import BlobStore
 
 
 def _state(request: Request):  # type: ignore[no-untyped-def]

@@ -10,10 +10,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fedloom_core.blobstore import BlobStoreError
-from fedloom_core.db import utcnow
 from fedloom_core.errors import FedloomError
-from fedloom_core.repo import iso
+from fedloom_core.storage.blobstore import BlobStoreError
+from fedloom_core.storage.db import utcnow
+from fedloom_core.storage.repo import iso
 
 log = logging.getLogger("fedloom.api")
 

@@ -51,8 +51,8 @@ def precomputed_update(architecture: str, dataset: str, seed: int) -> bytes:
     """A safetensors update matching the experiment's model tensor for tensor: a seeded model's weights."""
     from safetensors.torch import save
 
-    from fedloom_core.datasets import dataset_info
-    from fedloom_core.models import build_model
+    from fedloom_core.learning.datasets import dataset_info
+    from fedloom_core.learning.zoo import build_model
 
     info = dataset_info(dataset)
     model = build_model(architecture, info.input_shape, info.num_classes, seed=seed)

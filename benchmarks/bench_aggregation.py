@@ -68,8 +68,8 @@ def write_updates(store: Any, clients: int, params: int, scratch: Path) -> list[
     """``clients`` float32 updates in the blob store ``store``; returns UpdateFiles whose path is the blob key."""
     import torch
 
-    from fedloom_core.aggregation import UpdateFile
-    from fedloom_core.weights import save_state
+    from fedloom_core.learning.kernels import UpdateFile
+    from fedloom_core.learning.weights import save_state
 
     gen = torch.Generator().manual_seed(0)
     base = {name: torch.randn(shape, generator=gen) for name, shape in model_shapes(params).items()}
@@ -92,7 +92,7 @@ def adopt(store: Any, key: str, local: Path) -> None:
     """
     import hashlib
 
-    from fedloom_core.blobstore import SIDECAR_SUFFIX
+    from fedloom_core.storage.blobstore import SIDECAR_SUFFIX
 
     digest = hashlib.sha256()
     with open(local, "rb") as fh:
@@ -106,7 +106,7 @@ def adopt(store: Any, key: str, local: Path) -> None:
 
 def wait_settled(store: Any, updates: Sequence[Any]) -> None:
     """Sleep until every update is old enough for the blob store to cache its verified digest."""
-    from fedloom_core import blobstore
+    from fedloom_core.storage import blobstore
 
     newest = max(store._path(str(u.path)).stat().st_ctime_ns for u in updates)
     delay = (newest + blobstore._SETTLED_NS - time.time_ns()) / 1e9 + 0.05
@@ -130,7 +130,7 @@ def strategy_run(
     name: str, params: dict[str, Any], store_factory: Callable[[], Any], updates: Sequence[Any], out: Path
 ):
     """A callable running strategy ``name`` over ``updates`` as the aggregation activity does."""
-    from fedloom_core.strategies import AggregationContext, make_strategy
+    from fedloom_core.learning.strategies import AggregationContext, make_strategy
 
     strategy = make_strategy(name, params)
 
@@ -162,7 +162,7 @@ def sliced(run: Callable[[], None]) -> Callable[[], None]:
     """``run`` with FedAvg's fold done slice by slice on one thread (how it was before)."""
     import torch
 
-    from fedloom_core import aggregation
+    from fedloom_core.learning import kernels as aggregation
 
     def fold(acc: Any, update: Any, weight: float) -> None:
         for a, u in zip(acc.view(-1).split(SLICE), update.reshape(-1).split(SLICE), strict=True):
@@ -199,7 +199,7 @@ def fresh_target(write: Callable[[Path], None], path: Path) -> Callable[[], None
 
 def map_updates(store: Any, updates: Sequence[Any]) -> float:
     """Open and memory-map every update as FedAvg does and read one float per 4 KiB page; no arithmetic."""
-    from fedloom_core.weights import mapped_tensors
+    from fedloom_core.learning.weights import mapped_tensors
 
     total = 0.0
     for update in updates:
@@ -405,9 +405,9 @@ def measure(clients: int, params: int, reps: int, robust_reps: int, flower: str 
     """Write the updates, time every method, and return the medians and ratios."""
     import torch
 
-    from fedloom_core.aggregation import fedavg_weights
-    from fedloom_core.blobstore import LocalBlobStore
-    from fedloom_core.weights import load_state, save_state
+    from fedloom_core.learning.kernels import fedavg_weights
+    from fedloom_core.learning.weights import load_state, save_state
+    from fedloom_core.storage.blobstore import LocalBlobStore
 
     with tempfile.TemporaryDirectory(prefix="fedloom-bench-agg-") as tmp:
         scratch = Path(tmp)

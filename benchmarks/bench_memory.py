@@ -39,9 +39,9 @@ LABELS = {
 
 def fedloom_child(spec_path: str) -> None:
     """Child mode: one FedAvg over the spec's blob keys; prints the RSS before and the peak during it."""
-    from fedloom_core.aggregation import UpdateFile
-    from fedloom_core.blobstore import LocalBlobStore
-    from fedloom_core.strategies import AggregationContext, make_strategy
+    from fedloom_core.learning.kernels import UpdateFile
+    from fedloom_core.learning.strategies import AggregationContext, make_strategy
+    from fedloom_core.storage.blobstore import LocalBlobStore
 
     spec = json.loads(Path(spec_path).read_text())
     store = LocalBlobStore(spec["root"])
@@ -70,7 +70,7 @@ def run_child(cmd: list[str]) -> dict[str, Any] | None:
 
 
 def measure(ks: list[int], params: int, flower: str | None) -> dict[str, Any]:
-    from fedloom_core.blobstore import LocalBlobStore
+    from fedloom_core.storage.blobstore import LocalBlobStore
 
     with tempfile.TemporaryDirectory(prefix="fedloom-bench-mem-") as tmp:
         scratch = Path(tmp)

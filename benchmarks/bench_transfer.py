@@ -89,8 +89,8 @@ def install_global_model(server: Server, model_id: str, params: int, scratch: Pa
 
     import torch
 
-    from fedloom_core.blobstore import LocalBlobStore
-    from fedloom_core.weights import save_state
+    from fedloom_core.learning.weights import save_state
+    from fedloom_core.storage.blobstore import LocalBlobStore
 
     gen = torch.Generator().manual_seed(0)
     model = {name: torch.randn(shape, generator=gen) for name, shape in agg.model_shapes(params).items()}
@@ -206,7 +206,7 @@ def server_side_floor(update: Path, directory: Path, reps: int) -> dict[str, flo
     """
     import hashlib
 
-    from fedloom_core import weights
+    from fedloom_core.learning import weights
 
     data = update.read_bytes()
     parts: dict[str, list[float]] = {"write_fsync": [], "sha256": [], "finite_check": []}

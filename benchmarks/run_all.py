@@ -1,6 +1,6 @@
 """Run every ``benchmarks/bench_*.py`` in turn (``make bench``); each rewrites its own docs section.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...]
+.venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...]
 """
 
 from __future__ import annotations

@@ -45,11 +45,11 @@ def run_client(
     """Take part in experiments until one this client has seen running ends; returns rounds trained."""
     import torch
 
-    from fedloom_core.attacks import parse_attack
-    from fedloom_core.datasets import client_partition
-    from fedloom_core.models import build_model
-    from fedloom_core.partition import label_summary, strategy_label
-    from fedloom_core.training import train_local
+    from fedloom_core.learning.attacks import parse_attack
+    from fedloom_core.learning.datasets import client_partition
+    from fedloom_core.learning.partition import label_summary, strategy_label
+    from fedloom_core.learning.training import train_local
+    from fedloom_core.learning.zoo import build_model
 
     parsed_attack = parse_attack(attack) if attack else None
     torch.set_num_threads(1)
@@ -128,7 +128,7 @@ def _backoff(exc: Exception) -> float:
 
 def _warm_up(build_model, train_local, data) -> None:  # type: ignore[no-untyped-def]
     """One tiny training step, so torch's lazy imports happen now rather than inside the first round."""
-    from fedloom_core.datasets import Split
+    from fedloom_core.learning.datasets import Split
 
     sample = Split(data.x[:2], data.y[:2])
     shape = (int(data.x.shape[2]), int(data.x.shape[3]), int(data.x.shape[1]))
@@ -136,10 +136,10 @@ def _warm_up(build_model, train_local, data) -> None:  # type: ignore[no-untyped
 
 
 def _train_round(api, client_id, task, data, work, seed, attack=None) -> int:  # type: ignore[no-untyped-def]
-    from fedloom_core.attacks import poison_data, poison_update
-    from fedloom_core.models import build_model
-    from fedloom_core.training import train_local
-    from fedloom_core.weights import load_state, save_state
+    from fedloom_core.learning.attacks import poison_data, poison_update
+    from fedloom_core.learning.training import train_local
+    from fedloom_core.learning.weights import load_state, save_state
+    from fedloom_core.learning.zoo import build_model
 
     cfg = task["model_config"]
     tc = task["training_config"]

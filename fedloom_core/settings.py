@@ -8,8 +8,6 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fedloom_core.contracts import AGGREGATION_TASK_QUEUE, WORKFLOW_TASK_QUEUE  # noqa: F401 - re-exported
-
 DEFAULT_DATA_DIR = Path("./.fedloom")
 
 NAMESPACE = "default"

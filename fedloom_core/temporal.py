@@ -13,7 +13,7 @@ from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSear
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 
-from fedloom_core.contracts import StartRequest
+from fedloom_core.schemas import StartRequest
 
 log = logging.getLogger(__name__)
 

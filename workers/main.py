@@ -13,9 +13,10 @@ from temporalio.worker import Worker
 
 from activities.aggregation import AggregationActivities
 from activities.experiment import ExperimentActivities
-from fedloom_core.blobstore import open_blob_store
-from fedloom_core.db import create_schema, make_engine
-from fedloom_core.settings import AGGREGATION_TASK_QUEUE, WORKFLOW_TASK_QUEUE, Settings
+from fedloom_core.messages import AGGREGATION_TASK_QUEUE, WORKFLOW_TASK_QUEUE
+from fedloom_core.settings import Settings
+from fedloom_core.storage.blobstore import open_blob_store
+from fedloom_core.storage.db import create_schema, make_engine
 from fedloom_core.temporal import ensure_search_attributes
 from workflows.experiment import ExperimentWorkflow
 
@@ -87,9 +88,9 @@ def warm_up() -> None:
     torch's lazy initialisation (the profile showed ``_load_digits`` as a third of the worker's busy
     samples in a short experiment).
     """
-    from fedloom_core.datasets import load_test
-    from fedloom_core.models import build_model
-    from fedloom_core.training import evaluate
+    from fedloom_core.learning.datasets import load_test
+    from fedloom_core.learning.training import evaluate
+    from fedloom_core.learning.zoo import build_model
 
     evaluate(build_model("MLP", (8, 8, 1), 10), load_test("digits"))
 

@@ -16,9 +16,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    # PolicyConfig validates its rules with this module: load it with the workflow, not mid-run.
-    import fedloom_core.policy  # noqa: F401
-    from fedloom_core.contracts import (
+    from fedloom_core.messages import (
         AggregateInput,
         AggregateOutput,
         CompleteRoundInput,

@@ -18,10 +18,11 @@ from sqlmodel import select
 from api import openapi
 from api.auth import store_client_key
 from api.deps import AdminDep, EngineDep, PrincipalDep, RegistrarDep, valid_id
-from fedloom_core.contracts import check_id
-from fedloom_core.db import Client, ClientMetrics, Experiment, Round, Update, utcnow
 from fedloom_core.errors import ClientNotRegistered, Conflict, InvalidRequest, NotFound
-from fedloom_core.repo import (
+from fedloom_core.ids import check_id
+from fedloom_core.policy.selection import Candidate, select_clients
+from fedloom_core.storage.db import Client, ClientMetrics, Experiment, Round, Update, utcnow
+from fedloom_core.storage.repo import (
     current_round,
     emit_event,
     iso,
@@ -29,7 +30,6 @@ from fedloom_core.repo import (
     running_experiment,
     session_scope,
 )
-from fedloom_core.selection import Candidate, select_clients
 
 router = APIRouter(tags=["clients"])
 TASK_POLL_S = 0.25

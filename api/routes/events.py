@@ -46,8 +46,8 @@ from sqlalchemy.engine import Engine
 from starlette.websockets import WebSocketDisconnect
 
 from api import auth
-from fedloom_core.db import Event
 from fedloom_core.errors import Unauthorized
+from fedloom_core.storage.db import Event
 
 log = logging.getLogger("fedloom.api.events")
 router = APIRouter(tags=["events"])

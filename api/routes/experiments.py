@@ -16,20 +16,14 @@ from sqlmodel import select
 from api import openapi
 from api.deps import AdminDep, EngineDep, valid_id
 from api.routes.training import _avg_round_seconds, _humanize
-from fedloom_core.contracts import (
-    ExperimentConfig,
-    PolicyConfig,
-    StartRequest,
-    TrainingConfig,
-    canonical_architecture,
-    canonical_dataset,
-    check_id,
-)
-from fedloom_core.datasets import check_available, dataset_info
-from fedloom_core.db import Experiment, RoundMetrics, utcnow
 from fedloom_core.errors import Conflict, InvalidRequest, NotFound
-from fedloom_core.models import build_model, parameters_count
-from fedloom_core.repo import emit_event, iso, session_scope
+from fedloom_core.ids import check_id
+from fedloom_core.learning.catalog import canonical_architecture, canonical_dataset
+from fedloom_core.learning.datasets import check_available, dataset_info
+from fedloom_core.learning.zoo import build_model, parameters_count
+from fedloom_core.schemas import ExperimentConfig, PolicyConfig, StartRequest, TrainingConfig
+from fedloom_core.storage.db import Experiment, RoundMetrics, utcnow
+from fedloom_core.storage.repo import emit_event, iso, session_scope
 from workflows.experiment import workflow_id
 
 router = APIRouter(tags=["experiments"])

@@ -8,9 +8,9 @@ from sqlmodel import select
 
 from api import openapi
 from api.deps import AdminDep, EngineDep, PrincipalDep, valid_id
-from fedloom_core.db import Client, ClientMetrics, Experiment, Round, RoundMetrics, Update
 from fedloom_core.errors import ClientNotRegistered, InvalidRequest, NotFound
-from fedloom_core.repo import latest_experiment, session_scope
+from fedloom_core.storage.db import Client, ClientMetrics, Experiment, Round, RoundMetrics, Update
+from fedloom_core.storage.repo import latest_experiment, session_scope
 
 router = APIRouter(tags=["metrics"])
 

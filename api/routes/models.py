@@ -16,12 +16,13 @@ from starlette.background import BackgroundTask
 
 from api import openapi
 from api.deps import BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
-from fedloom_core import uploads, weights
-from fedloom_core.contracts import UpdateNotice
-from fedloom_core.db import Experiment, GlobalModel
 from fedloom_core.errors import InvalidRequest, NotFound
-from fedloom_core.export import export_onnx
-from fedloom_core.repo import iso, latest_experiment, latest_model, session_scope
+from fedloom_core.learning import weights
+from fedloom_core.learning.export import export_onnx
+from fedloom_core.messages import UpdateNotice
+from fedloom_core.storage import uploads
+from fedloom_core.storage.db import Experiment, GlobalModel
+from fedloom_core.storage.repo import iso, latest_experiment, latest_model, session_scope
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
 router = APIRouter(tags=["models"])

@@ -13,8 +13,8 @@ from sqlmodel import select
 
 from api import openapi
 from api.deps import BlobsDep, EngineDep, PrincipalDep
-from fedloom_core.db import Client, utcnow
-from fedloom_core.repo import iso, latest_experiment, session_scope
+from fedloom_core.storage.db import Client, utcnow
+from fedloom_core.storage.repo import iso, latest_experiment, session_scope
 
 router = APIRouter(tags=["status"])
 

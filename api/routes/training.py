@@ -19,9 +19,6 @@ from temporalio.common import WorkflowIDReusePolicy
 
 from api import openapi
 from api.deps import AdminDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
-from fedloom_core.contracts import ExperimentInput, PolicyConfig, StartRequest, check_id
-from fedloom_core.datasets import check_available, dataset_info
-from fedloom_core.db import Client, Experiment, RoundMetrics, utcnow
 from fedloom_core.errors import (
     Conflict,
     ExperimentNotActive,
@@ -29,7 +26,13 @@ from fedloom_core.errors import (
     InvalidRequest,
     TrainingAlreadyRunning,
 )
-from fedloom_core.repo import (
+from fedloom_core.ids import check_id
+from fedloom_core.learning.datasets import check_available, dataset_info
+from fedloom_core.messages import WORKFLOW_TASK_QUEUE, ExperimentInput
+from fedloom_core.policy.selection import Candidate, select_clients
+from fedloom_core.schemas import PolicyConfig, StartRequest
+from fedloom_core.storage.db import Client, Experiment, RoundMetrics, utcnow
+from fedloom_core.storage.repo import (
     current_round,
     emit_event,
     iso,
@@ -37,8 +40,6 @@ from fedloom_core.repo import (
     running_experiment,
     session_scope,
 )
-from fedloom_core.selection import Candidate, select_clients
-from fedloom_core.settings import WORKFLOW_TASK_QUEUE
 from fedloom_core.temporal import experiment_memo, start_search_attributes
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
@@ -83,7 +84,7 @@ def _eligible(session, req: StartRequest, policy: PolicyConfig) -> int:  # type:
 
 def _check_strategy(req: StartRequest) -> None:
     """The strategy's params are valid (unknown names and out-of-range values are refused here, not mid-run)."""
-    from fedloom_core.strategies import build_strategy
+    from fedloom_core.learning.strategies import build_strategy
 
     agg = req.aggregation_config
     try:

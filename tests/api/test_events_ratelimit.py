@@ -32,9 +32,9 @@ from api.auth import hash_key
 from api.ratelimit import DatabaseStore, Limit, MemoryStore, RateLimiter
 from api.routes import events
 from api.routes.events import GAP_WAIT_S, EventHub, fetch
-from fedloom_core.db import Event, create_schema, make_engine
-from fedloom_core.repo import emit_event
 from fedloom_core.settings import Settings
+from fedloom_core.storage.db import Event, create_schema, make_engine
+from fedloom_core.storage.repo import emit_event
 from tests.conftest import LiveServer, start_serve, stop_serve
 
 WINDOW_S = 30

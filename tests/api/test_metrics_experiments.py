@@ -17,9 +17,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from fedloom_core.datasets import load_train
-from fedloom_core.db import Client, ClientMetrics, Experiment, Round, RoundMetrics, Update
-from fedloom_core.repo import session_scope
+from fedloom_core.learning.datasets import load_train
+from fedloom_core.storage.db import Client, ClientMetrics, Experiment, Round, RoundMetrics, Update
+from fedloom_core.storage.repo import session_scope
 from tests.api.test_training_api import assert_error
 from tests.conftest import LiveServer, start_serve, stop_serve
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedloom_core.datasets import load_test
-from fedloom_core.models import build_model
+from fedloom_core.learning.datasets import load_test
+from fedloom_core.learning.zoo import build_model
 from tests.api.test_training_api import assert_error, register, start_body, upload, wait_task
 from tests.conftest import LiveServer
 

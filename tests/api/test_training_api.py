@@ -16,8 +16,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from sqlmodel import select
 
-from fedloom_core.db import Event, make_engine
-from fedloom_core.repo import session_scope
+from fedloom_core.storage.db import Event, make_engine
+from fedloom_core.storage.repo import session_scope
 from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.e2e

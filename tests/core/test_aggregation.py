@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedloom_core.aggregation import UpdateFile, fedavg, fedavg_weights
-from fedloom_core.strategies import streaming
+from fedloom_core.learning.kernels import UpdateFile, fedavg, fedavg_weights
+from fedloom_core.learning.strategies import streaming
 
 
 def _write(path: Path, state: dict[str, torch.Tensor]) -> Path:
@@ -318,7 +318,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     import json, re, sys
     from pathlib import Path
     import torch
-    from fedloom_core.aggregation import UpdateFile, fedavg
+    from fedloom_core.learning.kernels import UpdateFile, fedavg
 
     spec = json.loads(sys.argv[1])
     updates = [UpdateFile(cid, Path(p), n) for cid, p, n in spec["updates"]]
@@ -406,7 +406,7 @@ _ALL_DTYPES = tuple(streaming._DTYPES.values())
 @pytest.mark.parametrize("seed", range(6))
 def test_save_state_writes_the_bytes_safetensors_writes(tmp_path: Path, seed: int) -> None:
     """save_state streams tensors to the file itself; the result must equal the library's, byte for byte."""
-    from fedloom_core.weights import save_state
+    from fedloom_core.learning.weights import save_state
 
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -425,7 +425,7 @@ def test_save_state_writes_the_bytes_safetensors_writes(tmp_path: Path, seed: in
 
 
 def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    from fedloom_core import blobstore
+    from fedloom_core.storage import blobstore
 
     calls: list[int] = []
     real = blobstore._copy_hashing
@@ -442,7 +442,7 @@ def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_verified_digest_is_reused_only_for_settled_unchanged_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedloom_core import blobstore
+    from fedloom_core.storage import blobstore
 
     store = blobstore.LocalBlobStore(tmp_path / "blobs")
     store.put_stream("u/a", io.BytesIO(b"x" * 5000))
@@ -475,7 +475,7 @@ def test_verified_digest_is_reused_only_for_settled_unchanged_files(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_start_fold_is_bit_identical_to_zeros_then_add(dtype: torch.dtype) -> None:
-    from fedloom_core.aggregation import start_fold
+    from fedloom_core.learning.kernels import start_fold
 
     gen = torch.Generator().manual_seed(11)
     # Above torch's parallel grain size (32768), so the multi-threaded path is the one checked.

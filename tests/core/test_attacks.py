@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedloom_core.attacks import parse_attack, poison_data, poison_update
-from fedloom_core.datasets import Split
+from fedloom_core.learning.attacks import parse_attack, poison_data, poison_update
+from fedloom_core.learning.datasets import Split
 
 G = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor([3])}
 T = {"w": torch.tensor([2.0, 0.0]), "n": torch.tensor([4])}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fedloom_core.contracts import KNOWN_ARCHITECTURES, KNOWN_DATASETS, KNOWN_STRATEGIES
-from fedloom_core.datasets import dataset_info
-from fedloom_core.models import build_model
-from fedloom_core.strategies import STRATEGIES
+from fedloom_core.learning.catalog import KNOWN_ARCHITECTURES, KNOWN_DATASETS, KNOWN_STRATEGIES
+from fedloom_core.learning.datasets import dataset_info
+from fedloom_core.learning.strategies import STRATEGIES
+from fedloom_core.learning.zoo import build_model
 
 
 def test_strategy_names_match_the_registry() -> None:

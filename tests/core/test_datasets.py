@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedloom_core import dataset_files, datasets
-from fedloom_core.dataset_files import (
+from fedloom_core.learning import dataset_files, datasets
+from fedloom_core.learning.dataset_files import (
     DatasetFormatError,
     DatasetNotFoundError,
     datasets_root,
@@ -28,7 +28,7 @@ from fedloom_core.dataset_files import (
     parse_cifar_batch,
     parse_idx,
 )
-from fedloom_core.datasets import (
+from fedloom_core.learning.datasets import (
     check_available,
     client_partition,
     dataset_info,
@@ -36,7 +36,7 @@ from fedloom_core.datasets import (
     load_test,
     load_train,
 )
-from fedloom_core.partition import (
+from fedloom_core.learning.partition import (
     describe_partition,
     label_summary,
     mean_label_entropy,

@@ -1,7 +1,7 @@
 """Contract tests for the database layer, run unchanged against SQLite and PostgreSQL.
 
-Covers the schema (``fedloom_core.db``), the shared queries (``fedloom_core.repo``), the upload insert
-(``fedloom_core.uploads.store_update``) and the round/experiment activities that write to the database
+Covers the schema (``fedloom_core.storage.db``), the shared queries (``fedloom_core.storage.repo``), the upload insert
+(``fedloom_core.storage.uploads.store_update``) and the round/experiment activities that write to the database
 (``activities.experiment``), including the close-round/late-upload race.
 
 PostgreSQL: ``FEDLOOM_TEST_POSTGRES_URL`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``);
@@ -32,9 +32,10 @@ from sqlalchemy.pool import NullPool
 from sqlmodel import Session, SQLModel, func, select
 
 from activities.experiment import ExperimentActivities
-from fedloom_core import weights
-from fedloom_core.blobstore import LocalBlobStore
-from fedloom_core.contracts import (
+from fedloom_core.errors import Conflict, RoundNotActive
+from fedloom_core.learning import weights
+from fedloom_core.learning.zoo import build_model
+from fedloom_core.messages import (
     CompleteRoundInput,
     Evaluation,
     FinishInput,
@@ -44,7 +45,8 @@ from fedloom_core.contracts import (
     RoundRef,
     UpdateRef,
 )
-from fedloom_core.db import (
+from fedloom_core.storage.blobstore import LocalBlobStore
+from fedloom_core.storage.db import (
     SCHEMA_VERSION,
     ApiKey,
     Client,
@@ -59,9 +61,7 @@ from fedloom_core.db import (
     make_engine,
     utcnow,
 )
-from fedloom_core.errors import Conflict, RoundNotActive
-from fedloom_core.models import build_model
-from fedloom_core.repo import (
+from fedloom_core.storage.repo import (
     current_round,
     emit_event,
     iso,
@@ -71,7 +71,7 @@ from fedloom_core.repo import (
     running_experiment,
     session_scope,
 )
-from fedloom_core.uploads import StoredUpdate, round_reported, store_update
+from fedloom_core.storage.uploads import StoredUpdate, round_reported, store_update
 
 PG_URL_ENV = "FEDLOOM_TEST_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -966,7 +966,7 @@ def test_finish_experiment_is_idempotent(db: Engine, tmp_path: Path, status: str
 
 
 def _sqlite_counter(tmp_path: Path) -> Engine:
-    from fedloom_core.db import make_engine
+    from fedloom_core.storage.db import make_engine
 
     engine = make_engine(f"sqlite:///{tmp_path / 'turns.db'}")
     with engine.begin() as conn:
@@ -976,7 +976,7 @@ def _sqlite_counter(tmp_path: Path) -> Engine:
 
 
 def test_sqlite_write_transactions_of_a_process_take_turns_and_readers_do_not(tmp_path: Path) -> None:
-    from fedloom_core import db as dbmod
+    from fedloom_core.storage import db as dbmod
 
     engine = _sqlite_counter(tmp_path)
     lock = dbmod._writer_lock(str(tmp_path / "turns.db"))
@@ -1014,7 +1014,7 @@ def test_sqlite_write_transactions_of_a_process_take_turns_and_readers_do_not(tm
 def test_a_sqlite_writer_that_waits_too_long_for_its_turn_goes_on_to_sqlites_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedloom_core import db as dbmod
+    from fedloom_core.storage import db as dbmod
 
     engine = _sqlite_counter(tmp_path)
     monkeypatch.setattr(dbmod, "_WRITER_TURN_TIMEOUT_S", 0.2)

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from activities.aggregation import AggregationActivities
-from fedloom_core import training
-from fedloom_core.aggregation import UpdateFile, fedavg
-from fedloom_core.blobstore import LocalBlobStore
-from fedloom_core.contracts import EvaluateInput, ModelRef, UpdateRef
-from fedloom_core.datasets import load_test
-from fedloom_core.models import build_model
-from fedloom_core.weights import save_state
+from fedloom_core.learning import training
+from fedloom_core.learning.datasets import load_test
+from fedloom_core.learning.kernels import UpdateFile, fedavg
+from fedloom_core.learning.weights import save_state
+from fedloom_core.learning.zoo import build_model
+from fedloom_core.messages import EvaluateInput, ModelRef, UpdateRef
+from fedloom_core.storage.blobstore import LocalBlobStore
 
 SHAPE = [8, 8, 1]
 
@@ -167,7 +167,7 @@ def test_an_evaluation_activity_checks_each_fresh_blob_once(setup, tmp_path: Pat
     activity (a ``read_once`` block) each is still hashed once, not once per read."""
     from collections import Counter
 
-    from fedloom_core import blobstore
+    from fedloom_core.storage import blobstore
 
     store, refs, files, test = setup
     fedavg(files, tmp_path / "global.safetensors")

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from fedloom_core.contracts import PolicyConfig, dump
-from fedloom_core.policy import (
+from fedloom_core.policy.rules import (
     CONTEXT_SCHEMAS,
     MAX_CONDITIONS,
     PolicyError,
@@ -21,6 +20,7 @@ from fedloom_core.policy import (
     render_condition,
     validate_rules,
 )
+from fedloom_core.schemas import PolicyConfig, dump
 
 
 def rule(rid: str = "r1", **kw: Any) -> dict[str, Any]:

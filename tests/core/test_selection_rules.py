@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedloom_core.policy import validate_rules
-from fedloom_core.selection import Candidate, select_clients, selection_context
+from fedloom_core.policy.rules import validate_rules
+from fedloom_core.policy.selection import Candidate, select_clients, selection_context
 
 DENY_EU = {
     "id": "deny-eu",

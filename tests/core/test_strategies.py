@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedloom_core.aggregation import UpdateFile
-from fedloom_core.strategies import STRATEGIES, make_strategy, strategy_params_schema
-from fedloom_core.strategies.base import AggregateResult, AggregationContext, Strategy
-from fedloom_core.strategies.streaming import floor_fraction
+from fedloom_core.learning.kernels import UpdateFile
+from fedloom_core.learning.strategies import STRATEGIES, make_strategy, strategy_params_schema
+from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext, Strategy
+from fedloom_core.learning.strategies.streaming import floor_fraction
 
 
 def _f32(*values: float) -> torch.Tensor:
@@ -609,9 +609,9 @@ _PEAK_SCRIPT = textwrap.dedent(
     """
     import json, re, sys
     from pathlib import Path
-    from fedloom_core.aggregation import UpdateFile
-    from fedloom_core.strategies import make_strategy
-    from fedloom_core.strategies.base import AggregationContext
+    from fedloom_core.learning.kernels import UpdateFile
+    from fedloom_core.learning.strategies import make_strategy
+    from fedloom_core.learning.strategies.base import AggregationContext
 
     spec = json.loads(sys.argv[1])
     updates = [UpdateFile(cid, Path(p), 1) for cid, p in spec["updates"]]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from fedloom_core import trust as t
-from fedloom_core.trust import (
+from fedloom_core.policy import trust as t
+from fedloom_core.policy.trust import (
     RoundOutcome,
     anomaly_score,
     contribution_shares,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedloom_core.aggregation import UpdateFile
-from fedloom_core.update_checks import measure_updates
-from fedloom_core.weights import save_state
+from fedloom_core.learning.kernels import UpdateFile
+from fedloom_core.learning.weights import save_state
+from fedloom_core.policy.validation import measure_updates
 
 
 def _write(tmp: Path, name: str, w: list[float], step: int = 7) -> Path:

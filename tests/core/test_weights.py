@@ -16,11 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedloom_core import weights
 from fedloom_core.errors import InvalidRequest, ModelValidationFailed
-from fedloom_core.models import build_model
-from fedloom_core.uploads import check_update_file, parse_metrics
-from fedloom_core.weights import (
+from fedloom_core.learning import weights
+from fedloom_core.learning.weights import (
     MAX_HEADER_BYTES,
     WeightsFormatError,
     compare_structure,
@@ -32,6 +30,8 @@ from fedloom_core.weights import (
     save_state,
     structure,
 )
+from fedloom_core.learning.zoo import build_model
+from fedloom_core.storage.uploads import check_update_file, parse_metrics
 
 EXPECTED = {"fc.weight": ("F32", (4, 3)), "fc.bias": ("F32", (4,))}
 
@@ -525,7 +525,7 @@ def test_mapped_tensors_round_trip_and_private_mapping(tmp_path: Path) -> None:
 
 _KEEP_VIEW_SCRIPT = """
 import sys, torch
-from fedloom_core.weights import mapped_tensors
+from fedloom_core.learning.weights import mapped_tensors
 with mapped_tensors(sys.argv[1]) as tensors:
     kept = tensors["w"]
 print(float(kept.sum()))

@@ -16,11 +16,11 @@ import torch
 from websockets.sync.client import connect as connect_ws
 
 from fedloom.demo import start_body
-from fedloom_core.datasets import load_test
-from fedloom_core.models import build_model
+from fedloom_core.learning.datasets import load_test
+from fedloom_core.learning.training import evaluate
+from fedloom_core.learning.weights import load_state
+from fedloom_core.learning.zoo import build_model
 from fedloom_core.temporal import connect
-from fedloom_core.training import evaluate
-from fedloom_core.weights import load_state
 from tests.conftest import spawn_clients, start_serve, stop_serve, wait_registered
 
 pytestmark = pytest.mark.e2e

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from sqlmodel import select
 
-from fedloom_core.db import Experiment, RoundMetrics, make_engine
-from fedloom_core.repo import session_scope
+from fedloom_core.storage.db import Experiment, RoundMetrics, make_engine
+from fedloom_core.storage.repo import session_scope
 from tests.conftest import free_port, small_run_body, spawn_clients, start_serve, stop_serve, wait_registered
 
 pytestmark = pytest.mark.e2e

@@ -16,18 +16,19 @@ import torch
 from sqlmodel import select
 from temporalio.testing import WorkflowEnvironment
 
-from fedloom_core import uploads
-from fedloom_core.attacks import Attack, poison_data, poison_update
-from fedloom_core.blobstore import LocalBlobStore
-from fedloom_core.contracts import ExperimentInput, PolicyConfig, StartRequest, UpdateNotice
-from fedloom_core.datasets import client_partition, dataset_info
-from fedloom_core.db import Client, Experiment, Round, RoundMetrics, Update, create_schema, make_engine
 from fedloom_core.errors import ModelValidationFailed
-from fedloom_core.models import build_model
-from fedloom_core.repo import session_scope
+from fedloom_core.learning.attacks import Attack, poison_data, poison_update
+from fedloom_core.learning.datasets import client_partition, dataset_info
+from fedloom_core.learning.training import train_local
+from fedloom_core.learning.weights import load_state, save_state
+from fedloom_core.learning.zoo import build_model
+from fedloom_core.messages import ExperimentInput, UpdateNotice
+from fedloom_core.schemas import PolicyConfig, StartRequest
 from fedloom_core.settings import Settings
-from fedloom_core.training import train_local
-from fedloom_core.weights import load_state, save_state
+from fedloom_core.storage import uploads
+from fedloom_core.storage.blobstore import LocalBlobStore
+from fedloom_core.storage.db import Client, Experiment, Round, RoundMetrics, Update, create_schema, make_engine
+from fedloom_core.storage.repo import session_scope
 from workers.main import build_workers
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
@@ -209,7 +210,7 @@ def _train_and_upload(engine, blobs, rnd, client: SimClient, data, req, info, tm
     torch.set_num_threads(1)
     tc = {**req.training_config.model_dump(), **rnd.client_config.get(client.client_id, {})}
     with session_scope(engine) as s:
-        from fedloom_core.db import GlobalModel
+        from fedloom_core.storage.db import GlobalModel
 
         key = s.get(GlobalModel, rnd.global_model_id).blob_key
     with blobs.open_local(key) as path:

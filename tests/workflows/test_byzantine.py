@@ -12,9 +12,9 @@ import pytest
 from sqlmodel import select
 from temporalio.testing import WorkflowEnvironment
 
-from fedloom_core.attacks import parse_attack
-from fedloom_core.db import ClientRoundScore, ExperimentClient
-from fedloom_core.repo import session_scope
+from fedloom_core.learning.attacks import parse_attack
+from fedloom_core.storage.db import ClientRoundScore, ExperimentClient
+from fedloom_core.storage.repo import session_scope
 from tests.workflows.harness import SimClient, run_experiment
 
 ROUNDS, CLIENTS = 15, 10

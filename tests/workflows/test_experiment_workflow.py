@@ -13,14 +13,15 @@ from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
-from fedloom_core import uploads
-from fedloom_core.blobstore import LocalBlobStore
-from fedloom_core.contracts import ExperimentInput, StartRequest, UpdateNotice
-from fedloom_core.db import Client, Experiment, Round, RoundMetrics, Update, create_schema, make_engine
-from fedloom_core.models import build_model
-from fedloom_core.repo import session_scope
+from fedloom_core.learning.weights import save_state
+from fedloom_core.learning.zoo import build_model
+from fedloom_core.messages import ExperimentInput, UpdateNotice
+from fedloom_core.schemas import StartRequest
 from fedloom_core.settings import Settings
-from fedloom_core.weights import save_state
+from fedloom_core.storage import uploads
+from fedloom_core.storage.blobstore import LocalBlobStore
+from fedloom_core.storage.db import Client, Experiment, Round, RoundMetrics, Update, create_schema, make_engine
+from fedloom_core.storage.repo import session_scope
 from workers.main import build_workers
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
@@ -140,7 +141,7 @@ async def test_round_deadline_closes_with_enough_updates(
     # The aggregate is the average of the two uploads (equal sample counts): 2x the base model.
     base = build_model("MLP", (8, 8, 1), 10, seed=1).state_dict()
     with h.blobs.open_local(f"models/{h.exp_id}/round-1.safetensors") as path:
-        from fedloom_core.weights import load_state
+        from fedloom_core.learning.weights import load_state
 
         agg = load_state(path)
     for name, tensor in base.items():

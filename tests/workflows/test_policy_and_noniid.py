@@ -89,9 +89,9 @@ async def test_client_past_max_client_failures_is_inactive_for_the_experiment(
 ) -> None:
     from sqlmodel import select
 
-    from fedloom_core.attacks import parse_attack
-    from fedloom_core.db import ExperimentClient
-    from fedloom_core.repo import session_scope
+    from fedloom_core.learning.attacks import parse_attack
+    from fedloom_core.storage.db import ExperimentClient
+    from fedloom_core.storage.repo import session_scope
 
     clients = [SimClient(f"h{i}", i) for i in range(3)] + [SimClient("bad", 3, parse_attack("sign_flip:5"))]
     policy = {"max_client_failures": 1, "max_norm_ratio": 2.0}
@@ -113,8 +113,8 @@ async def test_client_past_max_client_failures_is_inactive_for_the_experiment(
 async def test_round_control_rules_configure_and_hold_rounds(
     time_skipping_env: WorkflowEnvironment, tmp_path: Path
 ) -> None:
-    from fedloom_core.db import Experiment
-    from fedloom_core.repo import session_scope
+    from fedloom_core.storage.db import Experiment
+    from fedloom_core.storage.repo import session_scope
 
     longer = {
         "id": "longer-later",

@@ -14,7 +14,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from fedloom.launch import terminate
-from fedloom_core.settings import AGGREGATION_TASK_QUEUE
+from fedloom_core.messages import AGGREGATION_TASK_QUEUE
 from tests.conftest import start_dev_server
 from tests.workflows.harness import SimClient, run_experiment
 from workflows.experiment import workflow_id

@@ -19,12 +19,12 @@ from typing import ClassVar
 
 import torch
 
-from fedloom_core.aggregation import fedavg_weights
-from fedloom_core.strategies.averaging import mean_of_updates
-from fedloom_core.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.strategies.params import WEIGHTED, ConfiguredStrategy, Param
-from fedloom_core.strategies.streaming import Structure, canonical, is_float, work_dtype
-from fedloom_core.weights import compare_structure, mapped_tensors, save_state, structure
+from fedloom_core.learning.kernels import fedavg_weights
+from fedloom_core.learning.strategies.averaging import mean_of_updates
+from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
+from fedloom_core.learning.strategies.params import WEIGHTED, ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.streaming import Structure, canonical, is_float, work_dtype
+from fedloom_core.learning.weights import compare_structure, mapped_tensors, save_state, structure
 
 
 def _unit_interval(name: str, default: float, description: str) -> Param:

@@ -12,7 +12,7 @@ from itertools import islice
 import torch
 from torch import nn
 
-from fedloom_core.datasets import Split
+from fedloom_core.learning.datasets import Split
 
 OPTIMIZERS = ("SGD", "Adam")
 

@@ -1,179 +1,17 @@
-"""Data types shared by the API, the workflow and its activities. Imports neither torch nor I/O."""
+"""Workflow and activity messages: what travels through Temporal (references, never weights). Imports no torch."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import BaseModel, Field
 
-KNOWN_DATASETS = ("digits", "mnist", "cifar10", "synthetic")
-DATASET_ALIASES = {
-    "digits": "digits",
-    "cifar-10": "cifar10",
-    "cifar10": "cifar10",
-    "mnist": "mnist",
-    "synthetic": "synthetic",
-}
-KNOWN_ARCHITECTURES = ("CNN", "MLP")
-KNOWN_STRATEGIES = (
-    "FedAvg",
-    "FedProx",
-    "FedAvgM",
-    "FedAdam",
-    "FedYogi",
-    "FedAdagrad",
-    "FedMedian",
-    "FedTrimmedAvg",
-    "Krum",
-    "MultiKrum",
-    "NormClipping",
-    "DPFedAvg",
-)
-KNOWN_OPTIMIZERS = ("SGD", "Adam")
+from fedloom_core.schemas import PolicyConfig, StartRequest
 
 # Task queues: the workflow and light activities on one; aggregation and evaluation on another,
 # so they can run on bigger machines.
 WORKFLOW_TASK_QUEUE = "fedloom-experiments"
 AGGREGATION_TASK_QUEUE = "fedloom-aggregation"
-
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_id(value: str, what: str = "id") -> str:
-    """Return ``value`` if it is a safe identifier (letters, digits, ``._-``, at most 128), else ValueError."""
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ValueError(
-            f"{what} {value!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return value
-
-
-def canonical_dataset(name: str) -> str:
-    """The canonical dataset name (``CIFAR-10`` -> ``cifar10``), or ValueError listing the known ones."""
-    canonical = DATASET_ALIASES.get(str(name).strip().lower())
-    if canonical not in KNOWN_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_DATASETS)}")
-    return canonical
-
-
-def canonical_architecture(name: str) -> str:
-    """The canonical architecture name, or ValueError listing the known ones."""
-    for known in KNOWN_ARCHITECTURES:
-        if str(name).strip().upper() == known:
-            return known
-    raise ValueError(f"unknown model_architecture {name!r}; known: {', '.join(KNOWN_ARCHITECTURES)}")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class ExperimentConfig(_Strict):
-    experiment_id: str | None = None
-    rounds: int = Field(default=10, ge=1, le=100_000)
-    min_clients: int = Field(default=2, ge=1, le=100_000)
-    client_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
-    dataset: str = "digits"
-    model_architecture: str = "CNN"
-    # Extensions: reproducibility and deadlines.
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    round_timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
-    selection_timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
-
-    @field_validator("experiment_id")
-    @classmethod
-    def _id(cls, v: str | None) -> str | None:
-        return None if v is None else check_id(v, "experiment_id")
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, v: str) -> str:
-        return canonical_dataset(v)
-
-    @field_validator("model_architecture")
-    @classmethod
-    def _arch(cls, v: str) -> str:
-        return canonical_architecture(v)
-
-
-class TrainingConfig(_Strict):
-    local_epochs: int = Field(default=1, ge=1, le=1000)
-    batch_size: int = Field(default=32, ge=1, le=65536)
-    learning_rate: float = Field(default=0.01, gt=0, le=10)
-    optimizer: str = "SGD"
-
-    @field_validator("optimizer")
-    @classmethod
-    def _opt(cls, v: str) -> str:
-        for known in KNOWN_OPTIMIZERS:
-            if v.strip().lower() == known.lower():
-                return known
-        raise ValueError(f"unknown optimizer {v!r}; known: {', '.join(KNOWN_OPTIMIZERS)}")
-
-
-class AggregationConfig(_Strict):
-    strategy: str = "FedAvg"
-    weighted: bool = True
-    min_updates: int | None = Field(default=None, ge=1)
-    # Extension: the strategy's own settings (see docs/strategies.md), checked at start.
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("strategy")
-    @classmethod
-    def _strategy(cls, v: str) -> str:
-        for known in KNOWN_STRATEGIES:
-            if v.strip().lower() == known.lower():
-                return known
-        raise ValueError(f"unknown strategy {v!r}; known: {', '.join(KNOWN_STRATEGIES)}")
-
-
-class StartRequest(_Strict):
-    """The body of ``POST /training/start``."""
-
-    experiment_config: ExperimentConfig = Field(default_factory=ExperimentConfig)
-    training_config: TrainingConfig = Field(default_factory=TrainingConfig)
-    aggregation_config: AggregationConfig = Field(default_factory=AggregationConfig)
-
-
-class PolicyConfig(_Strict):
-    """An experiment's policy: the spec's ``policy_config``.
-
-    ``rules`` holds declarative policy rules (see ``fedloom_core.policy`` and ``docs/policies.md``);
-    they are checked here and kept as the given JSON objects. An empty ``rules`` list is left out of
-    the serialized form, so policies without rules serialize exactly as before rules existed.
-    """
-
-    min_clients: int | None = Field(default=None, ge=1, le=100_000)
-    max_client_failures: int | None = Field(default=None, ge=0, le=100_000)
-    trust_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    rules: list[dict[str, Any]] = Field(default_factory=list)
-
-    @field_validator("rules")
-    @classmethod
-    def _rules(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Check the rules with the policy engine's validator; keep them as given."""
-        from fedloom_core.policy import validate_rules  # imported here: policy imports this module
-
-        validate_rules(v)
-        return v
-
-    @model_serializer(mode="wrap")
-    def _omit_empty_rules(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Serialize as usual, leaving ``rules`` out when there are none."""
-        data = handler(self)
-        if isinstance(data, dict) and not self.rules:
-            data.pop("rules", None)
-        return data
-
-    # Update validation (extensions). An update is rejected when its delta's L2 norm exceeds
-    # max_update_norm, or exceeds max_norm_ratio x the round's median norm, or when its cosine
-    # similarity to the mean of the other updates is below min_cosine_similarity.
-    max_update_norm: float | None = Field(default=None, gt=0)
-    max_norm_ratio: float | None = Field(default=None, gt=1.0)
-    min_cosine_similarity: float | None = Field(default=None, ge=-1.0, le=1.0)
-    # Leave-one-out contribution scores: K extra evaluations a round (see docs/policies.md).
-    contribution_scores: bool = True
 
 
 class ModelRef(BaseModel):
@@ -391,8 +229,3 @@ class FinishInput(BaseModel):
     final_model_id: str | None = None
     reason: str | None = None
     error_code: str | None = None
-
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    """A JSON-ready dict of ``model``."""
-    return model.model_dump(mode="json")

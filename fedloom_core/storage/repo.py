@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import defer
 from sqlmodel import Session, select
 
-from fedloom_core.db import Event, Experiment, GlobalModel, Round, utcnow
+from fedloom_core.storage.db import Event, Experiment, GlobalModel, Round, utcnow
 
 
 @contextmanager

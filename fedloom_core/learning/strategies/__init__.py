@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedloom_core.strategies.averaging import FedAvg, FedProx
-from fedloom_core.strategies.base import AggregateResult, AggregationContext, Strategy
-from fedloom_core.strategies.clipping import NormClipping
-from fedloom_core.strategies.dp import DPFedAvg
-from fedloom_core.strategies.krum import Krum, MultiKrum
-from fedloom_core.strategies.params import ConfiguredStrategy, Param
-from fedloom_core.strategies.robust import FedMedian, FedTrimmedAvg
-from fedloom_core.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedloom_core.learning.strategies.averaging import FedAvg, FedProx
+from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext, Strategy
+from fedloom_core.learning.strategies.clipping import NormClipping
+from fedloom_core.learning.strategies.dp import DPFedAvg
+from fedloom_core.learning.strategies.krum import Krum, MultiKrum
+from fedloom_core.learning.strategies.params import ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.robust import FedMedian, FedTrimmedAvg
+from fedloom_core.learning.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 __all__ = [
     "STRATEGIES",

@@ -36,7 +36,7 @@ from pydantic import (
     field_validator,
 )
 
-from fedloom_core.contracts import check_id
+from fedloom_core.ids import check_id
 
 RuleType = Literal["client_selection", "update_validation", "round_control"]
 Operator = Literal["<", "<=", "==", "!=", ">=", ">", "in", "not_in"]
@@ -66,7 +66,7 @@ _ANY_SCALAR = (str, int, float, bool)
 _SELECTION: dict[str, FieldSpec] = {
     "client_id": FieldSpec((str,), "The client's id."),
     "status": FieldSpec((str,), "The client's status: registered, active or inactive."),
-    "trust_score": FieldSpec(_NUM, "The client's trust score in [0, 1] (see fedloom_core.trust)."),
+    "trust_score": FieldSpec(_NUM, "The client's trust score in [0, 1] (see fedloom_core.policy.trust)."),
     "reliability": FieldSpec(_NUM, "On-time deliveries / selections in [0, 1]; missing if never selected."),
     "recent_failures": FieldSpec((int,), "Rounds the client recently failed (missed, late or rejected)."),
     "round": FieldSpec((int,), "The round being decided, counted from 1."),

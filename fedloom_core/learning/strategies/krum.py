@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from fedloom_core.aggregation import Opener, UpdateFile, fedavg
-from fedloom_core.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
-from fedloom_core.strategies.streaming import canonical, is_float, open_all, ranges
-from fedloom_core.weights import structure
+from fedloom_core.learning.kernels import Opener, UpdateFile, fedavg
+from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
+from fedloom_core.learning.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.streaming import canonical, is_float, open_all, ranges
+from fedloom_core.learning.weights import structure
 
 NUM_BYZANTINE = Param("num_byzantine", int, 0, "Number f of Byzantine updates to tolerate.", minimum=0)
 

@@ -1,7 +1,7 @@
 """Datasets, the deterministic client partitioner and the server's held-out test split.
 
 ``digits`` ships with scikit-learn and is split here (a fixed 20% held out); ``mnist`` and ``cifar10`` are read
-from the user's files in the datasets directory (see :mod:`fedloom_core.dataset_files`) and keep their own
+from the user's files in the datasets directory (see :mod:`fedloom_core.learning.dataset_files`) and keep their own
 train/test split, as does the seeded ``synthetic`` dataset. Nothing is downloaded.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedloom_core import dataset_files
-from fedloom_core.contracts import canonical_dataset
-from fedloom_core.partition import iid_partitions, partition_indices
+from fedloom_core.learning import dataset_files
+from fedloom_core.learning.catalog import canonical_dataset
+from fedloom_core.learning.partition import iid_partitions, partition_indices
 
 TEST_FRACTION = 0.2
 # Datasets read from the user's files in the datasets directory; the others need no files.
@@ -131,7 +131,7 @@ def client_partition(
     """Client ``index`` (0-based) of ``count``'s slice of the training split under ``strategy``.
 
     ``strategy`` is ``iid``, ``dirichlet`` (label skew set by ``alpha``) or ``shards`` (``shards_per_client``
-    label-sorted shards each); see :mod:`fedloom_core.partition`. The split depends only on the arguments.
+    label-sorted shards each); see :mod:`fedloom_core.learning.partition`. The split depends only on the arguments.
     """
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"partition {index}/{count} is out of range")

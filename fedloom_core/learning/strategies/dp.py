@@ -18,16 +18,16 @@ import math
 
 import torch
 
-from fedloom_core.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.strategies.params import ConfiguredStrategy, Param
-from fedloom_core.strategies.streaming import (
+from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
+from fedloom_core.learning.strategies.params import ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.streaming import (
     canonical,
     check_structure,
     delta_sq_norm,
     generator_for,
     work_dtype,
 )
-from fedloom_core.weights import mapped_tensors, save_state, structure
+from fedloom_core.learning.weights import mapped_tensors, save_state, structure
 
 
 def clip_scale(norm: float, max_norm: float) -> float:

@@ -16,9 +16,6 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from fedloom_core import weights
-from fedloom_core.blobstore import BlobStore
-from fedloom_core.db import Client, Experiment, GlobalModel, Round, Update, utcnow
 from fedloom_core.errors import (
     ClientNotRegistered,
     Conflict,
@@ -29,7 +26,10 @@ from fedloom_core.errors import (
     PayloadTooLarge,
     RoundNotActive,
 )
-from fedloom_core.repo import emit_event, running_first, session_scope
+from fedloom_core.learning import weights
+from fedloom_core.storage.blobstore import BlobStore
+from fedloom_core.storage.db import Client, Experiment, GlobalModel, Round, Update, utcnow
+from fedloom_core.storage.repo import emit_event, running_first, session_scope
 
 _structure_cache: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
 

@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from fedloom_core.aggregation import UpdateFile, open_path
-from fedloom_core.strategies.averaging import FedAvg, FedProx
-from fedloom_core.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.strategies.dp import DPFedAvg, clip_scale
-from fedloom_core.strategies.krum import Krum, MultiKrum
-from fedloom_core.strategies.params import ConfiguredStrategy, Param, describe_params
-from fedloom_core.strategies.robust import FedMedian, FedTrimmedAvg
-from fedloom_core.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
-from fedloom_core.strategies.streaming import canonical, check_structure, delta_sq_norm, work_dtype
-from fedloom_core.weights import mapped_tensors, save_state, structure
+from fedloom_core.learning.kernels import UpdateFile, open_path
+from fedloom_core.learning.strategies.averaging import FedAvg, FedProx
+from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
+from fedloom_core.learning.strategies.dp import DPFedAvg, clip_scale
+from fedloom_core.learning.strategies.krum import Krum, MultiKrum
+from fedloom_core.learning.strategies.params import ConfiguredStrategy, Param, describe_params
+from fedloom_core.learning.strategies.robust import FedMedian, FedTrimmedAvg
+from fedloom_core.learning.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedloom_core.learning.strategies.streaming import canonical, check_structure, delta_sq_norm, work_dtype
+from fedloom_core.learning.weights import mapped_tensors, save_state, structure
 
 #: The strategies NormClipping can wrap (every strategy but itself), in documentation order.
 INNER_STRATEGIES: tuple[type[ConfiguredStrategy], ...] = (

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from fedloom_core.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
-from fedloom_core.strategies.streaming import (
+from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
+from fedloom_core.learning.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.streaming import (
     canonical,
     floor_fraction,
     is_float,
@@ -25,7 +25,7 @@ from fedloom_core.strategies.streaming import (
     torch_dtype,
     work_dtype,
 )
-from fedloom_core.weights import save_state, structure
+from fedloom_core.learning.weights import save_state, structure
 
 
 class CoordinateWise(ConfiguredStrategy):

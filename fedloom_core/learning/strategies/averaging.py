@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from fedloom_core.aggregation import Opener, UpdateFile, fedavg
-from fedloom_core.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.strategies.params import WEIGHTED, ConfiguredStrategy, Param
-from fedloom_core.strategies.streaming import Structure, canonical, check_structure, work_dtype
-from fedloom_core.weights import mapped_tensors
+from fedloom_core.learning.kernels import Opener, UpdateFile, fedavg
+from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
+from fedloom_core.learning.strategies.params import WEIGHTED, ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.streaming import Structure, canonical, check_structure, work_dtype
+from fedloom_core.learning.weights import mapped_tensors
 
 
 class FedAvg(ConfiguredStrategy):

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fedloom_core.strategies.base import Strategy
+from fedloom_core.learning.strategies.base import Strategy
 
 _TYPE_NAMES: dict[type, str] = {bool: "bool", int: "int", float: "float", str: "string"}
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedloom_core.aggregation import Opener, UpdateFile, open_path
-from fedloom_core.weights import mapped_tensors
+from fedloom_core.learning.kernels import Opener, UpdateFile, open_path
+from fedloom_core.learning.weights import mapped_tensors
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fedloom_core.models import build_model
+from fedloom_core.learning.zoo import build_model
 
 
 def export_onnx(

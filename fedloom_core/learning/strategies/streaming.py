@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedloom_core.aggregation import Opener, UpdateFile
-from fedloom_core.weights import TensorSpec, compare_structure, dtype_name, read_header, structure
+from fedloom_core.learning.kernels import Opener, UpdateFile
+from fedloom_core.learning.weights import TensorSpec, compare_structure, dtype_name, read_header, structure
 
 Structure = dict[str, tuple[str, tuple[int, ...]]]
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedloom_core.contracts import canonical_architecture
+from fedloom_core.learning.catalog import canonical_architecture
 
 
 class CNN(nn.Module):

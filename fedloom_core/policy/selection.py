@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedloom_core.policy import Rule, evaluate
+from fedloom_core.policy.rules import Rule, evaluate
 
 
 @dataclass(frozen=True)

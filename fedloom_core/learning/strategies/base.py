@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedloom_core.aggregation import Opener, UpdateFile, open_path
+from fedloom_core.learning.kernels import Opener, UpdateFile, open_path
 
 
 @dataclass

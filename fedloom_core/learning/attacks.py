@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedloom_core.datasets import Split
+from fedloom_core.learning.datasets import Split
 
 KINDS = ("sign_flip", "scale", "gaussian", "label_flip")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fedloom_core.weights import mapped_tensors, save_state
+from fedloom_core.learning.weights import mapped_tensors, save_state
 
 
 def fold(acc: torch.Tensor, update: torch.Tensor, weight: float) -> None:

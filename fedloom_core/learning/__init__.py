@@ -1,0 +1,1 @@
+"""Weights I/O, aggregation kernels, strategies, training, the model zoo and data (no torch on import)."""

@@ -1,0 +1,1 @@
+"""Policy rules, client selection, trust and update validation."""
