@@ -45,17 +45,8 @@ from fedloom_core.policy.validation import UpdateStats, measure_updates
 from fedloom_core.schemas import PolicyConfig
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import Client, ExperimentClient
-from fedloom_core.storage.repo import model_id_for, session_scope
-
-
-def model_key(experiment_id: str, round: int) -> str:
-    """Blob key of an experiment's global model after ``round`` (0 is the initial model)."""
-    return f"models/{experiment_id}/round-{round}.safetensors"
-
-
-def state_key(experiment_id: str, round: int) -> str:
-    """Blob key of the strategy's server state after ``round``."""
-    return f"state/{experiment_id}/round-{round}.safetensors"
+from fedloom_core.storage.keys import model_id_for, model_key, state_key
+from fedloom_core.storage.repo import session_scope
 
 
 def heartbeat(*details: object) -> None:

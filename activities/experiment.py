@@ -17,7 +17,7 @@ from sqlmodel import select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.aggregation import heartbeat, model_key
+from activities.aggregation import heartbeat
 from fedloom_core.learning import weights
 from fedloom_core.learning.zoo import build_model, parameters_count
 from fedloom_core.messages import (
@@ -46,7 +46,8 @@ from fedloom_core.storage.db import (
     Update,
     utcnow,
 )
-from fedloom_core.storage.repo import emit_event, model_id_for, session_scope
+from fedloom_core.storage.keys import model_id_for, model_key
+from fedloom_core.storage.repo import emit_event, session_scope
 
 INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
 ROUND_DENIED = "ROUND_DENIED"

@@ -108,8 +108,3 @@ def latest_model(session: Session, experiment_id: str, round: int | None = None)
     if round is not None:
         query = query.where(GlobalModel.round == round)
     return session.exec(query.order_by(GlobalModel.round.desc())).first()  # type: ignore[attr-defined]
-
-
-def model_id_for(experiment_id: str, round: int) -> str:
-    """The spec's model id: ``model_<experiment>_round_<n>``."""
-    return f"model_{experiment_id}_round_{round}"

@@ -29,6 +29,7 @@ from fedloom_core.errors import (
 from fedloom_core.learning import weights
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import Client, Experiment, GlobalModel, Round, Update, utcnow
+from fedloom_core.storage.keys import update_key
 from fedloom_core.storage.repo import emit_event, running_first, session_scope
 
 _structure_cache: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
@@ -183,7 +184,7 @@ def store_update(
         existing = _existing(engine, target, client_id)
         if existing is not None:
             return _repeat(existing, digest)
-        key = f"updates/{target.experiment_id}/{target.round}/{client_id}-{digest[:32]}.safetensors"
+        key = update_key(target.experiment_id, target.round, client_id, digest)
         info = blobs.adopt_file(key, normalized, sha256=digest)
     update = Update(
         update_id=f"update_{secrets.token_hex(8)}",
