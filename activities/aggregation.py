@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import math
-import os
 import tempfile
 import threading
 import time
@@ -94,15 +93,6 @@ def _kept_alive(fn: Callable) -> Callable:
     return wrapper
 
 
-def _fault_pause(round: int) -> float:
-    """Fault injection for the crash tests: ``FEDLOOM_FAULT_PAUSE_AGGREGATION=<round>:<seconds>``
-    holds that round's aggregation after it has folded its first update, so a test can kill the
-    worker mid-aggregation. Unset (the default) it is zero."""
-    spec = os.environ.get("FEDLOOM_FAULT_PAUSE_AGGREGATION", "")
-    at, _, seconds = spec.partition(":")
-    return float(seconds) if at.strip() == str(round) and seconds else 0.0
-
-
 def _norm_problem(st: UpdateStats, pol: PolicyConfig) -> str | None:
     """Why an update's size is out of bounds, or None."""
     if pol.max_update_norm is not None and st.norm > pol.max_update_norm:
@@ -119,17 +109,11 @@ class AggregationActivities:
         self.engine = engine
         self.blobs = blobs
 
-    def _opener(self, refs: list[UpdateRef], pause_after_first: float = 0.0):  # type: ignore[no-untyped-def]
+    def _opener(self, refs: list[UpdateRef]):  # type: ignore[no-untyped-def]
         keys = {u.client_id: u.blob_key for u in refs}
-        opened = 0
 
         @contextmanager
         def opener(update: UpdateFile) -> Iterator[Path]:
-            nonlocal opened
-            if opened == 1 and pause_after_first:
-                activity.logger.warning("fault injection: pausing %.1f s mid-aggregation", pause_after_first)
-                time.sleep(pause_after_first)
-            opened += 1
             with self.blobs.open_local(keys[update.client_id]) as path:
                 yield path
 
@@ -263,7 +247,7 @@ class AggregationActivities:
                             state_path=Path(state_path) if state_path else None,
                             state_out_path=state_out,
                             seed=inp.seed,
-                            opener=self._opener(inp.updates, _fault_pause(inp.round)),
+                            opener=self._opener(inp.updates),
                         )
                     )
             parameters = sum(t.numel() for t in weights.load_state(out).values() if t.is_floating_point())

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 
 from activities.aggregation import AggregationActivities
 from activities.experiment import ExperimentActivities
@@ -31,8 +31,12 @@ def build_workers(
     *,
     workflow_queue: str = WORKFLOW_TASK_QUEUE,
     aggregation_queue: str = AGGREGATION_TASK_QUEUE,
+    interceptors: Sequence[Interceptor] = (),
 ) -> list[Worker]:
-    """Workers for the named queues, sharing one database engine and blob store."""
+    """Workers for the named queues, sharing one database engine and blob store.
+
+    ``interceptors`` wrap every activity and workflow call; the fault-injection tests pass theirs here.
+    """
     engine = make_engine(settings.database_url)
     create_schema(engine)
     blobs = open_blob_store(settings.blob_url, settings.s3_endpoint_url)
@@ -49,6 +53,7 @@ def build_workers(
                 activities=acts.all(),
                 activity_executor=executor,
                 max_concurrent_activities=16,
+                interceptors=interceptors,
             )
         )
     if "aggregation" in queues:
@@ -60,6 +65,7 @@ def build_workers(
                 activity_executor=executor,
                 # Aggregation and evaluation are CPU- and memory-bound: one at a time per process.
                 max_concurrent_activities=1,
+                interceptors=interceptors,
             )
         )
     return workers
@@ -100,7 +106,9 @@ def _log_failure(future: asyncio.Future) -> None:
         log.warning("warm-up failed (the first round pays for it instead): %s", future.exception())
 
 
-async def run_workers(client: Client, settings: Settings, queues: Sequence[str] = QUEUES) -> None:
+async def run_workers(
+    client: Client, settings: Settings, queues: Sequence[str] = QUEUES, interceptors: Sequence[Interceptor] = ()
+) -> None:
     """Run the workers until cancelled."""
     limit_torch_threads()
     if "aggregation" in queues:
@@ -109,6 +117,6 @@ async def run_workers(client: Client, settings: Settings, queues: Sequence[str] 
         warming.add_done_callback(_log_failure)
     # A workflow that upserts an unregistered search attribute stalls: register them first.
     await ensure_search_attributes(client, settings.temporal_namespace)
-    workers = build_workers(client, settings, queues)
+    workers = build_workers(client, settings, queues, interceptors=interceptors)
     log.info("worker polling %s", ", ".join(w.task_queue for w in workers))
     await asyncio.gather(*(w.run() for w in workers))
