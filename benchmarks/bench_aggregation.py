@@ -106,7 +106,7 @@ def adopt(store: Any, key: str, local: Path) -> None:
 
 def wait_settled(store: Any, updates: Sequence[Any]) -> None:
     """Sleep until every update is old enough for the blob store to cache its verified digest."""
-    from fedloom_core.storage import blobstore
+    from fedloom_core.storage.blobstore import local as blobstore
 
     newest = max(store._path(str(u.path)).stat().st_ctime_ns for u in updates)
     delay = (newest + blobstore._SETTLED_NS - time.time_ns()) / 1e9 + 0.05

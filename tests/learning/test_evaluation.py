@@ -167,7 +167,7 @@ def test_an_evaluation_activity_checks_each_fresh_blob_once(setup, tmp_path: Pat
     activity (a ``read_once`` block) each is still hashed once, not once per read."""
     from collections import Counter
 
-    from fedloom_core.storage import blobstore
+    from fedloom_core.storage.blobstore import base as blobstore
 
     store, refs, files, test = setup
     fedavg(files, tmp_path / "global.safetensors")

@@ -425,7 +425,7 @@ def test_save_state_writes_the_bytes_safetensors_writes(tmp_path: Path, seed: in
 
 
 def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    from fedloom_core.storage import blobstore
+    from fedloom_core.storage.blobstore import base as blobstore
 
     calls: list[int] = []
     real = blobstore._copy_hashing
@@ -442,7 +442,7 @@ def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_verified_digest_is_reused_only_for_settled_unchanged_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedloom_core.storage import blobstore
+    from fedloom_core.storage.blobstore import local as blobstore
 
     store = blobstore.LocalBlobStore(tmp_path / "blobs")
     store.put_stream("u/a", io.BytesIO(b"x" * 5000))

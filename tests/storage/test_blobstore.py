@@ -267,7 +267,7 @@ def test_factory_rejects_bad_urls() -> None:
 
 def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every digest check either backend makes (one per hash of a local file, one per S3 download)."""
-    from fedloom_core.storage import blobstore
+    from fedloom_core.storage.blobstore import base as blobstore
 
     checked: list[str] = []
     real = blobstore._check_digest
