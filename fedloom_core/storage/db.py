@@ -17,7 +17,10 @@ from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Field, SQLModel, create_engine
 
-# Bump with every schema change, and add the step that brings version N-1 to N in MIGRATIONS.
+from fedloom_core.storage import migrations
+
+# The version in the schema_version table, which marks databases created before Alembic migrations;
+# the schema's revision is in alembic_version (see fedloom_core.storage.migrations).
 SCHEMA_VERSION = 1
 
 
@@ -230,10 +233,6 @@ class SchemaVersion(SQLModel, table=True):
     version: int
 
 
-# version -> SQL statements that bring the schema from version-1 to version.
-MIGRATIONS: dict[int, list[str]] = {}
-
-
 # The statements that make sqlite3 open a write transaction (it begins one implicitly before them).
 _SQLITE_WRITE = re.compile(r"\s*(INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
 # One lock per database file in this process: its write transactions take turns on it.
@@ -336,7 +335,7 @@ def make_engine(url: str) -> Engine:
 
 @contextmanager
 def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
-    """Serialise schema creation between processes sharing one SQLite file (no-op for memory DBs)."""
+    """Serialise schema upgrades between processes sharing one SQLite file (no-op for memory DBs)."""
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
@@ -351,19 +350,15 @@ def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables and apply pending migrations; safe to run at every start-up, from many processes."""
+    """Upgrade the database to the newest migration; safe to run at every start-up, from many processes.
+
+    One transaction holds the whole upgrade. Processes starting together wait for each other: on
+    PostgreSQL at an advisory lock, on SQLite at a file lock beside the database.
+    """
     with _sqlite_file_lock(engine), engine.begin() as conn:
         if engine.dialect.name == "postgresql":
-            # API and worker processes may start together: one creates, the others wait.
             conn.execute(text("SELECT pg_advisory_xact_lock(7263001)"))
-        SQLModel.metadata.create_all(conn)
-        row = conn.execute(text("SELECT version FROM schema_version WHERE id = 1")).first()
-        current = row[0] if row else None
-        if current is None:
-            conn.execute(text("INSERT INTO schema_version (id, version) VALUES (1, :v)"), {"v": SCHEMA_VERSION})
-            return
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS.get(version, []):
-                conn.execute(text(statement))
-        if current < SCHEMA_VERSION:
-            conn.execute(text("UPDATE schema_version SET version = :v WHERE id = 1"), {"v": SCHEMA_VERSION})
+        elif engine.dialect.name == "sqlite":
+            # sqlite3 opens transactions only before INSERT/UPDATE/DELETE; this one holds the DDL too.
+            conn.exec_driver_sql("BEGIN")
+        migrations.upgrade(conn)
