@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -12,6 +13,7 @@ from sqlalchemy.engine import Engine
 from temporalio.client import Client as TemporalClient
 
 from api import auth
+from api.taskboard import TaskBoard
 from fedloom_core.errors import InvalidRequest, ServiceUnavailable
 from fedloom_core.ids import check_id
 from fedloom_core.settings import Settings
@@ -41,6 +43,23 @@ def get_temporal(request: Request) -> TemporalClient:
     return client
 
 
+async def get_task_board(request: Request) -> TaskBoard:
+    """The app's task board, made on first use (and again if the app got a new engine).
+
+    Async so that FastAPI calls it on the event loop, not in a worker thread: it does no I/O.
+    """
+    state = _state(request)
+    board = getattr(state, "task_board", None)
+    if board is None or board.engine is not state.engine:
+        board = state.task_board = TaskBoard(state.engine)
+    return board
+
+
+def request_body_stream(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives (tests override this dependency to hold or cut an upload)."""
+    return request.stream()
+
+
 # How long a resolved client key is trusted without asking the database again.
 PRINCIPAL_TTL_S = 10.0
 PRINCIPAL_CACHE_MAX = 100_000
@@ -49,10 +68,9 @@ PRINCIPAL_CACHE_MAX = 100_000
 class PrincipalCache:
     """Client keys resolved recently, by the sha256 of the Authorization header.
 
-    Every request used to look its key up in the database in a worker thread; with 1,000 clients
-    long-polling that was a database session per request for an answer that never changes (keys
-    are only ever added). Only successful look-ups are kept, for ``PRINCIPAL_TTL_S``, so an unknown
-    key is still refused at once, and a key revoked in the database stops working within that time.
+    Spares a database session per request (long-polling clients send many). Only successful
+    look-ups are kept, for ``PRINCIPAL_TTL_S``, so an unknown key is still refused at once, and a
+    key revoked in the database stops working within that time.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -125,3 +143,5 @@ TemporalDep = Annotated[TemporalClient, Depends(get_temporal)]
 PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]
 AdminDep = Annotated[auth.Principal, Depends(require_admin)]
 RegistrarDep = Annotated[auth.Principal, Depends(require_registrar)]
+TaskBoardDep = Annotated[TaskBoard, Depends(get_task_board)]
+BodyStreamDep = Annotated[AsyncIterator[bytes], Depends(request_body_stream)]

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
-from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Query
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import update as sa_update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from api import openapi
 from api.auth import store_client_key
-from api.deps import AdminDep, EngineDep, PrincipalDep, RegistrarDep, valid_id
+from api.deps import AdminDep, EngineDep, PrincipalDep, RegistrarDep, TaskBoardDep, valid_id
 from fedloom_core.errors import ClientNotRegistered, Conflict, InvalidRequest, NotFound
 from fedloom_core.ids import check_id
 from fedloom_core.policy.selection import Candidate, select_clients
@@ -32,22 +28,6 @@ from fedloom_core.storage.repo import (
 )
 
 router = APIRouter(tags=["clients"])
-TASK_POLL_S = 0.25
-# While task requests are held, the shared round state is re-read this often and a change wakes them
-# at once: clients learn of a new round within about this long, at one light read per interval.
-BOARD_REFRESH_S = 0.05
-# Between two rounds of a running experiment (no round open: the last one is being processed or the
-# next selected) the next round is usually a few hundred milliseconds away, so the state is read this
-# often instead, for at most BOARD_FAST_WINDOW_S after the gap was first seen (a selection that waits
-# for clients to register goes back to the normal interval).
-BOARD_REFRESH_FAST_S = 0.01
-BOARD_FAST_WINDOW_S = 3.0
-# last_seen is written at most this often, so long-polling clients do not write on every request
-# (at 5 s, 1,000 clients polling every 10 s made 100 SQLite write transactions a second).
-LAST_SEEN_RESOLUTION_S = 60.0
-# A long-poll's first check may be answered from a board this old: the hold that follows re-checks
-# as soon as a newer read differs, so the answer is never left stale for longer than the board's age.
-QUICK_ANSWER_MAX_AGE_S = 1.0
 CLIENT_STATUSES = ("registered", "active", "inactive")
 
 
@@ -279,246 +259,10 @@ async def get_client(client_id: str, engine: EngineDep, principal: PrincipalDep)
     return await run_in_threadpool(_client_status, engine, client_id)
 
 
-# What decides whether a waiting client's answer can change: (latest experiment id, its status, the
-# open round's number if this client was selected for it, else None).
-Signature = tuple[str | None, str | None, int | None]
-
-
-def _task(engine, client_id: str) -> tuple[dict, Signature]:  # type: ignore[no-untyped-def]
-    """The client's task now, and the signature of the state it was decided on."""
-    with session_scope(engine) as s:
-        _mark_seen(s, client_id)
-        exp = latest_experiment(s)
-        if exp is None:
-            return {"status": "idle", "experiment_id": None}, (None, None, None)
-        body: dict[str, Any] = {"experiment_id": exp.experiment_id, "experiment_status": exp.status}
-        if exp.status != "running":
-            body["status"] = "done" if exp.status in ("completed", "stopped", "failed") else "idle"
-            return body, (exp.experiment_id, exp.status, None)
-        rnd = _open_round_for_task(s, exp.experiment_id)
-        if rnd is None or client_id not in rnd.selected_clients:
-            body["status"] = "wait"
-            return body, (exp.experiment_id, exp.status, None)
-        signature = (exp.experiment_id, exp.status, rnd.round)
-        uploaded = s.exec(
-            select(Update.update_id).where(
-                Update.experiment_id == exp.experiment_id, Update.round == rnd.round, Update.client_id == client_id
-            )
-        ).first()
-        if uploaded is not None:
-            body["status"] = "wait"
-            return body, signature
-        cfg = exp.config
-        ec = cfg.get("experiment_config", {})
-        body.update(
-            status="train",
-            round=rnd.round,
-            model_id=rnd.global_model_id,
-            download_url=f"/model/download/{rnd.global_model_id}",
-            deadline=iso(rnd.deadline),
-            dataset=ec.get("dataset"),
-            model_architecture=ec.get("model_architecture"),
-            model_config=exp.model_config_,
-            # The experiment's settings, with this client's own for the round (strategy, configure rules) on top.
-            training_config={**cfg.get("training_config", {}), **rnd.client_config.get(client_id, {})},
-        )
-        return body, signature
-
-
-def _mark_seen(session, client_id: str) -> None:  # type: ignore[no-untyped-def]
-    """Note that the client is connected: last_seen (at most every LAST_SEEN_RESOLUTION_S), and active again.
-
-    Reads two columns and writes only when something changes, so most polls stay read-only.
-    """
-    row = session.exec(select(Client.status, Client.last_seen).where(Client.client_id == client_id)).first()
-    if row is None:
-        raise ClientNotRegistered("Client ID not found", f"The specified client ID '{client_id}' is not registered")
-    now = utcnow()
-    seen = row.last_seen.replace(tzinfo=now.tzinfo) if row.last_seen else None
-    if seen is None or (now - seen).total_seconds() > LAST_SEEN_RESOLUTION_S or row.status == "inactive":
-        # An inactive client is connected again, so it can rejoin a later round.
-        status = "active" if row.status == "inactive" else row.status
-        session.execute(sa_update(Client).where(Client.client_id == client_id).values(last_seen=now, status=status))
-
-
-def _open_round_for_task(session, experiment_id: str):  # type: ignore[no-untyped-def]
-    """The open round's columns a task needs, without the per-client policy results and exclusions.
-
-    Those two JSON columns hold an entry for every registered client; decoding them on every poll
-    was most of the API's time with 1,000 clients long-polling.
-    """
-    return session.exec(
-        select(Round.round, Round.selected_clients, Round.global_model_id, Round.deadline, Round.client_config).where(
-            Round.experiment_id == experiment_id, Round.status == "open"
-        )
-    ).first()
-
-
-@dataclass(frozen=True)
-class Board:
-    """The state every waiting client's answer depends on, read once for all of them."""
-
-    read_at: float  # time.monotonic() when the read began
-    experiment_id: str | None = None
-    experiment_status: str | None = None
-    round: int | None = None
-    selected: frozenset[str] = frozenset()
-    # Clients marked inactive: their next task request must go to the database to reactivate them.
-    inactive: frozenset[str] = frozenset()
-
-    def state(self) -> tuple:
-        """What the board says, without when it was read."""
-        return (self.experiment_id, self.experiment_status, self.round, self.selected)
-
-    def signature(self, client_id: str) -> Signature:
-        """What :func:`_task` would report as its signature for ``client_id`` on this state."""
-        return (self.experiment_id, self.experiment_status, self.round if client_id in self.selected else None)
-
-    def answer(self) -> dict:
-        """What :func:`_task` answers on this state to a client that is not selected."""
-        if self.experiment_id is None:
-            return {"status": "idle", "experiment_id": None}
-        body: dict[str, Any] = {"experiment_id": self.experiment_id, "experiment_status": self.experiment_status}
-        if self.experiment_status == "running":
-            body["status"] = "wait"
-        else:
-            body["status"] = "done" if self.experiment_status in ("completed", "stopped", "failed") else "idle"
-        return body
-
-
-def _read_board(engine) -> Board:  # type: ignore[no-untyped-def]
-    read_at = time.monotonic()
-    with session_scope(engine) as s:
-        inactive = frozenset(s.exec(select(Client.client_id).where(Client.status == "inactive")).all())
-        exp = latest_experiment(s)
-        if exp is None:
-            return Board(read_at, inactive=inactive)
-        row = None
-        if exp.status == "running":
-            row = s.exec(
-                select(Round.round, Round.selected_clients).where(
-                    Round.experiment_id == exp.experiment_id, Round.status == "open"
-                )
-            ).first()
-    if row is None:
-        return Board(read_at, exp.experiment_id, exp.status, inactive=inactive)
-    return Board(read_at, exp.experiment_id, exp.status, row.round, frozenset(row.selected_clients), inactive)
-
-
-class TaskBoard:
-    """One shared view of the round state for all the task long-polls held by an API process.
-
-    Each held request used to re-run the whole task query every ``TASK_POLL_S``: with N clients
-    waiting that is 4N database sessions a second. Now the state is read at most once per
-    ``TASK_POLL_S`` for everyone (one reader at a time), and a waiting request re-runs its own task
-    query only when the state it was answered on has changed.
-    """
-
-    def __init__(self, engine) -> None:  # type: ignore[no-untyped-def]
-        self.engine = engine
-        self._board: Board | None = None
-        self._lock = asyncio.Lock()
-        self._changed = asyncio.Event()
-        self._held = 0
-        self._refresher: asyncio.Task | None = None
-        # When the refresher first saw the running experiment with no round open (None: a round is open).
-        self._gap_since: float | None = None
-        # client id -> when this process last answered it from the database (which also marks it seen).
-        self._checked: dict[str, float] = {}
-
-    def checked(self, client_id: str, at: float) -> None:
-        """Remember that ``client_id`` exists and had its last_seen refreshed at ``at``."""
-        if len(self._checked) > 100_000:
-            self._checked.clear()
-        self._checked[client_id] = at
-
-    def quick_answer(self, client_id: str) -> tuple[dict, Signature, float] | None:
-        """The answer to a long-poll's first check from the board alone, when the database could add nothing.
-
-        That is when the board is fresh, the client was checked against the database within
-        ``LAST_SEEN_RESOLUTION_S`` (so it exists and its last_seen is current), is not inactive
-        and is not selected for the open round. With 1,000 clients polling, this spares the
-        database one session per request. Returns (answer, signature, when the state was read).
-        """
-        board = self._board
-        now = time.monotonic()
-        if board is None or now - board.read_at >= QUICK_ANSWER_MAX_AGE_S:
-            return None
-        checked = self._checked.get(client_id)
-        if checked is None or now - checked >= LAST_SEEN_RESOLUTION_S:
-            return None
-        if client_id in board.inactive or client_id in board.selected:
-            return None
-        return board.answer(), board.signature(client_id), board.read_at
-
-    async def current(self) -> Board:
-        """The board, read again if it was older than ``TASK_POLL_S`` when asked for.
-
-        Callers queued behind a read take its result: re-reading once per caller whenever a read
-        took longer than ``TASK_POLL_S`` (a busy machine) made 1,000 held requests file through
-        the lock one read each, and long-polls came back tens of seconds late.
-        """
-        asked = time.monotonic()
-        board = self._board
-        if board is not None and asked - board.read_at < TASK_POLL_S:
-            return board
-        async with self._lock:
-            board = self._board
-            if board is None or asked - board.read_at >= TASK_POLL_S:
-                board = self._board = await run_in_threadpool(_read_board, self.engine)
-        return board
-
-    async def wait_change(self, timeout: float) -> Board:
-        """The board once it next changes, or after ``timeout``, whichever comes first.
-
-        Sleeping a fixed ``TASK_POLL_S`` between checks made a client learn of its round up to two
-        intervals late; now one refresher reads the state every ``BOARD_REFRESH_S`` while anyone
-        waits and wakes every waiter when it changes.
-        """
-        self._held += 1
-        if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.create_task(self._refresh())
-        changed = self._changed
-        try:
-            await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            pass
-        finally:
-            self._held -= 1
-        return await self.current()
-
-    async def _refresh(self) -> None:
-        while self._held > 0:
-            before = self._board
-            board = self._board = await run_in_threadpool(_read_board, self.engine)
-            if before is None or board.state() != before.state():
-                self._changed.set()
-                self._changed = asyncio.Event()
-            await asyncio.sleep(self._interval(board))
-
-    def _interval(self, board: Board) -> float:
-        """How long to sleep before the next read: shorter while a running experiment is between rounds."""
-        if board.experiment_status != "running" or board.round is not None:
-            self._gap_since = None
-            return BOARD_REFRESH_S
-        if self._gap_since is None:
-            self._gap_since = board.read_at
-        return BOARD_REFRESH_FAST_S if board.read_at - self._gap_since < BOARD_FAST_WINDOW_S else BOARD_REFRESH_S
-
-
-def _task_board(request: Request, engine) -> TaskBoard:  # type: ignore[no-untyped-def]
-    """The app's task board, made on first use (and again if the app got a new engine)."""
-    board = getattr(request.app.state, "task_board", None)
-    if board is None or board.engine is not engine:
-        board = request.app.state.task_board = TaskBoard(engine)
-    return board
-
-
 @router.get("/clients/{client_id}/task", responses=openapi.errors(400, 404))
 async def get_client_task(
     client_id: str,
-    request: Request,
-    engine: EngineDep,
+    board: TaskBoardDep,
     principal: PrincipalDep,
     wait: float = Query(default=0.0, ge=0.0, le=30.0, description="long-poll: seconds to wait for work"),
 ) -> dict:
@@ -529,32 +273,4 @@ async def get_client_task(
     """
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
-    deadline = time.monotonic() + wait
-    board = _task_board(request, engine)
-    # A long-poll that the board can answer starts without a database session; it is held below,
-    # so an answer from a board up to QUICK_ANSWER_MAX_AGE_S old is corrected once a newer read differs.
-    quick = board.quick_answer(client_id) if wait >= QUICK_ANSWER_MAX_AGE_S else None
-    if quick is not None:
-        task, signature, checked_at = quick
-    else:
-        checked_at = time.monotonic()
-        task, signature = await run_in_threadpool(_task, engine, client_id)
-        board.checked(client_id, checked_at)
-    while task["status"] in ("wait", "idle"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        current = await board.wait_change(min(TASK_POLL_S, remaining))
-        # Only a state read after our own answer can tell that the answer is out of date.
-        if current.read_at >= checked_at and current.signature(client_id) != signature:
-            # A change that cannot concern this client (an experiment started or ended, a round it is
-            # not in opened or closed) is answered from the board too: re-running every waiter's
-            # query at once at each change made the selected clients queue behind 1,000 others.
-            quick = board.quick_answer(client_id)
-            if quick is not None and quick[2] >= checked_at:
-                task, signature, checked_at = quick
-                continue
-            checked_at = time.monotonic()
-            task, signature = await run_in_threadpool(_task, engine, client_id)
-            board.checked(client_id, checked_at)
-    return task
+    return await board.next_task(client_id, wait)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -15,18 +13,19 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from api import openapi
-from api.deps import BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
+from api.deps import BlobsDep, BodyStreamDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
+from api.multipart import ReceivedForm, receive_form
 from fedloom_core.errors import InvalidRequest, NotFound
 from fedloom_core.learning import weights
 from fedloom_core.learning.export import export_onnx
 from fedloom_core.messages import UpdateNotice
+from fedloom_core.settings import Settings
 from fedloom_core.storage import uploads
 from fedloom_core.storage.db import Experiment, GlobalModel
 from fedloom_core.storage.repo import iso, latest_experiment, latest_model, session_scope
 from workflows.experiment import ExperimentWorkflow, workflow_id
 
 router = APIRouter(tags=["models"])
-log = logging.getLogger("fedloom.api")
 FORMATS = ("pytorch", "safetensors", "onnx")
 CHUNK = 1 << 20
 # Pieces of a streamed model download: each is one hop between the event loop and a worker thread.
@@ -168,33 +167,6 @@ async def download_model(
     )
 
 
-async def _body(request: Request, settings, engine) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
-    """The request body as it arrives.
-
-    Fault injection for the crash tests: ``FEDLOOM_FAULT_PAUSE_UPLOAD=<round>:<seconds>`` holds the
-    first upload of that round after its first piece has arrived, once per data dir (a marker file
-    remembers it), so a test can kill the API mid-upload. Unset (the default) it does nothing.
-    """
-    at, _, seconds = os.environ.get("FEDLOOM_FAULT_PAUSE_UPLOAD", "").partition(":")
-    marker = settings.data_dir / "fault-upload-paused"
-    pause = float(seconds) if seconds and not marker.exists() else 0.0
-    if pause and await run_in_threadpool(_current_round, engine) != int(at):
-        pause = 0.0
-    async for chunk in request.stream():
-        yield chunk
-        if pause:
-            marker.touch()
-            log.warning("fault injection: pausing an upload %.1f s after its first %d bytes", pause, len(chunk))
-            await asyncio.sleep(pause)
-            pause = 0.0
-
-
-def _current_round(engine) -> int | None:  # type: ignore[no-untyped-def]
-    with session_scope(engine) as s:
-        exp = latest_experiment(s)
-        return exp.current_round if exp else None
-
-
 def _form_body(required: list[str]) -> dict:
     """The multipart request body, documented by hand: the route reads the body itself, as a stream."""
     properties = {
@@ -205,19 +177,17 @@ def _form_body(required: list[str]) -> dict:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-async def _receive(request: Request, settings, engine, required: tuple[str, ...]) -> uploads.ReceivedForm:  # type: ignore[no-untyped-def]
+async def _receive(
+    body: AsyncIterator[bytes], request: Request, settings: Settings, required: tuple[str, ...]
+) -> ReceivedForm:
     """Stream the multipart body: the model file goes to ``<data dir>/tmp`` (beside the blobs) while it is hashed."""
-    form = await uploads.receive_form(
-        _body(request, settings, engine),
-        request.headers.get("content-type"),
-        settings.data_dir / "tmp",
-        int(settings.max_upload_mb * 1e6),
+    form = await receive_form(
+        body, request.headers.get("content-type"), settings.data_dir / "tmp", int(settings.max_upload_mb * 1e6)
     )
     try:
         form.require(*required)
     except BaseException:
-        if form.path is not None:
-            uploads.cleanup(form.path)
+        form.discard()
         raise
     return form
 
@@ -230,6 +200,7 @@ async def _receive(request: Request, settings, engine, required: tuple[str, ...]
 async def upload_update(
     client_id: str,
     request: Request,
+    body: BodyStreamDep,
     engine: EngineDep,
     blobs: BlobsDep,
     settings: SettingsDep,
@@ -239,7 +210,7 @@ async def upload_update(
     """Receive a client's locally trained model; it is validated before aggregation."""
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
-    form = await _receive(request, settings, engine, ("model_file", "metrics"))
+    form = await _receive(body, request, settings, ("model_file", "metrics"))
     assert form.path is not None
     try:
         parsed = uploads.parse_metrics(form.fields["metrics"])
@@ -253,7 +224,7 @@ async def upload_update(
             upload_sha256=form.sha256,
         )
     finally:
-        uploads.cleanup(form.path)
+        form.discard()
     upd = stored.update
     # The workflow waits for the round's last update (or its deadline); the database is the record.
     # So only the upload that completes the round wakes it, naming every client that reported: one
@@ -306,6 +277,7 @@ async def get_update(update_id: str, engine: EngineDep, principal: PrincipalDep)
 async def validate_update(
     client_id: str,
     request: Request,
+    body: BodyStreamDep,
     engine: EngineDep,
     blobs: BlobsDep,
     settings: SettingsDep,
@@ -314,7 +286,7 @@ async def validate_update(
     """Run an upload's checks as a dry run that stores nothing."""
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
-    form = await _receive(request, settings, engine, ("model_file",))
+    form = await _receive(body, request, settings, ("model_file",))
     assert form.path is not None
     try:
         checks = await run_in_threadpool(
@@ -326,7 +298,7 @@ async def validate_update(
             raw_metrics=form.fields.get("metrics"),
         )
     finally:
-        uploads.cleanup(form.path)
+        form.discard()
     return {
         "client_id": client_id,
         "valid": all(c.passed for c in checks),

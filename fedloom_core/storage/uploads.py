@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import secrets
 import tempfile
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from fedloom_core.errors import (
     InvalidRequest,
     ModelValidationFailed,
     NotFound,
-    PayloadTooLarge,
     RoundNotActive,
 )
 from fedloom_core.learning import weights
@@ -46,6 +44,8 @@ class Target:
 
 @dataclass(frozen=True)
 class StoredUpdate:
+    """The update record of an upload, and whether this upload created it."""
+
     update: Update
     created: bool
     # Set when this upload was the one that completed its round: every selected client (sorted).
@@ -54,8 +54,6 @@ class StoredUpdate:
 
 def parse_metrics(raw: str | None) -> dict[str, Any]:
     """The upload's ``metrics`` form field, which must be a JSON object with ``data_samples`` > 0."""
-    import json
-
     if raw is None or raw == "":
         raise InvalidRequest("metrics are required", "form field 'metrics' must be a JSON object with data_samples")
     try:
@@ -198,40 +196,47 @@ def store_update(
         metrics=metrics,
     )
     try:
-        with session_scope(engine) as s:
-            # Taking the round row first serialises this insert with close_round, and with the round's
-            # other uploads: the count it returns tells exactly one of them that it completed the round
-            # (only selected clients reach here, and each one's update is unique).
-            opened = s.execute(
-                sa_update(Round)
-                .where(Round.experiment_id == target.experiment_id, Round.round == target.round, Round.status == "open")
-                .values(upload_count=Round.upload_count + 1)
-                .returning(Round.upload_count, Round.selected_clients)
-            ).first()
-            if opened is None:
-                raise RoundNotActive(
-                    "Specified round is not currently active", f"round {target.round} closed before the upload finished"
-                )
-            count, selected = opened
-            s.add(update)
-            now = utcnow()
-            s.execute(sa_update(Client).where(Client.client_id == client_id).values(last_update=now, last_seen=now))
-            emit_event(
-                s,
-                type="client_update",
-                experiment_id=target.experiment_id,
-                client_id=client_id,
-                status="training_completed",
-                round=target.round,
-                metrics={k: metrics.get(k) for k in ("local_accuracy", "local_loss", "training_time") if k in metrics},
-            )
+        completed = _record(engine, target, update)
     except IntegrityError:
         existing = _existing(engine, target, client_id)
         if existing is None:
             raise
         return _repeat(existing, digest)
+    return StoredUpdate(update, True, completed)
+
+
+def _record(engine: Engine, target: Target, update: Update) -> list[str] | None:
+    """Insert ``update`` while its round is open; every selected client (sorted) if it completed the round."""
+    with session_scope(engine) as s:
+        # Taking the round row first serialises this insert with close_round, and with the round's
+        # other uploads: the count it returns tells exactly one of them that it completed the round
+        # (only selected clients reach here, and each one's update is unique).
+        opened = s.execute(
+            sa_update(Round)
+            .where(Round.experiment_id == target.experiment_id, Round.round == target.round, Round.status == "open")
+            .values(upload_count=Round.upload_count + 1)
+            .returning(Round.upload_count, Round.selected_clients)
+        ).first()
+        if opened is None:
+            raise RoundNotActive(
+                "Specified round is not currently active", f"round {target.round} closed before the upload finished"
+            )
+        count, selected = opened
+        s.add(update)
+        now = utcnow()
+        s.execute(sa_update(Client).where(Client.client_id == update.client_id).values(last_update=now, last_seen=now))
+        metrics = update.metrics
+        emit_event(
+            s,
+            type="client_update",
+            experiment_id=target.experiment_id,
+            client_id=update.client_id,
+            status="training_completed",
+            round=target.round,
+            metrics={k: metrics.get(k) for k in ("local_accuracy", "local_loss", "training_time") if k in metrics},
+        )
     everyone = set(selected)
-    return StoredUpdate(update, True, sorted(everyone) if count >= len(everyone) else None)
+    return sorted(everyone) if count >= len(everyone) else None
 
 
 def round_reported(engine: Engine, experiment_id: str, round: int) -> list[str] | None:
@@ -283,14 +288,6 @@ def _repeat(existing: Update, digest: str) -> StoredUpdate:
             f"({existing.update_id})",
         )
     return StoredUpdate(existing, False)
-
-
-def cleanup(path: Path) -> None:
-    """Remove a spooled upload, if it is still there."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 @dataclass(frozen=True)
@@ -351,148 +348,3 @@ def get_update(engine: Engine, update_id: str) -> Update:
     if upd is None:
         raise NotFound("Resource not found", f"update '{update_id}' does not exist")
     return upd
-
-
-# -- receiving the multipart body ------------------------------------------------------------------
-
-# Largest non-file form field we keep (the metrics JSON is a few hundred bytes).
-MAX_FIELD_BYTES = 1 << 20
-
-
-@dataclass
-class ReceivedForm:
-    """An upload's form: the model file spooled to disk with its digest, and the other fields."""
-
-    path: Path | None = None
-    sha256: str | None = None
-    size: int = 0
-    fields: dict[str, str] = field(default_factory=dict)
-
-    def require(self, *names: str) -> None:
-        """Raise INVALID_REQUEST naming every required form field that is missing."""
-        present = set(self.fields) | ({"model_file"} if self.path is not None else set())
-        missing = [name for name in names if name not in present]
-        if missing:
-            raise InvalidRequest(
-                "Malformed request body or parameters", "; ".join(f"{name}: Field required" for name in missing)
-            )
-
-
-class _FormReceiver:
-    """python-multipart callbacks that write the ``model_file`` part straight to a spool file.
-
-    Each piece of the body is written and hashed as it arrives: the file is never held in memory
-    and is written once, where the generic form parser would spool it to a temporary file first
-    and leave the copy to the route.
-    """
-
-    def __init__(self, directory: Path, limit: int) -> None:
-        self.directory, self.limit = directory, limit
-        self.form = ReceivedForm()
-        self._headers: dict[bytes, bytes] = {}
-        self._field, self._value = b"", b""
-        self._name: str | None = None
-        self._file = None
-        self._digest = hashlib.sha256()
-        self._buffer = bytearray()
-
-    def callbacks(self) -> dict[str, Any]:
-        return {
-            "on_part_begin": self._part_begin,
-            "on_header_field": lambda data, start, end: self._extend("_field", data[start:end]),
-            "on_header_value": lambda data, start, end: self._extend("_value", data[start:end]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-        }
-
-    def _extend(self, attr: str, data: bytes) -> None:
-        setattr(self, attr, getattr(self, attr) + data)
-
-    def _part_begin(self) -> None:
-        self._headers, self._name = {}, None
-        self._buffer = bytearray()
-
-    def _header_end(self) -> None:
-        self._headers[self._field.lower()] = self._value
-        self._field, self._value = b"", b""
-
-    def _headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
-        _kind, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        name = options.get(b"name", b"").decode("utf-8", "replace")
-        self._name = name
-        if name == "model_file" and self.form.path is None and self._file is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, spool = tempfile.mkstemp(prefix="upload-", dir=self.directory)
-            self.form.path = Path(spool)
-            self._file = os.fdopen(fd, "wb")
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        piece = memoryview(data)[start:end]
-        if self._file is not None and self._name == "model_file":
-            self.form.size += len(piece)
-            if self.form.size > self.limit:
-                raise PayloadTooLarge("Model file too large", f"the upload exceeds {self.limit} bytes")
-            self._file.write(piece)
-            self._digest.update(piece)
-        elif len(self._buffer) + len(piece) <= MAX_FIELD_BYTES:
-            self._buffer += piece
-        else:
-            raise InvalidRequest("Malformed request body or parameters", f"form field {self._name!r} is too large")
-
-    def _part_end(self) -> None:
-        if self._file is not None and self._name == "model_file":
-            self._file.close()
-            self._file = None
-            self.form.sha256 = self._digest.hexdigest()
-        elif self._name and self._name not in self.form.fields:
-            try:
-                self.form.fields[self._name] = self._buffer.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidRequest(
-                    "Malformed request body or parameters", f"form field {self._name!r} is not UTF-8 text"
-                ) from None
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self.form.path is not None:
-            cleanup(self.form.path)
-
-
-async def receive_form(
-    chunks: AsyncIterator[bytes], content_type: str | None, directory: Path, limit: int
-) -> ReceivedForm:
-    """Read a multipart/form-data body, spooling its ``model_file`` part to ``directory`` as it arrives.
-
-    Bad bodies raise INVALID_REQUEST, a file over ``limit`` bytes PAYLOAD_TOO_LARGE; on any error
-    nothing is left on disk. The caller removes ``form.path`` when done with it.
-    """
-    from python_multipart.exceptions import MultipartParseError
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    kind, options = parse_options_header(content_type or "")
-    boundary = options.get(b"boundary")
-    if kind != b"multipart/form-data" or not boundary:
-        raise InvalidRequest(
-            "Malformed request body or parameters", "the body must be multipart/form-data with a boundary"
-        )
-    receiver = _FormReceiver(directory, limit)
-    try:
-        parser = MultipartParser(boundary, receiver.callbacks())
-        async for chunk in chunks:
-            parser.write(chunk)
-        parser.finalize()
-        if receiver._file is not None:  # the body ended inside the file part
-            raise InvalidRequest("Malformed request body or parameters", "the multipart body is cut short")
-    except MultipartParseError as exc:
-        receiver.abort()
-        raise InvalidRequest("Malformed request body or parameters", f"multipart body: {exc}") from None
-    except BaseException:
-        receiver.abort()
-        raise
-    return receiver.form

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.routes.clients import (
+from api.taskboard import (
     BOARD_FAST_WINDOW_S,
     BOARD_REFRESH_FAST_S,
     BOARD_REFRESH_S,
