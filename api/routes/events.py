@@ -1,32 +1,6 @@
 """``WS /ws/events``: the event log (the ``event`` table), replayed from ``?since=`` and then followed live.
 
-Connecting (the route lives at the root, not under ``/api/v1``):
-
-* Auth: ``Authorization: Bearer <key>``, or ``?api_key=<key>`` for browsers. A missing or unknown
-  key is **accepted and then closed with code 4401** (a browser cannot see the status of a refused
-  handshake, but it sees a close code and reason). The admin key sees every event; a client key sees
-  experiment-level events (no ``client_id``) and its own client's events only.
-* ``?since=<event_id>``: first every stored event with ``event_id > since`` in order, then live
-  events; ``since=0`` replays the whole log. Without ``since``: only events from connection time on.
-  A malformed ``since`` closes with 4400. To resume after a disconnect, reconnect with the last
-  ``event_id`` received: nothing is lost and nothing repeats.
-* Each message is one JSON event: the stored body (``type``, ``timestamp``, ...) plus ``event_id``;
-  ids strictly increase on a connection.
-* Client keys may hold ``settings.rate_limit_websockets`` connections at once **per API process**
-  (admin: unlimited); one more is accepted and closed with 4429. A listener that falls more than
-  ``QUEUE_MAX`` events behind is closed with 1013 and should reconnect with ``since``.
-
-Delivery: one :class:`EventHub` per API process polls ``event_id > cursor ORDER BY event_id`` every
-``POLL_S`` in a worker thread and fans out to its connections, so several API processes can serve
-listeners of one database. It stops polling ``IDLE_STOP_S`` after its last listener leaves.
-
-PostgreSQL gaps: sequence ids are handed out at insert but become visible at commit, so id 11 can
-be seen before id 10. On PostgreSQL the hub delivers nothing past a missing id until it appears or
-has been missing for ``GAP_WAIT_S`` (then it is taken for a rolled-back transaction's id and
-skipped); a rollback therefore delays live delivery by that much once. An event whose transaction
-commits later still than that is not delivered live (a later ``since`` replay does include it).
-On a (re)start the PostgreSQL hub begins ``LOOKBACK`` ids below the newest, so transactions in
-flight at that moment are covered too. SQLite serialises writers, so ids commit in order there.
+Auth, ``since``, close codes and how delivery handles PostgreSQL's id gaps: see ``docs/events.md``.
 """
 
 from __future__ import annotations
@@ -224,7 +198,7 @@ async def _refuse(ws: WebSocket, code: int, reason: str) -> None:
 
 @router.websocket("/ws/events")
 async def events(ws: WebSocket) -> None:
-    """Stream events as JSON messages; see the module docstring for auth, ``since`` and close codes."""
+    """Stream events as JSON messages; ``docs/events.md`` describes auth, ``since`` and close codes."""
     state = ws.app.state
     key = _key_of(ws)
     principal = None
