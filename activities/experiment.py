@@ -1,7 +1,9 @@
-"""Activities of ExperimentWorkflow: all database, blob-store and model work.
+"""Light activities of ExperimentWorkflow, on the experiments queue: the database steps of a round.
 
-Every activity is idempotent: Temporal may run one again after a crash, so each checks what
-is already recorded before writing, and blobs are written under keys fixed by the round.
+Every activity is idempotent: Temporal may run one again after a crash, so each checks what is
+already recorded before writing, and blobs are written under keys fixed by the round. The round
+logic they call (selection, client configs, trust) is in ``fedloom_core.policy``. The workflow
+imports this class for its activity references, so torch loads only inside the methods that use it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.aggregation import heartbeat
-from fedloom_core.learning import weights
-from fedloom_core.learning.zoo import build_model, parameters_count
 from fedloom_core.messages import (
+    INSUFFICIENT_CLIENTS,
+    ROUND_DENIED,
     CompleteRoundInput,
     FinishInput,
     InitInput,
@@ -31,13 +33,12 @@ from fedloom_core.messages import (
     Selection,
     UpdateRef,
 )
-from fedloom_core.policy.rules import Decision, evaluate
-from fedloom_core.policy.selection import Candidate, select_clients
+from fedloom_core.policy.rules import validate_rules
+from fedloom_core.policy.selection import Candidate, client_configs, round_control, select_clients
+from fedloom_core.storage import round_records
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import (
     Client,
-    ClientMetrics,
-    ClientRoundScore,
     Experiment,
     ExperimentClient,
     GlobalModel,
@@ -49,24 +50,17 @@ from fedloom_core.storage.db import (
 from fedloom_core.storage.keys import model_id_for, model_key
 from fedloom_core.storage.repo import emit_event, session_scope
 
-INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
-ROUND_DENIED = "ROUND_DENIED"
 SELECTION_POLL_S = 0.5
 
 
 def _client_config(inp: OpenRoundInput) -> dict[str, dict]:
-    """Per-client training parameters for the round: the strategy's, then configure rules' on top."""
+    """Per-client training parameters for the round: round_control's, the strategy's, then configure rules'."""
     from fedloom_core.learning.strategies import build_strategy
 
     strategy = build_strategy(inp.strategy, inp.params, weighted=True)
-    config: dict[str, dict] = {cid: dict(inp.round_config) for cid in inp.selected}
-    for cid, settings in strategy.configure_round(inp.round, inp.selected).items():
-        config.setdefault(cid, {}).update(settings)
-    for cid in inp.selected:
-        configured = inp.policy_results.get(cid, {}).get("configure") or {}
-        if configured:
-            config.setdefault(cid, {}).update(configured)
-    return {cid: v for cid, v in config.items() if v}
+    return client_configs(
+        inp.selected, inp.round_config, strategy.configure_round(inp.round, inp.selected), inp.policy_results
+    )
 
 
 class ExperimentActivities:
@@ -79,6 +73,8 @@ class ExperimentActivities:
     # -- helpers ---------------------------------------------------------------------------
 
     def _store_model(self, experiment_id: str, round: int, state: dict, params: int) -> ModelRef:
+        from fedloom_core.learning import weights
+
         with tempfile.TemporaryDirectory(prefix="fedloom-model-") as tmp:
             path = Path(tmp) / "model.safetensors"
             weights.save_state(state, path)
@@ -97,6 +93,8 @@ class ExperimentActivities:
     @activity.defn(name="init_experiment")
     def init_experiment(self, inp: InitInput) -> ModelRef:
         """Create the initial global model (round 0) and mark the experiment running."""
+        from fedloom_core.learning.zoo import build_model, parameters_count
+
         model = build_model(inp.architecture, inp.input_shape, inp.num_classes, seed=inp.seed)
         ref = self._store_model(inp.experiment_id, 0, model.state_dict(), parameters_count(model))
         with session_scope(self.engine) as s:
@@ -144,29 +142,9 @@ class ExperimentActivities:
             )
         return candidates
 
-    @staticmethod
-    def _round_control(rules, inp: SelectClientsInput, registered: int, eligible: int) -> Decision:  # type: ignore[no-untyped-def]
-        """Whether round_control rules let the round start now, and what they configure for all its clients.
-
-        The clock is read here, not taken from the workflow: a held round starts as soon as the rules allow.
-        """
-        if not rules:
-            return Decision(allowed=True)
-        now = datetime.now(UTC)
-        context = {
-            "round": inp.round,
-            "hour_utc": now.hour,
-            "weekday": now.weekday(),
-            "registered_clients": registered,
-            "eligible_clients": eligible,
-        }
-        return evaluate(rules, "round_control", context)
-
     @activity.defn(name="select_clients")
     def select_clients(self, inp: SelectClientsInput) -> Selection:
         """Sample the round's clients, waiting (with a deadline) until enough are eligible."""
-        from fedloom_core.policy.rules import validate_rules
-
         rules = validate_rules(inp.policy.rules) if inp.policy.rules else None
         deadline = time.monotonic() + inp.timeout_s
         while True:
@@ -182,7 +160,16 @@ class ExperimentActivities:
                 now_hour_utc=inp.hour_utc,
                 weekday=inp.weekday,
             )
-            held = self._round_control(rules, inp, len(candidates), outcome.eligible)
+            # The clock is read here, not taken from the workflow: a held round starts as soon as the rules allow.
+            now = datetime.now(UTC)
+            held = round_control(
+                rules,
+                round=inp.round,
+                hour_utc=now.hour,
+                weekday=now.weekday(),
+                registered=len(candidates),
+                eligible=outcome.eligible,
+            )
             if outcome.selected and held.allowed:
                 return Selection(
                     selected=outcome.selected,
@@ -272,8 +259,7 @@ class ExperimentActivities:
 
     @activity.defn(name="complete_round")
     def complete_round(self, inp: CompleteRoundInput) -> None:
-        """Persist the round's model and metrics, mark its updates accepted, and announce it."""
-        ev = inp.evaluation
+        """Persist the round's model and metrics, mark its updates accepted, score its clients and announce it."""
         with session_scope(self.engine) as s:
             done = s.exec(
                 select(RoundMetrics).where(
@@ -282,76 +268,15 @@ class ExperimentActivities:
             ).first()
             if done is not None:
                 return
-            now = utcnow()
-            s.add(
-                GlobalModel(
-                    model_id=inp.model.model_id,
-                    experiment_id=inp.experiment_id,
-                    round=inp.round,
-                    blob_key=inp.model.blob_key,
-                    sha256=inp.model.sha256,
-                    size_bytes=inp.model.size_bytes,
-                    parameters_count=inp.model.parameters_count,
-                    accuracy=ev.accuracy,
-                    loss=ev.loss,
-                )
-            )
-            s.add(
-                RoundMetrics(
-                    experiment_id=inp.experiment_id,
-                    round=inp.round,
-                    global_accuracy=ev.accuracy,
-                    global_loss=ev.loss,
-                    participating_clients=len(inp.updates),
-                    round_duration=inp.round_duration,
-                    aggregation_time=inp.aggregation_time,
-                    evaluation_time=ev.evaluation_time,
-                    model_id=inp.model.model_id,
-                )
-            )
-            included = {u.update_id for u in inp.updates}
-            rows = s.exec(
-                select(Update).where(Update.experiment_id == inp.experiment_id, Update.round == inp.round)
-            ).all()
-            for upd in rows:
-                if upd.client_id in inp.rejected:
-                    upd.validation_status, upd.reason = "rejected", inp.rejected[upd.client_id]
-                    s.add(upd)
-                    emit_event(
-                        s,
-                        type="update_rejected",
-                        experiment_id=inp.experiment_id,
-                        client_id=upd.client_id,
-                        round=inp.round,
-                        reason=upd.reason,
-                    )
-                    continue
-                if upd.update_id not in included:
-                    continue
-                upd.validation_status = "accepted"
-                s.add(upd)
-                m = upd.metrics
-                s.add(
-                    ClientMetrics(
-                        experiment_id=inp.experiment_id,
-                        round=inp.round,
-                        client_id=upd.client_id,
-                        local_accuracy=m.get("local_accuracy"),
-                        local_loss=m.get("local_loss"),
-                        training_time=m.get("training_time"),
-                        communication_time=m.get("communication_time"),
-                        data_samples=upd.num_samples,
-                        epochs_completed=m.get("epochs_completed"),
-                    )
-                )
+            round_records.record_model(s, inp)
+            delivered = round_records.record_updates(s, inp)
             rnd = s.exec(select(Round).where(Round.experiment_id == inp.experiment_id, Round.round == inp.round)).one()
             rnd.status = "completed"
-            rnd.completed_at = now
+            rnd.completed_at = utcnow()
             rnd.strategy_info = inp.strategy_info
             s.add(rnd)
-            self._score_clients(s, inp, rnd.selected_clients, {u.client_id for u in rows})
-            progress = inp.round / inp.total_rounds
-            metrics = {"accuracy": ev.accuracy, "loss": ev.loss}
+            round_records.record_scores(s, inp, rnd.selected_clients, delivered)
+            metrics = {"accuracy": inp.evaluation.accuracy, "loss": inp.evaluation.loss}
             emit_event(
                 s,
                 type="round_completed",
@@ -366,70 +291,8 @@ class ExperimentActivities:
                 type="training_progress",
                 experiment_id=inp.experiment_id,
                 round=inp.round,
-                progress=progress,
+                progress=inp.round / inp.total_rounds,
                 metrics=metrics,
-            )
-
-    @staticmethod
-    def _score_clients(s, inp: CompleteRoundInput, selected: list[str], delivered: set[str]) -> None:  # type: ignore[no-untyped-def]
-        """Move each selected client's trust, reliability, failures and contribution; record the history."""
-        from fedloom_core.policy import trust
-
-        accepted = {u.client_id for u in inp.updates}
-        shares = trust.contribution_shares(inp.evaluation.loo_loss_deltas) if inp.evaluation.loo_loss_deltas else {}
-        max_failures = inp.policy.max_client_failures
-        # Two queries for all the selected clients, not two per client.
-        clients = {c.client_id: c for c in s.exec(select(Client).where(Client.client_id.in_(selected))).all()}  # type: ignore[attr-defined]
-        standing = {
-            e.client_id: e
-            for e in s.exec(
-                select(ExperimentClient).where(
-                    ExperimentClient.experiment_id == inp.experiment_id,
-                    ExperimentClient.client_id.in_(selected),  # type: ignore[attr-defined]
-                )
-            ).all()
-        }
-        for cid in selected:
-            client = clients.get(cid)
-            if client is None:
-                continue
-            own = standing.get(cid)
-            if own is None:
-                own = ExperimentClient(experiment_id=inp.experiment_id, client_id=cid, trust_score=trust.TRUST_PRIOR)
-            stats = inp.stats.get(cid, {})
-            ok = cid in accepted
-            anomaly = stats.get("anomaly", 0.0) if ok else 1.0
-            own.trust_score = trust.update_trust(own.trust_score, trust.observation(cid in delivered, ok, anomaly))
-            own.selections += 1
-            own.deliveries += 1 if ok else 0
-            own.failures += 0 if ok else 1
-            own.last_round = inp.round
-            if cid in shares:
-                own.contribution_score = trust.update_contribution(own.contribution_score, shares[cid])
-            if max_failures is not None and own.failures > max_failures:
-                own.status = "inactive"
-            s.add(own)
-            client.trust_score = own.trust_score
-            client.contribution_score = own.contribution_score
-            # A client that missed the deadline is inactive until it polls again; one whose update was
-            # rejected is still connected: its trust, not its status, decides whether it is selected.
-            client.status = "active" if cid in delivered else "inactive"
-            s.add(client)
-            s.add(
-                ClientRoundScore(
-                    experiment_id=inp.experiment_id,
-                    round=inp.round,
-                    client_id=cid,
-                    delivered=cid in delivered,
-                    accepted=ok,
-                    reason=inp.rejected.get(cid) or (None if cid in delivered else "no update before the deadline"),
-                    update_norm=stats.get("update_norm"),
-                    norm_ratio=stats.get("norm_ratio"),
-                    cosine_similarity=stats.get("cosine_similarity"),
-                    anomaly=stats.get("anomaly"),
-                    trust_score=own.trust_score,
-                    contribution=shares.get(cid),
-                )
             )
 
     @activity.defn(name="finish_experiment")

@@ -13,6 +13,10 @@ from fedloom_core.schemas import PolicyConfig, StartRequest
 WORKFLOW_TASK_QUEUE = "fedloom-experiments"
 AGGREGATION_TASK_QUEUE = "fedloom-aggregation"
 
+# Failure types that end an experiment without retrying, raised by activities and the workflow.
+INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
+ROUND_DENIED = "ROUND_DENIED"
+
 
 class ModelRef(BaseModel):
     """A global model stored in the blob store; the workflow carries this, never the weights."""
@@ -119,16 +123,23 @@ class UpdateRef(BaseModel):
     num_samples: int
 
 
+class AggregationSpec(BaseModel):
+    """How an experiment aggregates: its strategy, parameters and server state."""
+
+    strategy: str = "FedAvg"
+    params: dict[str, Any] = Field(default_factory=dict)
+    weighted: bool = True
+    # Blob key of the strategy's server state after the previous round (FedAdam's moments, ...).
+    state_key: str | None = None
+    seed: int = 0
+
+
 class AggregateInput(BaseModel):
     experiment_id: str
     round: int
-    updates: list[UpdateRef]
-    weighted: bool = True
     previous: ModelRef
-    strategy: str = "FedAvg"
-    params: dict[str, Any] = Field(default_factory=dict)
-    state_key: str | None = None
-    seed: int = 0
+    updates: list[UpdateRef]
+    spec: AggregationSpec
 
 
 class AggregateOutput(BaseModel):
@@ -155,16 +166,22 @@ class ValidationOutcome(BaseModel):
     stats: dict[str, dict[str, float]] = Field(default_factory=dict)
 
 
-class EvaluateInput(BaseModel):
-    experiment_id: str
-    model: ModelRef
+class EvaluationSpec(BaseModel):
+    """How a round's new model is evaluated on the server: the built-in model and dataset."""
+
     dataset: str
     architecture: str
     input_shape: list[int]
     num_classes: int
-    # When given: leave-one-out contributions of these (accepted) updates.
-    updates: list[UpdateRef] = Field(default_factory=list)
     weighted: bool = True
+
+
+class EvaluateInput(BaseModel):
+    experiment_id: str
+    model: ModelRef
+    spec: EvaluationSpec
+    # With two or more: the leave-one-out contribution of each of these (accepted) updates.
+    updates: list[UpdateRef] = Field(default_factory=list)
 
 
 class Evaluation(BaseModel):
@@ -177,16 +194,13 @@ class Evaluation(BaseModel):
 
 
 class ProcessRoundInput(BaseModel):
-    """A round's heavy work in one activity: validate the received updates, aggregate the accepted
-    ones, evaluate the new model. The activity puts the accepted updates into ``aggregation.updates``
-    and the new model (and, with contribution scores, the accepted updates) into ``evaluation``;
-    what those fields hold on the way in is not used."""
+    """A round's heavy work in one activity: validate the received updates, aggregate the accepted ones
+    and evaluate the new model (with leave-one-out scores when the policy asks for contribution scores)."""
 
     validation: ValidateInput
-    aggregation: AggregateInput
-    evaluation: EvaluateInput
+    aggregation: AggregationSpec
+    evaluation: EvaluationSpec
     min_updates: int
-    contribution_scores: bool = True
 
 
 class ProcessRoundOutput(BaseModel):

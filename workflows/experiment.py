@@ -8,6 +8,7 @@ model happens in an activity. Weights never pass through Temporal; the workflow 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,12 +17,16 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from activities.aggregation import AggregationActivities
+    from activities.experiment import ExperimentActivities
     from fedloom_core.messages import (
+        INSUFFICIENT_CLIENTS,
+        ROUND_DENIED,
         AggregateInput,
-        AggregateOutput,
+        AggregationSpec,
         CompleteRoundInput,
         EvaluateInput,
-        Evaluation,
+        EvaluationSpec,
         ExperimentInput,
         ExperimentResult,
         ExperimentState,
@@ -40,9 +45,8 @@ with workflow.unsafe.imports_passed_through():
         ValidationOutcome,
     )
     from fedloom_core.temporal import CURRENT_ROUND, EXPERIMENT_ID, EXPERIMENT_STATUS, STRATEGY
+
 WORKFLOW_NAME = "ExperimentWorkflow"
-INSUFFICIENT_CLIENTS = "INSUFFICIENT_CLIENTS"
-ROUND_DENIED = "ROUND_DENIED"
 # Histories recorded before the workflow kept its search attributes up to date replay without them.
 SEARCH_ATTRIBUTES_PATCH = "search-attributes-v1"
 # Histories recorded before the short database steps ran as local activities replay with them as
@@ -52,7 +56,8 @@ LOCAL_STEPS_PATCH = "local-steps-v1"
 # (process_round) replay with the three activities they scheduled.
 FUSED_ROUND_PATCH = "fused-round-v1"
 
-_SHORT = dict(
+# The database steps, as local activities on new runs and as normal activities on older ones.
+_DB_STEP = dict(
     start_to_close_timeout=timedelta(seconds=60),
     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
 )
@@ -61,12 +66,6 @@ _HEAVY = dict(
     # The heavy activities heartbeat every 2 s from a background thread: a dead worker is noticed in 10 s.
     heartbeat_timeout=timedelta(seconds=10),
     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
-)
-
-
-_LOCAL = dict(
-    start_to_close_timeout=timedelta(seconds=60),
-    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
 )
 
 
@@ -91,89 +90,115 @@ class ExperimentWorkflow:
 
     @workflow.run
     async def run(self, inp: ExperimentInput) -> ExperimentResult:
-        cfg = inp.config
-        exp = cfg.experiment_config
-        self._total_rounds = exp.rounds
         state = inp.state
-        rounds_done = state.next_round - 1
+        self._total_rounds = inp.config.experiment_config.rounds
         # Decided once per run, before the first command, so a run takes one path throughout.
         self._local_steps = workflow.patched(LOCAL_STEPS_PATCH)
         self._fused_round = workflow.patched(FUSED_ROUND_PATCH)
         try:
             if state.global_model is None:
-                state.global_model = await self._short(
-                    "init_experiment",
-                    InitInput(
-                        experiment_id=inp.experiment_id,
-                        architecture=exp.model_architecture,
-                        input_shape=inp.input_shape,
-                        num_classes=inp.num_classes,
-                        seed=exp.seed,
-                    ),
-                    result_type=ModelRef,
-                )
+                state.global_model = await self._init_model(inp)
             self._global_model_id = state.global_model.model_id
             self._status = "running"
-            self._publish(inp, "running", rounds_done, strategy=True)
-            first_round = state.next_round
-            for rnd in range(state.next_round, exp.rounds + 1):
-                started = workflow.now()
-                self._publish(inp, "running", rnd)
-                state.global_model = await self._run_round(inp, rnd, state)
-                self._global_model_id = state.global_model.model_id
-                state.round_durations = [*state.round_durations, (workflow.now() - started).total_seconds()][-100:]
-                rounds_done = rnd
-                state.next_round = rnd + 1
-                rounds_this_run = rnd - first_round + 1
-                every = inp.continue_as_new_every
-                if rnd < exp.rounds and (
-                    workflow.info().is_continue_as_new_suggested() or (every is not None and rounds_this_run >= every)
-                ):
-                    await workflow.wait_condition(workflow.all_handlers_finished)
-                    workflow.continue_as_new(inp.model_copy(update={"state": state}))
+            self._publish(inp, "running", state.next_round - 1, strategy=True)
+            await self._run_rounds(inp, state)
             self._status = "completed"
-            self._publish(inp, "completed", rounds_done)
-            await self._finish(inp, "completed", rounds_done, state.global_model)
-            return ExperimentResult(
-                experiment_id=inp.experiment_id,
-                status="completed",
-                rounds_completed=rounds_done,
-                final_model_id=state.global_model.model_id,
-                final_accuracy=self._last.get("accuracy"),
-            )
+            self._publish(inp, "completed", state.next_round - 1)
+            await self._finish(inp, "completed", state.next_round - 1, state.global_model)
+            return self._result(inp, state, "completed")
         except (asyncio.CancelledError, ActivityError, ApplicationError) as exc:
             if not is_cancelled_exception(exc):
                 code = exc.type if isinstance(exc, ApplicationError) and exc.type else "INTERNAL_ERROR"
-                await self._fail(inp, rounds_done, state.global_model, code, str(exc))
+                await self._fail(inp, state.next_round - 1, state.global_model, code, str(exc))
                 raise
             self._status = "stopped"
             self._publish(inp, "stopped", self._round)
             reason = self._stop_reason or "cancelled"
-            await self._finish(inp, "stopped", rounds_done, state.global_model, reason=reason)
-            return ExperimentResult(
+            await self._finish(inp, "stopped", state.next_round - 1, state.global_model, reason=reason)
+            return self._result(inp, state, "stopped", reason)
+
+    def _result(self, inp: ExperimentInput, state: ExperimentState, status: str, reason: str | None = None):  # type: ignore[no-untyped-def]
+        return ExperimentResult(
+            experiment_id=inp.experiment_id,
+            status=status,
+            rounds_completed=state.next_round - 1,
+            final_model_id=state.global_model.model_id if state.global_model else None,
+            final_accuracy=self._last.get("accuracy"),
+            reason=reason,
+        )
+
+    async def _init_model(self, inp: ExperimentInput) -> ModelRef:
+        exp = inp.config.experiment_config
+        return await self._db_step(
+            ExperimentActivities.init_experiment,
+            InitInput(
                 experiment_id=inp.experiment_id,
-                status="stopped",
-                rounds_completed=rounds_done,
-                final_model_id=state.global_model.model_id if state.global_model else None,
-                final_accuracy=self._last.get("accuracy"),
-                reason=reason,
-            )
+                architecture=exp.model_architecture,
+                input_shape=inp.input_shape,
+                num_classes=inp.num_classes,
+                seed=exp.seed,
+            ),
+        )
+
+    async def _run_rounds(self, inp: ExperimentInput, state: ExperimentState) -> None:
+        """Run the remaining rounds, continuing as new when the history grows long or every N rounds."""
+        total = inp.config.experiment_config.rounds
+        first_round = state.next_round
+        for rnd in range(state.next_round, total + 1):
+            started = workflow.now()
+            self._publish(inp, "running", rnd)
+            state.global_model = await self._run_round(inp, rnd, state)
+            self._global_model_id = state.global_model.model_id
+            state.round_durations = [*state.round_durations, (workflow.now() - started).total_seconds()][-100:]
+            state.next_round = rnd + 1
+            every = inp.continue_as_new_every
+            if rnd < total and (
+                workflow.info().is_continue_as_new_suggested() or (every is not None and rnd - first_round + 1 >= every)
+            ):
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(inp.model_copy(update={"state": state}))
 
     async def _run_round(self, inp: ExperimentInput, rnd: int, state: ExperimentState) -> ModelRef:
-        cfg = inp.config
-        exp = cfg.experiment_config
-        agg = cfg.aggregation_config
         model = state.global_model
         assert model is not None
-        self._round = rnd
-        self._selected = []
-        self._reported = set()
+        self._round, self._selected, self._reported = rnd, [], set()
         self._status = "selecting"
         round_started = workflow.now()
         selection = await self._select(inp, rnd, round_started)
         self._selected = list(selection.selected)
-        await self._short(
-            "open_round",
+        await self._open_round(inp, rnd, selection, model)
+        self._status = "waiting_for_updates"
+        try:
+            await workflow.wait_condition(
+                lambda: self._reported >= set(self._selected), timeout=timedelta(seconds=inp.round_timeout_s)
+            )
+        except TimeoutError:
+            pass
+        # The database is the record of what was accepted; signals only wake us early.
+        self._status = "validating"
+        received: list[UpdateRef] = await self._db_step(
+            ExperimentActivities.close_round, RoundRef(experiment_id=inp.experiment_id, round=rnd)
+        )
+        validation = ValidateInput(
+            experiment_id=inp.experiment_id,
+            round=rnd,
+            global_model=model,
+            updates=received,
+            policy=inp.policy,
+            hour_utc=round_started.hour,
+            weekday=round_started.weekday(),
+        )
+        process = self._process_fused if self._fused_round else self._process_separately
+        done = await process(inp, state, validation)
+        state.strategy_state_key = done.aggregated.state_key
+        self._last = {"accuracy": done.evaluation.accuracy, "loss": done.evaluation.loss}
+        await self._complete_round(inp, rnd, done, round_started)
+        return done.aggregated.model
+
+    async def _open_round(self, inp: ExperimentInput, rnd: int, selection: Selection, model: ModelRef) -> None:
+        agg = inp.config.aggregation_config
+        await self._db_step(
+            ExperimentActivities.open_round,
             OpenRoundInput(
                 experiment_id=inp.experiment_id,
                 round=rnd,
@@ -187,126 +212,119 @@ class ExperimentWorkflow:
                 params=agg.params,
             ),
         )
-        self._status = "waiting_for_updates"
-        try:
-            await workflow.wait_condition(
-                lambda: self._reported >= set(self._selected), timeout=timedelta(seconds=inp.round_timeout_s)
-            )
-        except TimeoutError:
-            pass
-        # The database is the record of what was accepted; signals only wake us early.
-        self._status = "validating"
-        received: list[UpdateRef] = await self._short(
-            "close_round", RoundRef(experiment_id=inp.experiment_id, round=rnd), result_type=list[UpdateRef]
+
+    async def _complete_round(
+        self, inp: ExperimentInput, rnd: int, done: ProcessRoundOutput, round_started: datetime
+    ) -> None:
+        await self._db_step(
+            ExperimentActivities.complete_round,
+            CompleteRoundInput(
+                experiment_id=inp.experiment_id,
+                round=rnd,
+                total_rounds=inp.config.experiment_config.rounds,
+                model=done.aggregated.model,
+                evaluation=done.evaluation,
+                updates=done.validation.accepted,
+                round_duration=(workflow.now() - round_started).total_seconds(),
+                aggregation_time=done.aggregation_time,
+                selected=self._selected,
+                rejected=done.validation.rejected,
+                stats=done.validation.stats,
+                strategy_info=done.aggregated.info,
+                policy=inp.policy,
+            ),
         )
-        validation = ValidateInput(
-            experiment_id=inp.experiment_id,
-            round=rnd,
-            global_model=model,
-            updates=received,
-            policy=inp.policy,
-            hour_utc=round_started.hour,
-            weekday=round_started.weekday(),
-        )
-        aggregation = AggregateInput(
-            experiment_id=inp.experiment_id,
-            round=rnd,
-            updates=[],
-            weighted=agg.weighted,
-            previous=model,
+
+    @staticmethod
+    def _aggregation_spec(inp: ExperimentInput, state: ExperimentState, rnd: int) -> AggregationSpec:
+        exp, agg = inp.config.experiment_config, inp.config.aggregation_config
+        return AggregationSpec(
             strategy=agg.strategy,
             params=agg.params,
+            weighted=agg.weighted,
             state_key=state.strategy_state_key,
             seed=exp.seed * 1_000_003 + rnd,
         )
-        evaluation_input = EvaluateInput(
-            experiment_id=inp.experiment_id,
-            model=model,
+
+    @staticmethod
+    def _evaluation_spec(inp: ExperimentInput) -> EvaluationSpec:
+        exp = inp.config.experiment_config
+        return EvaluationSpec(
             dataset=exp.dataset,
             architecture=exp.model_architecture,
             input_shape=inp.input_shape,
             num_classes=inp.num_classes,
-            weighted=agg.weighted,
+            weighted=inp.config.aggregation_config.weighted,
         )
-        min_updates = agg.min_updates or exp.min_clients
-        if self._fused_round:
-            self._status = "aggregating"  # validation, aggregation and evaluation, in one activity
-            processed: ProcessRoundOutput = await workflow.execute_activity(
-                "process_round",
-                ProcessRoundInput(
-                    validation=validation,
-                    aggregation=aggregation,
-                    evaluation=evaluation_input,
-                    min_updates=min_updates,
-                    contribution_scores=inp.policy.contribution_scores,
-                ),
-                result_type=ProcessRoundOutput,
-                task_queue=inp.aggregation_queue,
-                **_HEAVY,
-            )
-            checked = processed.validation
-            self._check_enough(rnd, checked, received, min_updates)
-            assert processed.aggregated is not None and processed.evaluation is not None
-            aggregated, evaluation = processed.aggregated, processed.evaluation
-            aggregation_time = processed.aggregation_time
-        else:
-            checked = await workflow.execute_activity(
-                "validate_updates",
-                validation,
-                result_type=ValidationOutcome,
-                task_queue=inp.aggregation_queue,
-                **_HEAVY,
-            )
-            self._check_enough(rnd, checked, received, min_updates)
-            self._status = "aggregating"
-            agg_started = workflow.now()
-            aggregated = await workflow.execute_activity(
-                "aggregate_round",
-                aggregation.model_copy(update={"updates": checked.accepted}),
-                result_type=AggregateOutput,
-                task_queue=inp.aggregation_queue,
-                **_HEAVY,
-            )
-            aggregation_time = (workflow.now() - agg_started).total_seconds()
-            self._status = "evaluating"
-            scored = checked.accepted if inp.policy.contribution_scores else []
-            evaluation = await workflow.execute_activity(
-                "evaluate_model",
-                evaluation_input.model_copy(update={"model": aggregated.model, "updates": scored}),
-                result_type=Evaluation,
-                task_queue=inp.aggregation_queue,
-                **_HEAVY,
-            )
-        updates = checked.accepted
-        new_model = aggregated.model
-        state.strategy_state_key = aggregated.state_key
-        self._last = {"accuracy": evaluation.accuracy, "loss": evaluation.loss}
-        await self._short(
-            "complete_round",
-            CompleteRoundInput(
-                experiment_id=inp.experiment_id,
-                round=rnd,
-                total_rounds=exp.rounds,
-                model=new_model,
-                evaluation=evaluation,
-                updates=updates,
-                round_duration=(workflow.now() - round_started).total_seconds(),
-                aggregation_time=aggregation_time,
-                selected=self._selected,
-                rejected=checked.rejected,
-                stats=checked.stats,
-                strategy_info=aggregated.info,
-                policy=inp.policy,
-            ),
-        )
-        return new_model
 
     @staticmethod
-    def _check_enough(rnd: int, checked: ValidationOutcome, received: list[UpdateRef], min_updates: int) -> None:
+    def _min_updates(inp: ExperimentInput) -> int:
+        return inp.config.aggregation_config.min_updates or inp.config.experiment_config.min_clients
+
+    async def _process_fused(
+        self, inp: ExperimentInput, state: ExperimentState, validation: ValidateInput
+    ) -> ProcessRoundOutput:
+        """Validation, aggregation and evaluation in one activity on the aggregation queue."""
+        self._status = "aggregating"
+        done: ProcessRoundOutput = await workflow.execute_activity_method(
+            AggregationActivities.process_round,
+            ProcessRoundInput(
+                validation=validation,
+                aggregation=self._aggregation_spec(inp, state, validation.round),
+                evaluation=self._evaluation_spec(inp),
+                min_updates=self._min_updates(inp),
+            ),
+            task_queue=inp.aggregation_queue,
+            **_HEAVY,
+        )
+        self._check_enough(validation, done.validation, self._min_updates(inp))
+        return done
+
+    async def _process_separately(
+        self, inp: ExperimentInput, state: ExperimentState, validation: ValidateInput
+    ) -> ProcessRoundOutput:
+        """The same three steps as separate activities: runs started before "fused-round-v1" replay this path."""
+        checked = await workflow.execute_activity_method(
+            AggregationActivities.validate_updates, validation, task_queue=inp.aggregation_queue, **_HEAVY
+        )
+        self._check_enough(validation, checked, self._min_updates(inp))
+        self._status = "aggregating"
+        agg_started = workflow.now()
+        aggregated = await workflow.execute_activity_method(
+            AggregationActivities.aggregate_round,
+            AggregateInput(
+                experiment_id=inp.experiment_id,
+                round=validation.round,
+                previous=validation.global_model,
+                updates=checked.accepted,
+                spec=self._aggregation_spec(inp, state, validation.round),
+            ),
+            task_queue=inp.aggregation_queue,
+            **_HEAVY,
+        )
+        aggregation_time = (workflow.now() - agg_started).total_seconds()
+        self._status = "evaluating"
+        evaluation = await workflow.execute_activity_method(
+            AggregationActivities.evaluate_model,
+            EvaluateInput(
+                experiment_id=inp.experiment_id,
+                model=aggregated.model,
+                spec=self._evaluation_spec(inp),
+                updates=checked.accepted if inp.policy.contribution_scores else [],
+            ),
+            task_queue=inp.aggregation_queue,
+            **_HEAVY,
+        )
+        return ProcessRoundOutput(
+            validation=checked, aggregated=aggregated, evaluation=evaluation, aggregation_time=aggregation_time
+        )
+
+    @staticmethod
+    def _check_enough(validation: ValidateInput, checked: ValidationOutcome, min_updates: int) -> None:
         if len(checked.accepted) < min_updates:
             raise ApplicationError(
-                f"round {rnd} closed with {len(checked.accepted)} accepted update(s) of {len(received)} received, "
-                f"fewer than min_updates={min_updates}",
+                f"round {validation.round} closed with {len(checked.accepted)} accepted update(s) of "
+                f"{len(validation.updates)} received, fewer than min_updates={min_updates}",
                 type=INSUFFICIENT_CLIENTS,
                 non_retryable=True,
             )
@@ -320,8 +338,8 @@ class ExperimentWorkflow:
         reason: str | None = None,
         error_code: str | None = None,
     ) -> None:
-        await self._short(
-            "finish_experiment",
+        await self._db_step(
+            ExperimentActivities.finish_experiment,
             FinishInput(
                 experiment_id=inp.experiment_id,
                 status=status,
@@ -332,16 +350,12 @@ class ExperimentWorkflow:
             ),
         )
 
-    async def _short(self, name: str, arg: object, result_type: type | None = None) -> Any:
-        """Run a short database step of the experiments queue: a local activity on new runs.
-
-        A local activity runs in this worker straight from the workflow task, without a trip through
-        the Temporal server's task queue and a second workflow task to learn of its result. The steps
-        are idempotent, so running one again after a crash (its marker not yet recorded) is safe.
-        """
+    async def _db_step(self, step: Callable[[Any, Any], Any], arg: object) -> Any:
+        """Run a short, idempotent database step: a local activity on new runs (no round trip through the
+        server's task queue), a normal activity on runs started before "local-steps-v1"."""
         if self._local_steps:
-            return await workflow.execute_local_activity(name, arg, result_type=result_type, **_LOCAL)
-        return await workflow.execute_activity(name, arg, result_type=result_type, **_SHORT)
+            return await workflow.execute_local_activity_method(step, arg, **_DB_STEP)
+        return await workflow.execute_activity_method(step, arg, **_DB_STEP)
 
     async def _select(self, inp: ExperimentInput, rnd: int, round_started: datetime) -> Selection:
         """The round's clients; new runs first try a quick local selection, then wait in a normal activity.
@@ -366,10 +380,9 @@ class ExperimentWorkflow:
         )
         if self._local_steps:
             try:
-                return await workflow.execute_local_activity(
-                    "select_clients",
+                return await workflow.execute_local_activity_method(
+                    ExperimentActivities.select_clients,
                     request.model_copy(update={"timeout_s": 0.0}),
-                    result_type=Selection,
                     start_to_close_timeout=timedelta(seconds=60),
                     retry_policy=RetryPolicy(
                         maximum_interval=timedelta(seconds=5),
@@ -382,10 +395,9 @@ class ExperimentWorkflow:
                 if not (isinstance(cause, ApplicationError) and cause.type in (INSUFFICIENT_CLIENTS, ROUND_DENIED)):
                     raise
         try:
-            return await workflow.execute_activity(
-                "select_clients",
+            return await workflow.execute_activity_method(
+                ExperimentActivities.select_clients,
                 request,
-                result_type=Selection,
                 start_to_close_timeout=timedelta(seconds=inp.selection_timeout_s + 60),
                 heartbeat_timeout=timedelta(seconds=20),
                 retry_policy=RetryPolicy(

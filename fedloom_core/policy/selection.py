@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedloom_core.policy.rules import Rule, evaluate
+from fedloom_core.policy.rules import Decision, Rule, evaluate
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,36 @@ def _result(c: Candidate, compliant: bool, applied: list[str], configure: dict[s
     if configure:
         result["configure"] = dict(configure)
     return result
+
+
+def round_control(
+    rules: Sequence[Rule] | None, *, round: int, hour_utc: int, weekday: int, registered: int, eligible: int
+) -> Decision:
+    """Whether round_control rules let the round start now, and what they configure for all its clients."""
+    if not rules:
+        return Decision(allowed=True)
+    context = {
+        "round": round,
+        "hour_utc": hour_utc,
+        "weekday": weekday,
+        "registered_clients": registered,
+        "eligible_clients": eligible,
+    }
+    return evaluate(rules, "round_control", context)
+
+
+def client_configs(
+    selected: Sequence[str],
+    round_config: Mapping[str, Any],
+    strategy_config: Mapping[str, Mapping[str, Any]],
+    policy_results: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """Each selected client's training settings: round_control's, the strategy's on top, then configure rules'."""
+    config: dict[str, dict[str, Any]] = {cid: dict(round_config) for cid in selected}
+    for cid, settings in strategy_config.items():
+        config.setdefault(cid, {}).update(settings)
+    for cid in selected:
+        configured = policy_results.get(cid, {}).get("configure") or {}
+        if configured:
+            config.setdefault(cid, {}).update(configured)
+    return {cid: v for cid, v in config.items() if v}

@@ -211,3 +211,70 @@ def update_contribution(previous: float | None, share: float, rate: float = CONT
     if previous is None or math.isnan(previous):
         return share
     return (1.0 - rate) * _clip01(previous) + rate * share
+
+
+@dataclass
+class ClientStanding:
+    """A client's record within one experiment, as stored between rounds."""
+
+    trust_score: float = TRUST_PRIOR
+    contribution_score: float = 0.0
+    selections: int = 0
+    deliveries: int = 0
+    failures: int = 0
+    last_round: int = 0
+    # "inactive" once the client has failed more than the policy's max_client_failures.
+    status: str = "active"
+
+
+@dataclass(frozen=True)
+class ClientRoundResult:
+    """How one selected client's standing moved in a round, and what to record about it."""
+
+    client_id: str
+    standing: ClientStanding
+    delivered: bool
+    accepted: bool
+    reason: str | None
+    stats: Mapping[str, float]
+    contribution: float | None
+
+    @property
+    def client_status(self) -> str:
+        """A client that missed the deadline is inactive until it polls again; a rejected one is still connected."""
+        return "active" if self.delivered else "inactive"
+
+
+def score_round(
+    *,
+    selected: Iterable[str],
+    delivered: set[str],
+    accepted: set[str],
+    rejected: Mapping[str, str],
+    stats: Mapping[str, Mapping[str, float]],
+    loo_loss_deltas: Mapping[str, float],
+    standing: Mapping[str, ClientStanding],
+    round: int,
+    max_failures: int | None,
+) -> list[ClientRoundResult]:
+    """Each selected client's new trust, counts and contribution after a round (inputs are not changed)."""
+    shares = contribution_shares(loo_loss_deltas) if loo_loss_deltas else {}
+    results = []
+    for cid in selected:
+        own = ClientStanding(**asdict(standing[cid])) if cid in standing else ClientStanding()
+        ok = cid in accepted
+        anomaly = stats.get(cid, {}).get("anomaly", 0.0) if ok else 1.0
+        own.trust_score = update_trust(own.trust_score, observation(cid in delivered, ok, anomaly))
+        own.selections += 1
+        own.deliveries += 1 if ok else 0
+        own.failures += 0 if ok else 1
+        own.last_round = round
+        if cid in shares:
+            own.contribution_score = update_contribution(own.contribution_score, shares[cid])
+        if max_failures is not None and own.failures > max_failures:
+            own.status = "inactive"
+        reason = rejected.get(cid) or (None if cid in delivered else "no update before the deadline")
+        results.append(
+            ClientRoundResult(cid, own, cid in delivered, ok, reason, dict(stats.get(cid, {})), shares.get(cid))
+        )
+    return results

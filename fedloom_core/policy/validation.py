@@ -1,21 +1,35 @@
-"""Measuring a round's updates against the global model: delta norms and cosine similarity.
+"""Update validation in one place: the checks of an uploaded file, and a round's measurements and verdict.
 
-Two streaming passes over the updates, so memory stays at about two models whatever their
+Measurement is two streaming passes over the updates, so memory stays at about two models whatever their
 number: the first sums the deltas (update - global) and their norms, the second takes each
 delta's dot product with that sum, from which the similarity to the mean of the *other* deltas
 follows without materialising it.
+
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedloom_core.learning.kernels import Opener, UpdateFile, open_path
-from fedloom_core.learning.weights import mapped_tensors
+from fedloom_core.learning.weights import (
+    WeightsFormatError,
+    compare_structure,
+    mapped_tensors,
+    nonfinite_tensors,
+    normalize_upload,
+    structure,
+)
+from fedloom_core.policy.rules import evaluate, validate_rules
+from fedloom_core.policy.selection import Candidate
+from fedloom_core.policy.trust import TRUST_PRIOR, anomaly_score
+from fedloom_core.schemas import PolicyConfig
 
 
 @dataclass(frozen=True)
@@ -79,3 +93,153 @@ def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def measure_round(
+    global_path: Path, updates: Sequence[UpdateFile], opener: Opener, policy: PolicyConfig
+) -> dict[str, UpdateStats]:
+    """The round's stats, with similarity judged among the updates inside the norm bounds.
+
+    A few huge updates would otherwise drag the mean of the others their way and make honest ones
+    look opposite, so when some fail the norm bounds the similarity is measured again without them.
+    """
+    stats = measure_updates(global_path, updates, opener)
+    sane = [u for u in updates if norm_problem(stats[u.client_id], policy) is None]
+    if 1 < len(sane) < len(updates):
+        for cid, st in measure_updates(global_path, sane, opener).items():
+            stats[cid] = replace(stats[cid], cosine_similarity=st.cosine_similarity)
+    return stats
+
+
+def norm_problem(st: UpdateStats, policy: PolicyConfig) -> str | None:
+    """Why an update's size is out of the policy's bounds, or None."""
+    if policy.max_update_norm is not None and st.norm > policy.max_update_norm:
+        return f"update norm {st.norm:.4g} exceeds max_update_norm {policy.max_update_norm:g}"
+    if policy.max_norm_ratio is not None and st.norm_ratio > policy.max_norm_ratio:
+        return f"update norm is {st.norm_ratio:.2f}x the round median, above max_norm_ratio {policy.max_norm_ratio:g}"
+    return None
+
+
+def similarity_problem(st: UpdateStats, policy: PolicyConfig) -> str | None:
+    """Why an update points away from the others too far, or None."""
+    if policy.min_cosine_similarity is not None and st.cosine_similarity < policy.min_cosine_similarity:
+        return (
+            f"cosine similarity {st.cosine_similarity:.3f} to the other updates is below "
+            f"min_cosine_similarity {policy.min_cosine_similarity:g}"
+        )
+    return None
+
+
+def validation_context(
+    standing: Candidate | None,
+    st: UpdateStats,
+    *,
+    client_id: str,
+    num_samples: int,
+    round: int,
+    hour_utc: int,
+    weekday: int,
+) -> dict[str, Any]:
+    """What update_validation rules see about one update and the client that sent it."""
+    return {
+        "client_id": client_id,
+        "status": standing.status if standing else "registered",
+        "trust_score": standing.trust_score if standing else TRUST_PRIOR,
+        "reliability": standing.reliability if standing else None,
+        "recent_failures": standing.recent_failures if standing else 0,
+        "round": round,
+        "hour_utc": hour_utc,
+        "weekday": weekday,
+        "update_norm": st.norm,
+        "update_norm_ratio": st.norm_ratio,
+        "cosine_similarity": st.cosine_similarity,
+        "num_samples": num_samples,
+        **{f"capabilities.{k}": v for k, v in (standing.capabilities if standing else {}).items()},
+        **{f"location.{k}": v for k, v in (standing.location if standing else {}).items()},
+    }
+
+
+@dataclass
+class Verdict:
+    """Which of a round's updates go into aggregation, why the others do not, and what was measured."""
+
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def judge_updates(
+    stats: Mapping[str, UpdateStats],
+    num_samples: Mapping[str, int],
+    policy: PolicyConfig,
+    standing: Mapping[str, Candidate],
+    *,
+    round: int,
+    hour_utc: int,
+    weekday: int,
+) -> Verdict:
+    """Accept or reject each measured update: norm bounds, then similarity, then update_validation rules."""
+    rules = validate_rules(policy.rules) if policy.rules else []
+    verdict = Verdict()
+    for cid in sorted(stats):
+        st = stats[cid]
+        verdict.stats[cid] = {
+            "update_norm": st.norm,
+            "norm_ratio": st.norm_ratio,
+            "cosine_similarity": st.cosine_similarity,
+            "anomaly": anomaly_score(st.norm_ratio, st.cosine_similarity, bound=policy.max_norm_ratio),
+        }
+        reason = norm_problem(st, policy) or similarity_problem(st, policy)
+        if reason is None and rules:
+            context = validation_context(
+                standing.get(cid),
+                st,
+                client_id=cid,
+                num_samples=num_samples[cid],
+                round=round,
+                hour_utc=hour_utc,
+                weekday=weekday,
+            )
+            decision = evaluate(rules, "update_validation", context)
+            if not decision.allowed:
+                reason = "; ".join(decision.reasons) or "denied by an update_validation rule"
+        if reason is None:
+            verdict.accepted.append(cid)
+        else:
+            verdict.rejected[cid] = reason
+    return verdict
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One check of an uploaded weights file, as the validate dry run reports it."""
+
+    name: str
+    passed: bool
+    details: str
+
+
+def check_update_file(
+    path: Path, out: Path, expected: Mapping[str, tuple[str, tuple[int, ...]]] | None
+) -> list[FileCheck]:
+    """Normalise an uploaded file to safetensors at ``out`` and check format, structure and finite values.
+
+    ``expected`` is the global model's structure; None (no open round) fails the structure check.
+    Checks stop after a failed format check, since nothing else can be read.
+    """
+    try:
+        fmt = normalize_upload(path, out)
+    except WeightsFormatError as exc:
+        return [FileCheck("format", False, str(exc))]
+    checks = [FileCheck("format", True, f"readable {fmt} weights")]
+    if expected is None:
+        checks.append(FileCheck("structure", False, "no open round: there is no global model to compare with"))
+    else:
+        problems = compare_structure(structure(out), dict(expected))
+        checks.append(
+            FileCheck("structure", not problems, "; ".join(problems[:20]) or "names, shapes and dtypes match")
+        )
+    bad = nonfinite_tensors(out)
+    details = f"NaN or infinite values in: {', '.join(bad[:10])}" if bad else "all finite"
+    checks.append(FileCheck("finite_values", not bad, details))
+    return checks

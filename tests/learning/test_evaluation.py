@@ -13,7 +13,7 @@ from fedloom_core.learning.datasets import load_test
 from fedloom_core.learning.kernels import UpdateFile, fedavg
 from fedloom_core.learning.weights import save_state
 from fedloom_core.learning.zoo import build_model
-from fedloom_core.messages import EvaluateInput, ModelRef, UpdateRef
+from fedloom_core.messages import EvaluateInput, EvaluationSpec, ModelRef, UpdateRef
 from fedloom_core.storage.blobstore import LocalBlobStore
 
 SHAPE = [8, 8, 1]
@@ -46,12 +46,8 @@ def _evaluate_input(store: LocalBlobStore, refs: list[UpdateRef], key: str) -> E
     return EvaluateInput(
         experiment_id="e1",
         model=ModelRef(model_id="m", blob_key=key, sha256="", round=1),
-        dataset="digits",
-        architecture="CNN",
-        input_shape=SHAPE,
-        num_classes=10,
+        spec=EvaluationSpec(dataset="digits", architecture="CNN", input_shape=SHAPE, num_classes=10, weighted=True),
         updates=refs,
-        weighted=True,
     )
 
 
