@@ -19,24 +19,30 @@ from fedloom_core.ids import check_id
 from fedloom_core.settings import Settings
 from fedloom_core.storage.blobstore import BlobStore
 
+AuthorizationHeader = Annotated[str | None, Header()]
+
 
 def _state(request: Request):  # type: ignore[no-untyped-def]
     return request.app.state
 
 
 def get_settings(request: Request) -> Settings:
+    """The settings the app was built with."""
     return _state(request).settings
 
 
 def get_engine(request: Request) -> Engine:
+    """The database engine."""
     return _state(request).engine
 
 
 def get_blobs(request: Request) -> BlobStore:
+    """The blob store."""
     return _state(request).blobs
 
 
 def get_temporal(request: Request) -> TemporalClient:
+    """The process's Temporal client, or SERVICE_UNAVAILABLE when Temporal could not be reached."""
     client = _state(request).temporal
     if client is None:
         raise ServiceUnavailable("Service temporarily unavailable", "the Temporal server is not reachable")
@@ -98,7 +104,8 @@ def _principal_cache(request: Request) -> PrincipalCache:
     return cache
 
 
-async def get_principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
+async def get_principal(request: Request, authorization: AuthorizationHeader = None) -> auth.Principal:
+    """Who is calling: the admin or a client, from the bearer key (cached), or UNAUTHORIZED."""
     state = _state(request)
     if not authorization:
         return auth.resolve(state.engine, state.admin_key_hash, authorization)  # raises UNAUTHORIZED
@@ -111,12 +118,16 @@ async def get_principal(request: Request, authorization: Annotated[str | None, H
     return principal
 
 
-async def require_admin(principal: Annotated[auth.Principal, Depends(get_principal)]) -> auth.Principal:
+PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]
+
+
+async def require_admin(principal: PrincipalDep) -> auth.Principal:
+    """The caller, who must hold the admin key."""
     principal.require_admin()
     return principal
 
 
-async def require_registrar(request: Request, authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
+async def require_registrar(request: Request, authorization: AuthorizationHeader = None) -> auth.Principal:
     """The admin key, or the enrollment token (when one is configured) for self-registering clients."""
     token = _state(request).settings.enrollment_token
     if token and authorization:
@@ -140,7 +151,6 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 TemporalDep = Annotated[TemporalClient, Depends(get_temporal)]
-PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]
 AdminDep = Annotated[auth.Principal, Depends(require_admin)]
 RegistrarDep = Annotated[auth.Principal, Depends(require_registrar)]
 TaskBoardDep = Annotated[TaskBoard, Depends(get_task_board)]
