@@ -14,9 +14,9 @@ import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from fedloom import launch
-from fedloom.launch import ServeProcess, free_port  # noqa: F401 - test modules import free_port from here
 from fedloom_core.temporal import SEARCH_ATTRIBUTES, ensure_search_attributes
+from fedloom_tools import launch
+from fedloom_tools.launch import ServeProcess, free_port  # noqa: F401 - test modules import free_port from here
 
 BIN = Path(sys.executable).parent
 
@@ -35,12 +35,29 @@ SLOW_FIRST = (
 )
 
 
+# The fast tier (`make test-unit`, marker `unit`): tests that start no server (no Temporal, PostgreSQL,
+# moto S3 or `fedloom serve`). Everything under these paths is in it unless it carries one of
+# NOT_UNIT; a test elsewhere joins with an explicit `@pytest.mark.unit`.
+UNIT_PATHS = (
+    "tests/learning/",
+    "tests/policy/",
+    "tests/test_redact.py",
+    "tests/test_deployment.py",
+)
+NOT_UNIT = ("postgres", "e2e", "serial")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         path = item.nodeid
         return next((i for i, prefix in enumerate(SLOW_FIRST) if path.startswith(prefix)), len(SLOW_FIRST))
 
     items.sort(key=rank)  # stable: the order within each file is kept
+    for item in items:
+        in_unit_path = item.nodeid.startswith(UNIT_PATHS)
+        if in_unit_path and not any(item.get_closest_marker(name) for name in NOT_UNIT):
+            item.add_marker(pytest.mark.unit)
 
 
 def binary(name: str) -> str:
