@@ -28,6 +28,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30 -n 2 --dist loadfile -m "not serial"
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m serial
 
+# The fast tier: the tests that start no server (marker `unit`, set by path in tests/conftest.py).
+.PHONY: test-unit
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m unit
+
 serve: $(STAMP)
 	$(BIN)/fedloom serve
 
