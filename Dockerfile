@@ -8,11 +8,13 @@ ARG TORCH_INDEX_ARGS=""
 RUN pip install $TORCH_INDEX_ARGS "torch==2.13.0"
 COPY pyproject.toml README.md ./
 COPY fedloom ./fedloom
+COPY fedloom_tools ./fedloom_tools
 COPY fedloom_core ./fedloom_core
 COPY workflows ./workflows
 COPY activities ./activities
 COPY api ./api
 COPY workers ./workers
-RUN pip install .
+# The server extra: every role here (and the demo client, which needs only the torch extra).
+RUN pip install .[server]
 EXPOSE 8080
 CMD ["fedloom", "api", "--host", "0.0.0.0", "--port", "8080"]

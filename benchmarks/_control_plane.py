@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fedloom.launch import ServeProcess, memory_bytes, start_serve  # noqa: E402
+from fedloom_tools.launch import ServeProcess, memory_bytes, start_serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_POLL_S = 10.0

@@ -1,6 +1,6 @@
 """End-to-end efficiency: wall time of an experiment over the training time it could not avoid.
 
-Workload: the digits experiment of ``make demo`` (``fedloom.demo.start_body``: the CNN, FedAvg, 5
+Workload: the digits experiment of ``make demo`` (``fedloom_tools.demo.start_body``: the CNN, FedAvg, 5
 clients, 10 rounds) against a real ``fedloom serve``, with clients whose training takes a fixed,
 known time: each sleeps ``--train-s`` seconds (2 s) per round and then uploads a precomputed update.
 
@@ -39,7 +39,7 @@ from benchmarks._common import (  # noqa: E402
     write_result,
 )
 from benchmarks._control_plane import _epoch, db_round_times, db_rows, run_experiment, start_server  # noqa: E402
-from fedloom.demo import start_body  # noqa: E402
+from fedloom_tools.demo import start_body  # noqa: E402
 
 NAME = "efficiency"
 TARGET = 1.15

@@ -56,7 +56,7 @@ from benchmarks._control_plane import (  # noqa: E402
     stop_profiler,
 )
 from benchmarks._temporal_floor import measure_floor  # noqa: E402
-from fedloom.demo import start_body  # noqa: E402
+from fedloom_tools.demo import start_body  # noqa: E402
 
 NAME = "round_overhead"
 TARGET_MS = 300.0

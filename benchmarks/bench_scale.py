@@ -49,7 +49,7 @@ from _common import (  # noqa: E402
 from _control_plane import RssSampler as _Sampler  # noqa: E402
 from _control_plane import Server, start_server  # noqa: E402
 
-from fedloom.launch import memory_bytes  # noqa: E402
+from fedloom_tools.launch import memory_bytes  # noqa: E402
 
 NAME = "scale"
 FULL = {"clients": 1000, "selected": 100, "rounds": 5, "procs": 4}

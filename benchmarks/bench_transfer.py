@@ -42,7 +42,7 @@ import _common as common  # noqa: E402
 import bench_aggregation as agg  # noqa: E402
 from _control_plane import RssSampler, Server, start_profiler, start_server, stop_profiler  # noqa: E402
 
-from fedloom.launch import memory_bytes  # noqa: E402
+from fedloom_tools.launch import memory_bytes  # noqa: E402
 
 NAME = "transfer"
 CONCURRENT = 10

@@ -1,6 +1,7 @@
-"""The ``fedloom`` command: serve, worker, api, client, demo.
+"""The ``fedloom`` command: serve, worker, api, client, demo, loadtest.
 
-Server subcommands import the server packages only when they run, so the SDK stays light.
+Each subcommand imports what it runs only when it runs, so the SDK stays light; one whose extra is
+not installed (``server`` for serve, api, worker and demo, ``torch`` for client) exits naming it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ import argparse
 import logging
 import os
 import sys
+
+from fedloom._extras import MissingExtraError, require_server, require_torch
+
+# Packages of this project: a missing one is a broken install, not a missing extra.
+_OWN_PACKAGES = {"fedloom", "fedloom_tools", "fedloom_core", "api", "workers", "workflows", "activities"}
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -23,18 +29,23 @@ def _setup_logging(verbose: bool = False) -> None:
     install("uvicorn", "uvicorn.error", "uvicorn.access", "temporalio")
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from fedloom.serve import serve
+def serve_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``fedloom_tools.serve.serve`` that ``fedloom serve``'s flags give."""
+    return {
+        "data_dir": args.data_dir,
+        "host": args.host,
+        "port": args.port,
+        "temporal_address": args.temporal_address,
+        "temporal_port": args.temporal_port,
+        "temporal_ui_port": args.temporal_ui_port,
+        "headless": args.temporal_headless,
+    }
 
-    return serve(
-        data_dir=args.data_dir,
-        host=args.host,
-        port=args.port,
-        temporal_address=args.temporal_address,
-        temporal_port=args.temporal_port,
-        temporal_ui_port=args.temporal_ui_port,
-        headless=args.temporal_headless,
-    )
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from fedloom_tools.serve import serve
+
+    return serve(**serve_options(args))
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -95,7 +106,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fedloom.demo import run_demo
+    from fedloom_tools.demo import run_demo
 
     return run_demo(clients=args.clients, rounds=args.rounds, port=args.port)
 
@@ -114,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--temporal-port", type=int, default=7233, help="gRPC port of the embedded Temporal server")
     serve.add_argument("--temporal-ui-port", type=int, default=8233, help="Web UI port of the embedded Temporal server")
     serve.add_argument("--temporal-headless", action="store_true", help="do not start the Temporal Web UI")
-    serve.set_defaults(func=_cmd_serve)
+    serve.set_defaults(func=_cmd_serve, require=require_server)
 
     worker = sub.add_parser("worker", help="run the workflow and activity workers")
     worker.add_argument(
@@ -122,12 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="experiments,aggregation",
         help="comma-separated: experiments (workflow + light activities), aggregation",
     )
-    worker.set_defaults(func=_cmd_worker)
+    worker.set_defaults(func=_cmd_worker, require=require_server)
 
     api = sub.add_parser("api", help="run the REST API")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8080)
-    api.set_defaults(func=_cmd_api)
+    api.set_defaults(func=_cmd_api, require=require_server)
 
     client = sub.add_parser("client", help="join experiments as a training client")
     client.add_argument("--server", default="http://127.0.0.1:8080")
@@ -149,15 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="behave maliciously, for testing defences: sign_flip[:s], scale:<f>, gaussian:<sigma>, label_flip",
     )
     client.add_argument("--shards-per-client", type=int, default=2, help="label-sorted shards per client (shards)")
-    client.set_defaults(func=_cmd_client)
+    client.set_defaults(func=_cmd_client, require=require_torch)
 
     demo = sub.add_parser("demo", help="run a complete federated experiment on this machine")
     demo.add_argument("--clients", type=int, default=5)
     demo.add_argument("--rounds", type=int, default=10)
     demo.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=_cmd_demo, require=require_server)
 
-    # Its options are fedloom.loadtest's own; main() hands them over unparsed.
+    # Its options are fedloom_tools.loadtest's own; main() hands them over unparsed.
     sub.add_parser("loadtest", help="hold a request rate on one endpoint and report latency (fedloom loadtest -h)")
     return parser
 
@@ -166,12 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedloom`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadtest"]:
-        from fedloom.loadtest import main as loadtest
+        from fedloom_tools.loadtest import main as loadtest
 
         return loadtest(argv[1:])
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    return int(args.func(args) or 0)
+    try:
+        args.require(f"fedloom {args.command}")
+        _setup_logging(args.verbose)
+        return int(args.func(args) or 0)
+    except MissingExtraError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        # A dependency of the extra beyond those require() looks for (boto3, rich, ...).
+        if not exc.name or exc.name.partition(".")[0] in _OWN_PACKAGES:
+            raise
+        extra = "torch" if args.require is require_torch else "server"
+        print(MissingExtraError(extra, exc.name, f"fedloom {args.command}"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

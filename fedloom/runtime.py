@@ -1,4 +1,8 @@
-"""The client runtime: wait to be selected, train on the local slice, upload, until the experiment ends."""
+"""The client runtime: wait to be selected, train on the local slice, upload, until the experiment ends.
+
+Training uses torch, which comes with the ``torch`` extra (``pip install 'fedloom[torch]'``); this
+module imports it only when a run starts, so importing it needs nothing beyond the SDK.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from fedloom._client import FLAPIError, FLClient
+from fedloom._extras import require_torch
 
 log = logging.getLogger("fedloom.client")
 # The server holds a task request up to this long while there is nothing to do.
@@ -43,43 +48,15 @@ def run_client(
     attack: str | None = None,
 ) -> int:
     """Take part in experiments until one this client has seen running ends; returns rounds trained."""
+    require_torch()
     import torch
 
     from fedloom_core.learning.attacks import parse_attack
-    from fedloom_core.learning.datasets import client_partition
-    from fedloom_core.learning.partition import label_summary, strategy_label
-    from fedloom_core.learning.training import train_local
-    from fedloom_core.learning.zoo import build_model
 
     parsed_attack = parse_attack(attack) if attack else None
     torch.set_num_threads(1)
-    index, count = parse_partition(partition)
-    data = client_partition(
-        dataset, index, count, seed=seed, strategy=partition_strategy, alpha=alpha, shards_per_client=shards_per_client
-    )
-    log.info(
-        "%s data: shard %s of %s, %s, %d samples, labels %s",
-        client_id,
-        partition,
-        dataset,
-        strategy_label(partition_strategy, alpha, shards_per_client),
-        len(data),
-        label_summary(data.y.numpy(), [range(len(data))])[0],
-    )
-    _warm_up(build_model, train_local, data)
-    api = FLClient(server, api_key)
-    try:
-        reg = api.register_client(
-            client_id,
-            {"dataset": dataset, "partition": partition},
-            capabilities={"compute_power": "cpu", "data_samples": len(data)},
-        )
-        api = FLClient(server, reg["api_key"])
-        log.info("%s registered (%d samples)", client_id, len(data))
-    except FLAPIError as exc:
-        if exc.code != "CONFLICT":
-            raise
-        log.info("%s already registered; continuing with the given key", client_id)
+    data = _load_shard(client_id, dataset, partition, seed, partition_strategy, alpha, shards_per_client)
+    api = _register(FLClient(server, api_key), server, client_id, dataset, partition, len(data))
     seen_running: set[str] = set()
     trained = 0
     first_poll, ended_before_join = True, None
@@ -117,6 +94,47 @@ def run_client(
                 # says what to do.
                 log.warning("%s round %s: %s", client_id, task.get("round"), exc)
                 time.sleep(_backoff(exc))
+
+
+def _load_shard(client_id, dataset, partition, seed, strategy, alpha, shards_per_client):  # type: ignore[no-untyped-def]
+    """This client's slice of ``dataset``, logged with its label counts; training is warmed up on it."""
+    from fedloom_core.learning.datasets import client_partition
+    from fedloom_core.learning.partition import label_summary, strategy_label
+    from fedloom_core.learning.training import train_local
+    from fedloom_core.learning.zoo import build_model
+
+    index, count = parse_partition(partition)
+    data = client_partition(
+        dataset, index, count, seed=seed, strategy=strategy, alpha=alpha, shards_per_client=shards_per_client
+    )
+    log.info(
+        "%s data: shard %s of %s, %s, %d samples, labels %s",
+        client_id,
+        partition,
+        dataset,
+        strategy_label(strategy, alpha, shards_per_client),
+        len(data),
+        label_summary(data.y.numpy(), [range(len(data))])[0],
+    )
+    _warm_up(build_model, train_local, data)
+    return data
+
+
+def _register(api: FLClient, server: str, client_id: str, dataset: str, partition: str, samples: int) -> FLClient:
+    """Register ``client_id``; a client on its own new key, or ``api`` if it was registered before."""
+    try:
+        reg = api.register_client(
+            client_id,
+            {"dataset": dataset, "partition": partition},
+            capabilities={"compute_power": "cpu", "data_samples": samples},
+        )
+    except FLAPIError as exc:
+        if exc.code != "CONFLICT":
+            raise
+        log.info("%s already registered; continuing with the given key", client_id)
+        return api
+    log.info("%s registered (%d samples)", client_id, samples)
+    return FLClient(server, reg["api_key"])
 
 
 def _backoff(exc: Exception) -> float:

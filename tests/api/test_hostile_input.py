@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from api import auth
-from fedloom.launch import memory_bytes
+from fedloom_tools.launch import memory_bytes
 from tests.conftest import LOCAL_ADMIN_KEY, LiveServer, start_serve, stop_serve
 
 LIMIT_MB = 2

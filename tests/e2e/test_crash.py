@@ -16,6 +16,7 @@ from temporalio.api.enums.v1 import PendingActivityState
 
 from api.routes.training import STATUS_TTL_S
 from fedloom_core.temporal import connect
+from fedloom_tools import launch
 from tests.conftest import (
     LiveServer,
     free_port,
@@ -25,6 +26,7 @@ from tests.conftest import (
     stop_serve,
     wait_registered,
 )
+from tests.e2e import faults
 from tests.pg_cluster import PrivateCluster
 
 # One xdist worker runs them all, so the uninterrupted reference run is computed once.
@@ -35,11 +37,20 @@ HEAVY_ACTIVITY = "process_round"
 
 
 def _run(
-    tmp: Path, kill: Callable[[LiveServer, Path, int, int], LiveServer] | None, env: dict[str, str] | None = None
+    tmp: Path,
+    kill: Callable[[LiveServer, Path, int, int], LiveServer] | None,
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
 ) -> str:
+    """One experiment to the end, ``kill`` applied once round 2 is under way; its final model's sha256.
+
+    ``command`` replaces ``fedloom serve`` (the fault module's supervisor, with its pauses)."""
     tmp.mkdir()
     data_dir, port, temporal_port = tmp / "data", free_port(), free_port()
-    server = start_serve(data_dir, env, port=port, temporal_port=temporal_port)
+    if command is None:
+        server = start_serve(data_dir, env, port=port, temporal_port=temporal_port)
+    else:
+        server = launch.start_serve(data_dir, env, port=port, temporal_port=temporal_port, command=command)
     clients = spawn_clients(server, CLIENTS, tmp, "k")
     try:
         http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
@@ -120,7 +131,7 @@ async def _aggregation_attempts(server: LiveServer, round: int) -> int:
 
 
 def _kill_worker_during_aggregation(server: LiveServer, *_: object) -> LiveServer:
-    """SIGKILL the worker while round 2's aggregation is paused after folding its first update."""
+    """SIGKILL the worker while round 2's process_round activity is in flight (held before it runs)."""
     deadline = time.monotonic() + 120
     while not asyncio.run(_aggregating(server, 2)):
         assert time.monotonic() < deadline, "round 2's aggregation never started"
@@ -194,12 +205,12 @@ def test_postgres_restarted_mid_round_loses_nothing(reference: str, tmp_path: Pa
 
 def test_api_sigkilled_mid_upload_loses_nothing(reference: str, tmp_path: Path) -> None:
     """The half-received upload is not counted; the client's retry is, once: same final model."""
-    pause = {"FEDLOOM_FAULT_PAUSE_UPLOAD": "2:30"}
-    assert _run(tmp_path / "killed", _kill_api_mid_upload, pause) == reference
+    command = faults.serve_command(pause_upload=(2, 30))
+    assert _run(tmp_path / "killed", _kill_api_mid_upload, command=command) == reference
 
 
 def test_worker_sigkilled_during_aggregation_loses_nothing(reference: str, tmp_path: Path) -> None:
-    """The kill lands while round 2's aggregation holds a partial sum: the retry starts over and
+    """The kill lands while round 2's process_round activity is in flight: the retry starts over and
     writes the same bytes (the history shows a second attempt of that activity)."""
-    pause = {"FEDLOOM_FAULT_PAUSE_AGGREGATION": "2:4"}
-    assert _run(tmp_path / "killed", _kill_worker_during_aggregation, pause) == reference
+    command = faults.serve_command(pause_process_round=(2, 10))
+    assert _run(tmp_path / "killed", _kill_worker_during_aggregation, command=command) == reference

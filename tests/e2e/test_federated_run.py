@@ -15,12 +15,12 @@ import pytest
 import torch
 from websockets.sync.client import connect as connect_ws
 
-from fedloom.demo import start_body
 from fedloom_core.learning.datasets import load_test
 from fedloom_core.learning.training import evaluate
 from fedloom_core.learning.weights import load_state
 from fedloom_core.learning.zoo import build_model
 from fedloom_core.temporal import connect
+from fedloom_tools.demo import start_body
 from tests.conftest import spawn_clients, start_serve, stop_serve, wait_registered
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import websockets
 
-from fedloom.loadtest import LoadReport
+from fedloom_tools.loadtest import LoadReport
 from tests.conftest import LiveServer, small_run_body, spawn_clients, start_serve, stop_serve, wait_registered
 
 pytestmark = [pytest.mark.e2e, pytest.mark.serial]
@@ -59,7 +59,7 @@ async def _scenario(server: LiveServer, http: httpx.Client) -> tuple[LoadReport,
     load = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "fedloom.loadtest",
+        "fedloom_tools.loadtest",
         "--server",
         server.url,
         "--rate",

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from fedloom.launch import terminate
 from fedloom_core.messages import AGGREGATION_TASK_QUEUE
+from fedloom_tools.launch import terminate
 from tests.conftest import start_dev_server
 from tests.workflows.harness import SimClient, run_experiment
 from workflows.experiment import workflow_id

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,10 @@ class ServeProcess:
         return {"Authorization": f"Bearer {key or self.admin_key}"}
 
     def children(self) -> dict[str, int]:
-        """The pids of serve's children by role (``api``, ``worker``, ``temporal``), found through /proc."""
+        """The pids of serve's children by role (``api``, ``worker``, ``temporal``), found through /proc.
+
+        A Python child's role is the word after its ``-m <module>`` (``python -m fedloom.cli worker``).
+        """
         roles: dict[str, int] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -121,8 +125,8 @@ class ServeProcess:
                 continue
             if words and Path(words[0]).name == "temporal":
                 roles["temporal"] = int(entry.name)
-            elif "fedloom.cli" in words:
-                role = words[words.index("fedloom.cli") + 1 :][:1]
+            elif "-m" in words:
+                role = words[words.index("-m") + 2 :][:1]
                 if role:
                     roles[role[0]] = int(entry.name)
         return roles
@@ -148,19 +152,22 @@ def start_serve(
     generous_limits: bool = True,
     headless: bool = True,
     timeout: float = 120,
+    command: Sequence[str] | None = None,
 ) -> ServeProcess:
     """Start ``fedloom serve`` on ``data_dir`` and wait until its API answers healthy.
 
     The environment is this process's without any ``FEDLOOM_`` setting, plus ``env_extra``. Output
-    goes to ``log_path`` (default ``<data_dir's parent>/serve-<data_dir's name>.log``). Raises
-    ``RuntimeError`` if serve exits or is not healthy within ``timeout`` seconds.
+    goes to ``log_path`` (default ``<data_dir's parent>/serve-<data_dir's name>.log``). ``command``
+    replaces ``python -m fedloom.cli serve`` (it must take the same flags). Raises ``RuntimeError``
+    if serve exits or is not healthy within ``timeout`` seconds.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     temporal_port = temporal_port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
     env.update({"FEDLOOM_DATA_DIR": str(data_dir), **(GENEROUS_LIMITS if generous_limits else {}), **(env_extra or {})})
-    cmd = [sys.executable, "-m", "fedloom.cli", "serve", "--port", str(port), "--temporal-port", str(temporal_port)]
+    cmd = [*(command or [sys.executable, "-m", "fedloom.cli", "serve"])]
+    cmd += ["--port", str(port), "--temporal-port", str(temporal_port)]
     cmd += ["--temporal-ui-port", str(free_port())] + (["--temporal-headless"] if headless else [])
     log_path = log_path or data_dir.parent / f"serve-{data_dir.name}.log"
     with open(log_path, "ab") as log:

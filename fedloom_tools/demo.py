@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from fedloom._client import FLAPIError, FLClient
-from fedloom.launch import free_port, spawn_client, start_serve
+from fedloom_tools.launch import free_port, spawn_client, start_serve
 
 DEMO_TRAINING = {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.05, "optimizer": "SGD"}
 
