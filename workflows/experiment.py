@@ -17,27 +17,23 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    # Loaded once, outside the sandbox: the message classes must be the ones the converter knows.
     from activities.aggregation import AggregationActivities
     from activities.experiment import ExperimentActivities
     from fedloom_core.messages import (
         INSUFFICIENT_CLIENTS,
         ROUND_DENIED,
         AggregateInput,
-        AggregationSpec,
-        CompleteRoundInput,
         EvaluateInput,
-        EvaluationSpec,
         ExperimentInput,
         ExperimentResult,
         ExperimentState,
         FinishInput,
         InitInput,
         ModelRef,
-        OpenRoundInput,
         ProcessRoundInput,
         ProcessRoundOutput,
         RoundRef,
-        SelectClientsInput,
         Selection,
         UpdateNotice,
         UpdateRef,
@@ -45,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         ValidationOutcome,
     )
     from fedloom_core.temporal import CURRENT_ROUND, EXPERIMENT_ID, EXPERIMENT_STATUS, STRATEGY
+    from workflows import inputs
 
 WORKFLOW_NAME = "ExperimentWorkflow"
 # Histories recorded before the workflow kept its search attributes up to date replay without them.
@@ -166,7 +163,7 @@ class ExperimentWorkflow:
         round_started = workflow.now()
         selection = await self._select(inp, rnd, round_started)
         self._selected = list(selection.selected)
-        await self._open_round(inp, rnd, selection, model)
+        await self._db_step(ExperimentActivities.open_round, inputs.open_round(inp, rnd, selection, model))
         self._status = "waiting_for_updates"
         try:
             await workflow.wait_condition(
@@ -192,74 +189,11 @@ class ExperimentWorkflow:
         done = await process(inp, state, validation)
         state.strategy_state_key = done.aggregated.state_key
         self._last = {"accuracy": done.evaluation.accuracy, "loss": done.evaluation.loss}
-        await self._complete_round(inp, rnd, done, round_started)
+        duration = (workflow.now() - round_started).total_seconds()
+        await self._db_step(
+            ExperimentActivities.complete_round, inputs.complete_round(inp, rnd, self._selected, done, duration)
+        )
         return done.aggregated.model
-
-    async def _open_round(self, inp: ExperimentInput, rnd: int, selection: Selection, model: ModelRef) -> None:
-        agg = inp.config.aggregation_config
-        await self._db_step(
-            ExperimentActivities.open_round,
-            OpenRoundInput(
-                experiment_id=inp.experiment_id,
-                round=rnd,
-                selected=self._selected,
-                excluded=selection.excluded,
-                policy_results=selection.policy_results,
-                round_config=selection.round_config,
-                global_model=model,
-                deadline_s=inp.round_timeout_s,
-                strategy=agg.strategy,
-                params=agg.params,
-            ),
-        )
-
-    async def _complete_round(
-        self, inp: ExperimentInput, rnd: int, done: ProcessRoundOutput, round_started: datetime
-    ) -> None:
-        await self._db_step(
-            ExperimentActivities.complete_round,
-            CompleteRoundInput(
-                experiment_id=inp.experiment_id,
-                round=rnd,
-                total_rounds=inp.config.experiment_config.rounds,
-                model=done.aggregated.model,
-                evaluation=done.evaluation,
-                updates=done.validation.accepted,
-                round_duration=(workflow.now() - round_started).total_seconds(),
-                aggregation_time=done.aggregation_time,
-                selected=self._selected,
-                rejected=done.validation.rejected,
-                stats=done.validation.stats,
-                strategy_info=done.aggregated.info,
-                policy=inp.policy,
-            ),
-        )
-
-    @staticmethod
-    def _aggregation_spec(inp: ExperimentInput, state: ExperimentState, rnd: int) -> AggregationSpec:
-        exp, agg = inp.config.experiment_config, inp.config.aggregation_config
-        return AggregationSpec(
-            strategy=agg.strategy,
-            params=agg.params,
-            weighted=agg.weighted,
-            state_key=state.strategy_state_key,
-            seed=exp.seed * 1_000_003 + rnd,
-        )
-
-    @staticmethod
-    def _evaluation_spec(inp: ExperimentInput) -> EvaluationSpec:
-        exp = inp.config.experiment_config
-        return EvaluationSpec(
-            dataset=exp.dataset,
-            architecture=exp.model_architecture,
-            input_shape=inp.input_shape,
-            num_classes=inp.num_classes,
-            weighted=inp.config.aggregation_config.weighted,
-        )
-
-    @staticmethod
-    def _min_updates(inp: ExperimentInput) -> int:
-        return inp.config.aggregation_config.min_updates or inp.config.experiment_config.min_clients
 
     async def _process_fused(
         self, inp: ExperimentInput, state: ExperimentState, validation: ValidateInput
@@ -270,14 +204,14 @@ class ExperimentWorkflow:
             AggregationActivities.process_round,
             ProcessRoundInput(
                 validation=validation,
-                aggregation=self._aggregation_spec(inp, state, validation.round),
-                evaluation=self._evaluation_spec(inp),
-                min_updates=self._min_updates(inp),
+                aggregation=inputs.aggregation_spec(inp, state, validation.round),
+                evaluation=inputs.evaluation_spec(inp),
+                min_updates=inputs.min_updates(inp),
             ),
             task_queue=inp.aggregation_queue,
             **_HEAVY,
         )
-        self._check_enough(validation, done.validation, self._min_updates(inp))
+        self._check_enough(validation, done.validation, inputs.min_updates(inp))
         return done
 
     async def _process_separately(
@@ -287,7 +221,7 @@ class ExperimentWorkflow:
         checked = await workflow.execute_activity_method(
             AggregationActivities.validate_updates, validation, task_queue=inp.aggregation_queue, **_HEAVY
         )
-        self._check_enough(validation, checked, self._min_updates(inp))
+        self._check_enough(validation, checked, inputs.min_updates(inp))
         self._status = "aggregating"
         agg_started = workflow.now()
         aggregated = await workflow.execute_activity_method(
@@ -297,7 +231,7 @@ class ExperimentWorkflow:
                 round=validation.round,
                 previous=validation.global_model,
                 updates=checked.accepted,
-                spec=self._aggregation_spec(inp, state, validation.round),
+                spec=inputs.aggregation_spec(inp, state, validation.round),
             ),
             task_queue=inp.aggregation_queue,
             **_HEAVY,
@@ -309,7 +243,7 @@ class ExperimentWorkflow:
             EvaluateInput(
                 experiment_id=inp.experiment_id,
                 model=aggregated.model,
-                spec=self._evaluation_spec(inp),
+                spec=inputs.evaluation_spec(inp),
                 updates=checked.accepted if inp.policy.contribution_scores else [],
             ),
             task_queue=inp.aggregation_queue,
@@ -365,19 +299,7 @@ class ExperimentWorkflow:
         no wait (``timeout_s=0``) answers without the round trip. Only when it finds too few, or the
         round is held by round_control rules, does the waiting activity run.
         """
-        exp = inp.config.experiment_config
-        request = SelectClientsInput(
-            experiment_id=inp.experiment_id,
-            round=rnd,
-            min_clients=exp.min_clients,
-            client_fraction=exp.client_fraction,
-            seed=exp.seed,
-            timeout_s=inp.selection_timeout_s,
-            trust_threshold=inp.policy.trust_threshold,
-            policy=inp.policy,
-            hour_utc=round_started.hour,
-            weekday=round_started.weekday(),
-        )
+        request = inputs.select_clients(inp, rnd, round_started)
         if self._local_steps:
             try:
                 return await workflow.execute_local_activity_method(

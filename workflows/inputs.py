@@ -1,0 +1,103 @@
+"""The workflow's activity inputs that depend only on the experiment's input: built complete, in one place."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fedloom_core.messages import (
+    AggregationSpec,
+    CompleteRoundInput,
+    EvaluationSpec,
+    ExperimentInput,
+    ExperimentState,
+    ModelRef,
+    OpenRoundInput,
+    ProcessRoundOutput,
+    SelectClientsInput,
+    Selection,
+)
+
+
+def aggregation_spec(inp: ExperimentInput, state: ExperimentState, rnd: int) -> AggregationSpec:
+    """The round's strategy, its parameters, the state left by the last round and the round's seed."""
+    exp, agg = inp.config.experiment_config, inp.config.aggregation_config
+    return AggregationSpec(
+        strategy=agg.strategy,
+        params=agg.params,
+        weighted=agg.weighted,
+        state_key=state.strategy_state_key,
+        seed=exp.seed * 1_000_003 + rnd,
+    )
+
+
+def evaluation_spec(inp: ExperimentInput) -> EvaluationSpec:
+    """The built-in model and dataset the server evaluates each new global model on."""
+    exp = inp.config.experiment_config
+    return EvaluationSpec(
+        dataset=exp.dataset,
+        architecture=exp.model_architecture,
+        input_shape=inp.input_shape,
+        num_classes=inp.num_classes,
+        weighted=inp.config.aggregation_config.weighted,
+    )
+
+
+def min_updates(inp: ExperimentInput) -> int:
+    """Fewest accepted updates a round may aggregate."""
+    return inp.config.aggregation_config.min_updates or inp.config.experiment_config.min_clients
+
+
+def select_clients(inp: ExperimentInput, rnd: int, round_started: datetime) -> SelectClientsInput:
+    """Who may take part in round ``rnd``, judged at the workflow's clock."""
+    exp = inp.config.experiment_config
+    return SelectClientsInput(
+        experiment_id=inp.experiment_id,
+        round=rnd,
+        min_clients=exp.min_clients,
+        client_fraction=exp.client_fraction,
+        seed=exp.seed,
+        timeout_s=inp.selection_timeout_s,
+        trust_threshold=inp.policy.trust_threshold,
+        policy=inp.policy,
+        hour_utc=round_started.hour,
+        weekday=round_started.weekday(),
+    )
+
+
+def open_round(inp: ExperimentInput, rnd: int, selection: Selection, model: ModelRef) -> OpenRoundInput:
+    """The round as it opens for uploads: its clients, why others were left out, and its global model."""
+    agg = inp.config.aggregation_config
+    return OpenRoundInput(
+        experiment_id=inp.experiment_id,
+        round=rnd,
+        selected=list(selection.selected),
+        excluded=selection.excluded,
+        policy_results=selection.policy_results,
+        round_config=selection.round_config,
+        global_model=model,
+        deadline_s=inp.round_timeout_s,
+        strategy=agg.strategy,
+        params=agg.params,
+    )
+
+
+def complete_round(
+    inp: ExperimentInput, rnd: int, selected: list[str], done: ProcessRoundOutput, duration: float
+) -> CompleteRoundInput:
+    """What the round produced, for the database: model, evaluation, accepted and rejected updates, scores."""
+    assert done.aggregated is not None and done.evaluation is not None
+    return CompleteRoundInput(
+        experiment_id=inp.experiment_id,
+        round=rnd,
+        total_rounds=inp.config.experiment_config.rounds,
+        model=done.aggregated.model,
+        evaluation=done.evaluation,
+        updates=done.validation.accepted,
+        round_duration=duration,
+        aggregation_time=done.aggregation_time,
+        selected=selected,
+        rejected=done.validation.rejected,
+        stats=done.validation.stats,
+        strategy_info=done.aggregated.info,
+        policy=inp.policy,
+    )
