@@ -219,27 +219,45 @@ class FileCheck:
     details: str
 
 
+@dataclass(frozen=True)
+class FileReport:
+    """The checks an uploaded weights file went through, and its format when it could be read."""
+
+    format: str | None
+    checks: list[FileCheck]
+
+    @property
+    def problem(self) -> str | None:
+        """The first failed check's details, or None when every check passed."""
+        return next((c.details for c in self.checks if not c.passed), None)
+
+
 def check_update_file(
-    path: Path, out: Path, expected: Mapping[str, tuple[str, tuple[int, ...]]] | None
-) -> list[FileCheck]:
-    """Normalise an uploaded file to safetensors at ``out`` and check format, structure and finite values.
+    path: Path,
+    out: Path,
+    expected: Mapping[str, tuple[str, tuple[int, ...]]] | None,
+    *,
+    stop_at_failure: bool = False,
+) -> FileReport:
+    """Normalise an uploaded file to safetensors at ``out``; check its format, structure and values.
 
     ``expected`` is the global model's structure; None (no open round) fails the structure check.
-    Checks stop after a failed format check, since nothing else can be read.
+    Nothing else is checked after a failed format check, or after any failure with ``stop_at_failure``.
     """
     try:
         fmt = normalize_upload(path, out)
     except WeightsFormatError as exc:
-        return [FileCheck("format", False, str(exc))]
-    checks = [FileCheck("format", True, f"readable {fmt} weights")]
+        return FileReport(None, [FileCheck("format", False, str(exc))])
+    report = FileReport(fmt, [FileCheck("format", True, f"readable {fmt} weights")])
     if expected is None:
-        checks.append(FileCheck("structure", False, "no open round: there is no global model to compare with"))
+        report.checks.append(FileCheck("structure", False, "no open round: there is no global model to compare with"))
     else:
         problems = compare_structure(structure(out), dict(expected))
-        checks.append(
-            FileCheck("structure", not problems, "; ".join(problems[:20]) or "names, shapes and dtypes match")
-        )
+        details = "; ".join(problems[:20]) or "names, shapes and dtypes match"
+        report.checks.append(FileCheck("structure", not problems, details))
+    if stop_at_failure and report.problem:
+        return report
     bad = nonfinite_tensors(out)
     details = f"NaN or infinite values in: {', '.join(bad[:10])}" if bad else "all finite"
-    checks.append(FileCheck("finite_values", not bad, details))
-    return checks
+    report.checks.append(FileCheck("finite_values", not bad, details))
+    return report

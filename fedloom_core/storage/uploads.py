@@ -25,6 +25,7 @@ from fedloom_core.errors import (
     RoundNotActive,
 )
 from fedloom_core.learning import weights
+from fedloom_core.policy.validation import FileCheck, check_update_file
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import Client, Experiment, GlobalModel, Round, Update, utcnow
 from fedloom_core.storage.keys import update_key
@@ -127,21 +128,12 @@ def expected_structure(engine: Engine, blobs: BlobStore, model_id: str) -> dict[
     return found
 
 
-def check_update_file(path: Path, out: Path, expected: dict[str, tuple[str, tuple[int, ...]]]) -> str:
-    """Normalise an uploaded file to safetensors at ``out`` and check it against the global model."""
-    try:
-        fmt = weights.normalize_upload(path, out)
-        problems = weights.compare_structure(weights.structure(out), expected)
-    except weights.WeightsFormatError as exc:
-        raise ModelValidationFailed("Uploaded model failed validation", str(exc)) from None
-    if problems:
-        raise ModelValidationFailed("Uploaded model failed validation", "; ".join(problems[:20]))
-    nonfinite = weights.nonfinite_tensors(out)
-    if nonfinite:
-        raise ModelValidationFailed(
-            "Uploaded model failed validation", f"tensor(s) with NaN or infinite values: {', '.join(nonfinite[:10])}"
-        )
-    return fmt
+def check_upload(path: Path, out: Path, expected: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+    """Normalise an upload to safetensors at ``out``; its format, or MODEL_VALIDATION_FAILED naming the problem."""
+    report = check_update_file(path, out, expected, stop_at_failure=True)
+    if report.problem is not None or report.format is None:
+        raise ModelValidationFailed("Uploaded model failed validation", report.problem or "unreadable weights")
+    return report.format
 
 
 def sha256_file(path: Path) -> str:
@@ -174,7 +166,7 @@ def store_update(
     with tempfile.TemporaryDirectory(prefix="fedloom-upload-", dir=upload_path.parent) as tmp:
         normalized = Path(tmp) / "update.safetensors"
         try:
-            fmt = check_update_file(upload_path, normalized, expected)
+            fmt = check_upload(upload_path, normalized, expected)
         except ModelValidationFailed as exc:
             _announce_rejection(engine, target, client_id, exc.details)
             raise
@@ -290,54 +282,28 @@ def _repeat(existing: Update, digest: str) -> StoredUpdate:
     return StoredUpdate(existing, False)
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    details: str
-
-
 def dry_run(
     engine: Engine, blobs: BlobStore, *, client_id: str, upload_path: Path, raw_metrics: str | None
-) -> list[Check]:
+) -> list[FileCheck]:
     """Every check an upload goes through, run without storing anything; an unknown client still raises."""
-    checks: list[Check] = []
+    checks: list[FileCheck] = []
     expected = None
     try:
         target = find_target(engine, client_id)
-        checks.append(Check("round_active", True, f"round {target.round} of '{target.experiment_id}' is open"))
+        checks.append(FileCheck("round_active", True, f"round {target.round} of '{target.experiment_id}' is open"))
         expected = expected_structure(engine, blobs, target.global_model_id)
     except ClientNotRegistered:
         raise
     except (ExperimentNotActive, RoundNotActive) as exc:
-        checks.append(Check("round_active", False, exc.details))
+        checks.append(FileCheck("round_active", False, exc.details))
     if raw_metrics is not None:
         try:
             parse_metrics(raw_metrics)
-            checks.append(Check("metrics", True, "metrics are a JSON object with data_samples > 0"))
+            checks.append(FileCheck("metrics", True, "metrics are a JSON object with data_samples > 0"))
         except InvalidRequest as exc:
-            checks.append(Check("metrics", False, exc.details))
+            checks.append(FileCheck("metrics", False, exc.details))
     with tempfile.TemporaryDirectory(prefix="fedloom-validate-", dir=upload_path.parent) as tmp:
-        out = Path(tmp) / "update.safetensors"
-        try:
-            fmt = weights.normalize_upload(upload_path, out)
-        except weights.WeightsFormatError as exc:
-            checks.append(Check("format", False, str(exc)))
-            return checks
-        checks.append(Check("format", True, f"readable {fmt} weights"))
-        if expected is None:
-            checks.append(Check("structure", False, "no open round: there is no global model to compare with"))
-        else:
-            problems = weights.compare_structure(weights.structure(out), expected)
-            checks.append(
-                Check("structure", not problems, "; ".join(problems[:20]) or "names, shapes and dtypes match")
-            )
-        bad = weights.nonfinite_tensors(out)
-        checks.append(
-            Check(
-                "finite_values", not bad, f"NaN or infinite values in: {', '.join(bad[:10])}" if bad else "all finite"
-            )
-        )
+        checks += check_update_file(upload_path, Path(tmp) / "update.safetensors", expected).checks
     return checks
 
 

@@ -31,7 +31,7 @@ from fedloom_core.learning.weights import (
     structure,
 )
 from fedloom_core.learning.zoo import build_model
-from fedloom_core.storage.uploads import check_update_file, parse_metrics
+from fedloom_core.storage.uploads import check_upload, parse_metrics
 
 EXPECTED = {"fc.weight": ("F32", (4, 3)), "fc.bias": ("F32", (4,))}
 
@@ -51,7 +51,7 @@ def _reject(path: Path, tmp_path: Path, expected: dict = EXPECTED) -> ModelValid
     """``path`` fails validation as an upload; the normalised output is not left behind."""
     out = tmp_path / "normalized.safetensors"
     with pytest.raises(ModelValidationFailed) as info:
-        check_update_file(path, out, expected)
+        check_upload(path, out, expected)
     exc = info.value
     assert exc.status == 400 and exc.code == "MODEL_VALIDATION_FAILED"
     assert exc.details and exc.details != exc.message
@@ -287,7 +287,7 @@ def test_torch_save_state_dict_is_accepted_and_converted(tmp_path: Path) -> None
     path = tmp_path / "upload.pt"
     torch.save(state, path)
     out = tmp_path / "normalized.safetensors"
-    assert check_update_file(path, out, EXPECTED) == "pytorch"
+    assert check_upload(path, out, EXPECTED) == "pytorch"
     assert structure(out) == EXPECTED
     loaded = load_file(str(out))
     assert loaded.keys() == state.keys()
@@ -307,7 +307,7 @@ def test_torch_save_of_a_real_model_with_mixed_dtypes_round_trips(tmp_path: Path
     torch.save(state, path)
     expected = {name: (weights.dtype_name(t.dtype), tuple(t.shape)) for name, t in state.items()}
     out = tmp_path / "normalized.safetensors"
-    assert check_update_file(path, out, expected) == "pytorch"
+    assert check_upload(path, out, expected) == "pytorch"
     back = load_state(out)
     assert back.keys() == state.keys()
     for name, t in state.items():
@@ -319,7 +319,7 @@ def test_safetensors_upload_is_accepted_as_is(tmp_path: Path) -> None:
     original = src.read_bytes()
     out = tmp_path / "sub" / "normalized.safetensors"
     out.parent.mkdir()
-    assert check_update_file(src, out, EXPECTED) == "safetensors"
+    assert check_upload(src, out, EXPECTED) == "safetensors"
     assert out.read_bytes() == original
 
 
@@ -333,7 +333,7 @@ def test_safetensors_whose_header_length_starts_with_pk_is_accepted(tmp_path: Pa
         if path.read_bytes()[:4] == b"PK\0\0":
             break
     assert path.read_bytes()[:2] == b"PK" and structure(path) == EXPECTED  # a valid safetensors file
-    assert check_update_file(path, tmp_path / "out.safetensors", EXPECTED) == "safetensors"
+    assert check_upload(path, tmp_path / "out.safetensors", EXPECTED) == "safetensors"
 
 
 def test_torch_save_with_tied_weights_is_accepted_or_rejected_cleanly(tmp_path: Path) -> None:
@@ -342,7 +342,7 @@ def test_torch_save_with_tied_weights_is_accepted_or_rejected_cleanly(tmp_path: 
     torch.save({"fc.weight": tied, "fc.bias": torch.zeros(4), "head.weight": tied}, path)
     expected = {**EXPECTED, "head.weight": ("F32", (4, 3))}
     try:
-        check_update_file(path, tmp_path / "out.safetensors", expected)
+        check_upload(path, tmp_path / "out.safetensors", expected)
     except ModelValidationFailed:
         pass  # a clean rejection is acceptable too
 
