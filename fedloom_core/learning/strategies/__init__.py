@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fedloom_core.learning.catalog import KNOWN_STRATEGIES
 from fedloom_core.learning.strategies.averaging import FedAvg, FedProx
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext, Strategy
 from fedloom_core.learning.strategies.clipping import NormClipping
 from fedloom_core.learning.strategies.dp import DPFedAvg
 from fedloom_core.learning.strategies.krum import Krum, MultiKrum
-from fedloom_core.learning.strategies.params import ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.params import REGISTRY, ConfiguredStrategy, Param
 from fedloom_core.learning.strategies.robust import FedMedian, FedTrimmedAvg
 from fedloom_core.learning.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
@@ -42,24 +43,8 @@ __all__ = [
     "strategy_params_schema",
 ]
 
-#: Every strategy by its canonical name, in documentation order.
-STRATEGIES: dict[str, type[ConfiguredStrategy]] = {
-    cls.name: cls
-    for cls in (
-        FedAvg,
-        FedProx,
-        FedAvgM,
-        FedAdam,
-        FedYogi,
-        FedAdagrad,
-        FedMedian,
-        FedTrimmedAvg,
-        Krum,
-        MultiKrum,
-        NormClipping,
-        DPFedAvg,
-    )
-}
+#: Every strategy by its canonical name, in the catalog's (documentation) order.
+STRATEGIES: dict[str, type[ConfiguredStrategy]] = {name: REGISTRY[name] for name in KNOWN_STRATEGIES}
 
 
 def canonical_strategy_name(name: str) -> str:

@@ -19,32 +19,16 @@ from typing import Any
 
 import torch
 
+from fedloom_core.learning.catalog import KNOWN_STRATEGIES
 from fedloom_core.learning.kernels import UpdateFile, open_path
-from fedloom_core.learning.strategies.averaging import FedAvg, FedProx
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.learning.strategies.dp import DPFedAvg, clip_scale
-from fedloom_core.learning.strategies.krum import Krum, MultiKrum
-from fedloom_core.learning.strategies.params import ConfiguredStrategy, Param, describe_params
-from fedloom_core.learning.strategies.robust import FedMedian, FedTrimmedAvg
-from fedloom_core.learning.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedloom_core.learning.strategies.dp import clip_scale
+from fedloom_core.learning.strategies.params import REGISTRY, ConfiguredStrategy, Param, describe_params
 from fedloom_core.learning.strategies.streaming import canonical, check_structure, delta_sq_norm, work_dtype
 from fedloom_core.learning.weights import mapped_tensors, save_state, structure
 
-#: The strategies NormClipping can wrap (every strategy but itself), in documentation order.
-INNER_STRATEGIES: tuple[type[ConfiguredStrategy], ...] = (
-    FedAvg,
-    FedProx,
-    FedAvgM,
-    FedAdam,
-    FedYogi,
-    FedAdagrad,
-    FedMedian,
-    FedTrimmedAvg,
-    Krum,
-    MultiKrum,
-    DPFedAvg,
-)
-_INNER_BY_NAME = {cls.name: cls for cls in INNER_STRATEGIES}
+#: The strategies NormClipping can wrap: every strategy but itself, in the catalog's order.
+INNER_STRATEGIES = tuple(name for name in KNOWN_STRATEGIES if name != "NormClipping")
 
 
 def clipped_copy(
@@ -73,7 +57,7 @@ class NormClipping(ConfiguredStrategy):
             str,
             "FedAvg",
             "Strategy that aggregates the clipped updates; its own parameters are accepted alongside.",
-            choices=tuple(_INNER_BY_NAME),
+            choices=INNER_STRATEGIES,
         ),
         Param(
             "max_norm",
@@ -89,7 +73,7 @@ class NormClipping(ConfiguredStrategy):
     def __init__(self, **params: Any) -> None:
         own_names = {p.name for p in self.PARAMS}
         super().__init__(**{k: v for k, v in params.items() if k in own_names})
-        inner_cls = _INNER_BY_NAME[self.params["inner"]]
+        inner_cls = REGISTRY[self.params["inner"]]
         try:
             self.inner: ConfiguredStrategy = inner_cls(**{k: v for k, v in params.items() if k not in own_names})
         except ValueError as exc:

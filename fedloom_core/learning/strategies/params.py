@@ -168,10 +168,19 @@ def check_params(strategy: str, declared: Sequence[Param], given: Mapping[str, A
     return values
 
 
+#: Every strategy class by its name; each registers itself when its module is imported.
+REGISTRY: dict[str, type[ConfiguredStrategy]] = {}
+
+
 class ConfiguredStrategy(Strategy):
     """A strategy whose keyword parameters are declared in ``PARAMS`` and checked on construction."""
 
     PARAMS: ClassVar[tuple[Param, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            REGISTRY[cls.name] = cls
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**check_params(self.name, self.PARAMS, params))
