@@ -32,6 +32,7 @@ def _index(table: str, *columns: str, unique: bool = False) -> None:
 
 
 def upgrade() -> None:
+    # The whole first schema, one create_table per table: long, but a migration reads best as one script.
     op.create_table(
         "experiment",
         sa.Column("experiment_id", ID, nullable=False),
