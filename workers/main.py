@@ -74,11 +74,9 @@ def build_workers(
 def limit_torch_threads() -> None:
     """Run torch single-threaded in the worker unless ``OMP_NUM_THREADS`` asks for more.
 
-    The worker's torch work is evaluating a model on the server's test split (once per update with
-    contribution scores) and memory-bound accumulation. With intra-op threads on a machine whose cores
-    are shared with the API, Temporal and the database, each small operator waits for a second thread
-    that is busy elsewhere: a py-spy profile of the round-overhead benchmark showed evaluation taking
-    most of the worker's time, and the same evaluation ran about ten times faster on one thread there.
+    The worker's torch work is small operators (evaluation on the test split, memory-bound sums) on
+    cores shared with the API, Temporal and the database; intra-op threads there mostly wait for each
+    other (measurements in docs/benchmarks.md).
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return
@@ -91,8 +89,7 @@ def warm_up() -> None:
     """Import the evaluation path and load the built-in test split before the first round needs them.
 
     Otherwise the first round's evaluation also pays for importing scikit-learn's dataset loaders and
-    torch's lazy initialisation (the profile showed ``_load_digits`` as a third of the worker's busy
-    samples in a short experiment).
+    torch's lazy initialisation.
     """
     from fedloom_core.learning.datasets import load_test
     from fedloom_core.learning.training import evaluate
