@@ -37,7 +37,7 @@ serve: $(STAMP)
 	$(BIN)/fedloom serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check fedloom fedloom_core workflows activities api workers tests
+	$(BIN)/ruff check fedloom fedloom_core fedloom_tools workflows activities api workers tests benchmarks
 
 # The benchmarks need the optional `bench` extra (Flower's aggregation functions for comparison).
 bench: $(STAMP)
