@@ -323,7 +323,7 @@ OPTIMISATIONS = """What the profiles and the breakdown showed, and what was chan
   per-update call is gone.
 - **Clients learn of a round sooner.** A held task long-poll is woken as soon as the API's shared
   round-state read sees a change, and that read is refreshed more often while requests are held
-  (`api/routes/clients.py`): every 50 ms, and every 10 ms while a running experiment is between
+  (`api/taskboard.py`): every 50 ms, and every 10 ms while a running experiment is between
   rounds (no round open), when the next round is usually a few hundred milliseconds away.
 - **Each fresh update hashed once per round, not once per read.** pyinstrument on the evaluation
   showed a third of its time re-hashing the round's updates: they were written moments before, too
@@ -338,7 +338,7 @@ OPTIMISATIONS = """What the profiles and the breakdown showed, and what was chan
   exactly one upload learns it completed the round, and one session per upload is gone.
 - **SQLite writers take turns.** A probe of five concurrent write transactions showed the last one
   committing after 35 ms: SQLite's busy handler sleeps 1, 2, 5, 10 ms... between tries. Writers of
-  one process now queue on a lock per database file (`fedloom_core/db.py`), and the same five take
+  one process now queue on a lock per database file (`fedloom_core/storage/db.py`), and the same five take
   7 ms; readers take no turn."""
 
 

@@ -574,11 +574,11 @@ this benchmark):
    decoding the open round's `policy_results` and `exclusions` JSON (an entry per registered
    client) that a task never needs; the first run at this size failed (round 1 closed at its
    deadline without all its updates). Now one light read of the round state per interval serves
-   every held request of an API process (`TaskBoard` in `api/routes/clients.py`), a held request
+   every held request of an API process (`TaskBoard` in `api/taskboard.py`), a held request
    re-runs its own query only when that state changed in a way that concerns it (a change such as
    an experiment starting would otherwise send every waiter to the database at once), and the
    task, upload and training-status queries leave the two per-client JSON columns unloaded
-   (`fedloom_core/repo.py`).
+   (`fedloom_core/storage/repo.py`).
 2. **Every poll was a SQLite write**: `last_seen` was refreshed every 5 s, i.e. on every 10-s poll
    (about 100 write transactions a second at this size, each an ORM load and flush). It is now a
    two-column read and a conditional `UPDATE` at most once a minute (nothing reads `last_seen`
@@ -588,7 +588,7 @@ this benchmark):
    now kept for 10 s per API process (`api/deps.py`; unknown keys are still refused at once).
 4. **SQLite's pool was smaller than the API's thread pool** (15 connections for 40 threads), so
    threads queued for a connection while WAL readers could have run: the pool now matches
-   (`fedloom_core/db.py`).
+   (`fedloom_core/storage/db.py`).
 5. **Evaluation in the worker was slowed by OpenMP spin-waiting** on cores shared with the API and
    Temporal: the leave-one-out contribution scores (one evaluation per update, 100 a round) took
    tens of seconds a round on the busy machine; `fedloom serve` now starts its children with
@@ -603,7 +603,7 @@ this benchmark):
 7. **Concurrent writes waited in SQLite's busy handler**, which sleeps 1, 2, 5, 10 ms... between
    tries, so with hundreds of registrations or uploads at once a few writers lost many rounds of
    that backoff. The write transactions of one process now take turns on a lock per database file
-   (`fedloom_core/db.py`); in one run each before and after, registration p99 went from 983 to
+   (`fedloom_core/storage/db.py`); in one run each before and after, registration p99 went from 983 to
    269 ms and upload p99 from 3.2 to 2.3 s."""
 
 

@@ -411,7 +411,7 @@ against the measured {res["median_s"]["upload"] * 1e3:.0f} ms.
 
 **What changed** (each from a py-spy profile of the API during uploads and downloads):
 
-1. The upload body is parsed as it streams in (`uploads.receive_form`, python-multipart's parser driven
+1. The upload body is parsed as it streams in (`api.multipart.receive_form`, python-multipart's parser driven
    by hand): the model file is written once, to `<data dir>/tmp` beside the blobs, and hashed as it
    arrives. Before, the generic form parser spooled it to a temporary file (handing every piece to a
    worker thread), the route copied it to `<data dir>/tmp`, and it was hashed again afterwards.
