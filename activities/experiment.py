@@ -92,9 +92,27 @@ class ExperimentActivities:
 
     @activity.defn(name="init_experiment")
     def init_experiment(self, inp: InitInput) -> ModelRef:
-        """Create the initial global model (round 0) and mark the experiment running."""
+        """The initial global model (round 0): the one given or adopted at start, else a new built-in model."""
+        from fedloom_core.learning.catalog import builtin_architecture
         from fedloom_core.learning.zoo import build_model, parameters_count
 
+        with session_scope(self.engine) as s:
+            given = s.get(GlobalModel, model_id_for(inp.experiment_id, 0))
+        if given is not None:
+            return ModelRef(
+                model_id=given.model_id,
+                blob_key=given.blob_key,
+                sha256=given.sha256,
+                round=0,
+                size_bytes=given.size_bytes,
+                parameters_count=given.parameters_count,
+            )
+        if builtin_architecture(inp.architecture) is None:
+            raise ApplicationError(
+                f"model_architecture {inp.architecture!r} is not built in and no initial weights were given",
+                type="INITIAL_MODEL_MISSING",
+                non_retryable=True,
+            )
         model = build_model(inp.architecture, inp.input_shape, inp.num_classes, seed=inp.seed)
         ref = self._store_model(inp.experiment_id, 0, model.state_dict(), parameters_count(model))
         with session_scope(self.engine) as s:

@@ -13,7 +13,7 @@ from temporalio.client import Client as TemporalClient
 
 from api import errors, openapi, ratelimit
 from api.auth import hash_key, load_or_create_admin_key
-from api.routes import clients, events, experiments, metrics, models, status, training
+from api.routes import clients, events, experiments, lifecycle, metrics, models, status, training
 from fedloom_core.settings import Settings
 from fedloom_core.storage.blobstore import open_blob_store
 from fedloom_core.storage.db import create_schema, make_engine
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models.router,
         metrics.router,
         experiments.router,
+        lifecycle.router,
     ):
         app.include_router(router, prefix=API_PREFIX, responses=openapi.COMMON_ERRORS)
     app.include_router(events.router)

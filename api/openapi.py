@@ -123,6 +123,16 @@ START_RESPONSE = {
     "selected_clients": ["client-001", "client-003", "client-007"],
     "estimated_duration": "45 minutes",
 }
+INITIAL_MODEL = {
+    "experiment_id": "exp_2025_001",
+    "model_id": "model_exp_2025_001_round_0",
+    "round": 0,
+    "format": "safetensors",
+    "size_bytes": 90552,
+    "sha256": "3f5a...",
+    "parameters_count": 22602,
+    "tensors": 6,
+}
 STOP_REQUEST = {"experiment_id": "exp_2025_001", "reason": "manual_stop"}
 TRAINING_STATUS = {
     "experiment_id": "exp_2025_001",

@@ -174,6 +174,8 @@ class EvaluationSpec(BaseModel):
     input_shape: list[int]
     num_classes: int
     weighted: bool = True
+    # False when the server has no test data for the model (a custom model, or switched off).
+    central: bool = True
 
 
 class EvaluateInput(BaseModel):
@@ -185,7 +187,8 @@ class EvaluateInput(BaseModel):
 
 
 class Evaluation(BaseModel):
-    accuracy: float
+    # None when the server did not evaluate the model (no central evaluation).
+    accuracy: float | None
     # None when the model's loss is not finite (a diverged or poisoned model).
     loss: float | None
     evaluation_time: float

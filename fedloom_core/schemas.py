@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 from fedloom_core.ids import check_id
 from fedloom_core.learning.catalog import (
     KNOWN_OPTIMIZERS,
     KNOWN_STRATEGIES,
-    canonical_architecture,
+    builtin_architecture,
+    builtin_dataset,
     canonical_dataset,
 )
 from fedloom_core.policy.rules import validate_rules
@@ -25,8 +34,12 @@ class ExperimentConfig(_Strict):
     rounds: int = Field(default=10, ge=1, le=100_000)
     min_clients: int = Field(default=2, ge=1, le=100_000)
     client_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
-    dataset: str = "digits"
+    # A built-in architecture, or any other name for a custom model the server never builds.
     model_architecture: str = "CNN"
+    # A built-in dataset, or (with a custom architecture) any name for the data the sites hold.
+    dataset: str = "digits"
+    # Extension: start from another experiment's global model (warm start).
+    initial_model_id: str | None = None
     # Extensions: reproducibility and deadlines.
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     round_timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
@@ -37,15 +50,28 @@ class ExperimentConfig(_Strict):
     def _id(cls, v: str | None) -> str | None:
         return None if v is None else check_id(v, "experiment_id")
 
+    @field_validator("initial_model_id")
+    @classmethod
+    def _initial(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "initial_model_id")
+
     @field_validator("dataset")
     @classmethod
-    def _dataset(cls, v: str) -> str:
-        return canonical_dataset(v)
+    def _dataset(cls, v: str, info: ValidationInfo) -> str:
+        """A built-in model trains on a built-in dataset; a custom one on whatever the sites call their data."""
+        if builtin_architecture(info.data.get("model_architecture", "CNN")) is not None:
+            return canonical_dataset(v)
+        return builtin_dataset(v) or check_id(v, "dataset")
 
     @field_validator("model_architecture")
     @classmethod
     def _arch(cls, v: str) -> str:
-        return canonical_architecture(v)
+        return builtin_architecture(v) or check_id(v, "model_architecture")
+
+    @property
+    def builtin(self) -> bool:
+        """Whether the server knows this model (and can build and evaluate it)."""
+        return builtin_architecture(self.model_architecture) is not None
 
 
 class TrainingConfig(_Strict):
@@ -79,12 +105,38 @@ class AggregationConfig(_Strict):
         raise ValueError(f"unknown strategy {v!r}; known: {', '.join(KNOWN_STRATEGIES)}")
 
 
+class EvaluationConfig(_Strict):
+    """How each round's new global model is evaluated: on the server's test split, by the clients, or both."""
+
+    # None: on for the built-in models and datasets; a custom model is never evaluated centrally.
+    central: bool | None = None
+    # None: off for the built-in models, on for custom ones (the server holds none of their data).
+    federated: bool | None = None
+    # Of the round's participants, the fraction asked to evaluate (at least one).
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    # How long the evaluation phase waits for the clients' reports.
+    timeout_s: float = Field(default=60.0, gt=0, le=24 * 3600)
+
+
 class StartRequest(_Strict):
     """The body of ``POST /training/start``."""
 
     experiment_config: ExperimentConfig = Field(default_factory=ExperimentConfig)
     training_config: TrainingConfig = Field(default_factory=TrainingConfig)
     aggregation_config: AggregationConfig = Field(default_factory=AggregationConfig)
+    evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+def central_evaluation(req: StartRequest) -> bool:
+    """Whether the server evaluates each new model on its own test split."""
+    builtin = req.experiment_config.builtin
+    return builtin and (req.evaluation_config.central is not False)
+
+
+def federated_evaluation(req: StartRequest) -> bool:
+    """Whether clients evaluate each new model on their local data."""
+    wanted = req.evaluation_config.federated
+    return (not req.experiment_config.builtin) if wanted is None else wanted
 
 
 class PolicyConfig(_Strict):

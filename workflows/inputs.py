@@ -16,6 +16,7 @@ from fedloom_core.messages import (
     SelectClientsInput,
     Selection,
 )
+from fedloom_core.schemas import central_evaluation
 
 
 def aggregation_spec(inp: ExperimentInput, state: ExperimentState, rnd: int) -> AggregationSpec:
@@ -39,6 +40,7 @@ def evaluation_spec(inp: ExperimentInput) -> EvaluationSpec:
         input_shape=inp.input_shape,
         num_classes=inp.num_classes,
         weighted=inp.config.aggregation_config.weighted,
+        central=central_evaluation(inp.config),
     )
 
 

@@ -18,10 +18,10 @@ from api.deps import AdminDep, EngineDep, valid_id
 from api.routes.training import _avg_round_seconds, _humanize
 from fedloom_core.errors import Conflict, InvalidRequest, NotFound
 from fedloom_core.ids import check_id
-from fedloom_core.learning.catalog import canonical_architecture, canonical_dataset
+from fedloom_core.learning.catalog import builtin_architecture, builtin_dataset, canonical_dataset
 from fedloom_core.learning.datasets import check_available, dataset_info
 from fedloom_core.learning.zoo import build_model, parameters_count
-from fedloom_core.schemas import ExperimentConfig, PolicyConfig, StartRequest, TrainingConfig
+from fedloom_core.schemas import EvaluationConfig, ExperimentConfig, PolicyConfig, StartRequest, TrainingConfig
 from fedloom_core.storage.db import Experiment, RoundMetrics, utcnow
 from fedloom_core.storage.repo import emit_event, iso, session_scope
 from workflows.experiment import workflow_id
@@ -48,7 +48,8 @@ class DatasetSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return canonical_dataset(v)
+        """A built-in dataset's canonical name, or the name the sites give their own data (custom models)."""
+        return builtin_dataset(v) or check_id(v, "dataset_config.name")
 
     @field_validator("split_strategy")
     @classmethod
@@ -67,7 +68,8 @@ class ModelSpec(BaseModel):
     @field_validator("architecture")
     @classmethod
     def _arch(cls, v: str) -> str:
-        return canonical_architecture(v)
+        """A built-in architecture's canonical name, or any other name for a custom model."""
+        return builtin_architecture(v) or check_id(v, "model_config.architecture")
 
 
 class ExperimentTraining(TrainingConfig):
@@ -87,14 +89,25 @@ class CreateExperiment(BaseModel):
     model_spec: ModelSpec = Field(alias="model_config")
     training_config: ExperimentTraining = Field(default_factory=ExperimentTraining)
     policy_config: PolicyConfig = Field(default_factory=PolicyConfig)
+    # Extensions: how new models are evaluated, and a warm start from another experiment's model.
+    evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    initial_model_id: str | None = None
 
     @field_validator("experiment_id")
     @classmethod
     def _id(cls, v: str | None) -> str | None:
         return None if v is None else check_id(v, "experiment_id")
 
+    @field_validator("initial_model_id")
+    @classmethod
+    def _initial(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "initial_model_id")
+
     @model_validator(mode="after")
     def _consistent(self) -> CreateExperiment:
+        if builtin_architecture(self.model_spec.architecture) is None:
+            return self._check_min_clients()  # a custom model: the server knows neither its data nor its shape
+        canonical_dataset(self.dataset_config.name)  # a built-in model trains on a built-in dataset
         try:
             check_available(self.dataset_config.name)
         except FileNotFoundError as exc:
@@ -112,6 +125,9 @@ class CreateExperiment(BaseModel):
                 f"{info.name!r}, which has {info.num_classes} classes"
             )
         self.model_spec.input_shape, self.model_spec.num_classes = shape, info.num_classes
+        return self._check_min_clients()
+
+    def _check_min_clients(self) -> CreateExperiment:
         wanted = self.policy_config.min_clients
         if wanted is not None and wanted > self.dataset_config.clients_count:
             raise ValueError(
@@ -128,10 +144,12 @@ class CreateExperiment(BaseModel):
                 experiment_id=experiment_id,
                 rounds=tc.rounds,
                 min_clients=self.policy_config.min_clients or min(2, self.dataset_config.clients_count),
-                dataset=self.dataset_config.name,
                 model_architecture=self.model_spec.architecture,
+                dataset=self.dataset_config.name,
+                initial_model_id=self.initial_model_id,
             ),
             training_config=TrainingConfig.model_validate(tc.model_dump(exclude={"rounds"})),
+            evaluation_config=self.evaluation_config,
         )
 
 
@@ -152,7 +170,10 @@ def _bandwidth(model_bytes: int) -> str:
 
 def _resources(body: CreateExperiment, min_clients: int) -> dict:
     spec = body.model_spec
-    params = parameters_count(build_model(spec.architecture, spec.input_shape or [], spec.num_classes or 2))
+    # A custom model's size is known once its initial weights are uploaded.
+    params = 0
+    if builtin_architecture(spec.architecture) is not None:
+        params = parameters_count(build_model(spec.architecture, spec.input_shape or [], spec.num_classes or 2))
     tc = body.training_config
     model_bytes = params * 4
     return {

@@ -17,6 +17,7 @@ from api.deps import BlobsDep, BodyStreamDep, EngineDep, PrincipalDep, SettingsD
 from api.multipart import ReceivedForm, receive_form
 from fedloom_core.errors import InvalidRequest, NotFound
 from fedloom_core.learning import weights
+from fedloom_core.learning.catalog import builtin_architecture
 from fedloom_core.learning.export import export_onnx
 from fedloom_core.messages import UpdateNotice
 from fedloom_core.settings import Settings
@@ -112,6 +113,12 @@ def _export(engine, blobs, model: GlobalModel, fmt: str) -> tuple[str, str, int]
             with session_scope(engine) as s:
                 exp = s.get(Experiment, model.experiment_id)
             cfg = exp.model_config_ if exp else {}
+            if builtin_architecture(cfg.get("architecture", "")) is None:
+                raise InvalidRequest(
+                    "Unsupported model format",
+                    f"ONNX export needs a built-in architecture; '{cfg.get('architecture')}' is a custom model "
+                    "(download it as safetensors or pytorch)",
+                )
             export_onnx(state, cfg["architecture"], cfg["input_shape"], cfg["num_classes"], out)
     except BaseException:
         os.unlink(out)

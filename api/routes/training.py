@@ -18,7 +18,7 @@ from temporalio.client import WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
 from api import openapi
-from api.deps import AdminDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
+from api.deps import AdminDep, BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
 from fedloom_core.errors import (
     Conflict,
     ExperimentNotActive,
@@ -28,9 +28,10 @@ from fedloom_core.errors import (
 )
 from fedloom_core.ids import check_id
 from fedloom_core.learning.datasets import check_available, dataset_info
-from fedloom_core.messages import WORKFLOW_TASK_QUEUE, ExperimentInput
+from fedloom_core.messages import WORKFLOW_TASK_QUEUE, ExperimentInput, ExperimentState
 from fedloom_core.policy.selection import Candidate, select_clients
-from fedloom_core.schemas import PolicyConfig, StartRequest
+from fedloom_core.schemas import ExperimentConfig, PolicyConfig, StartRequest
+from fedloom_core.storage import initial_models
 from fedloom_core.storage.db import Client, Experiment, RoundMetrics, utcnow
 from fedloom_core.storage.repo import (
     current_round,
@@ -61,7 +62,7 @@ def _merge_stored(stored: dict, req: StartRequest) -> StartRequest:
     """A start request for a created experiment: its stored config, overridden by what the request sets."""
     base = StartRequest.model_validate(stored) if stored else StartRequest()
     merged = {}
-    for section in ("experiment_config", "training_config", "aggregation_config"):
+    for section in ("experiment_config", "training_config", "aggregation_config", "evaluation_config"):
         given = (
             getattr(req, section).model_dump(mode="json", exclude_unset=True) if section in req.model_fields_set else {}
         )
@@ -101,7 +102,7 @@ def _check_strategy(req: StartRequest) -> None:
         )
 
 
-def _prepare(engine, req: StartRequest) -> tuple[Experiment, StartRequest, float]:  # type: ignore[no-untyped-def]
+def _prepare(engine, blobs, req: StartRequest) -> tuple[Experiment, StartRequest, float]:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
         running = running_experiment(s)
         if running is not None:
@@ -126,12 +127,9 @@ def _prepare(engine, req: StartRequest) -> tuple[Experiment, StartRequest, float
                 "Not enough clients for training",
                 f"{eligible} eligible client(s) registered, min_clients is {ec.min_clients}",
             )
-        try:
-            check_available(ec.dataset)
-        except FileNotFoundError as exc:
-            raise InvalidRequest("Dataset not available", f"experiment_config.dataset: {exc}") from None
         _check_strategy(req)
-        info = dataset_info(ec.dataset)
+        exp.model_config_ = _model_spec(ec)
+        _initial_weights(s, blobs, exp, ec)
         exp.status = "running"
         exp.started_at = utcnow()
         exp.dataset = ec.dataset
@@ -139,15 +137,39 @@ def _prepare(engine, req: StartRequest) -> tuple[Experiment, StartRequest, float
         exp.total_rounds = ec.rounds
         exp.current_round = 0
         exp.config = req.model_dump(mode="json")
-        exp.model_config_ = {
-            "architecture": ec.model_architecture,
-            "input_shape": list(info.input_shape),
-            "num_classes": info.num_classes,
-        }
         exp.training_config = {**req.training_config.model_dump(mode="json"), "rounds": ec.rounds}
         s.add(exp)
         emit_event(s, type="training_started", experiment_id=exp_id, total_rounds=ec.rounds)
         return exp, req, _avg_round_seconds(s)
+
+
+def _model_spec(ec: ExperimentConfig) -> dict:
+    """The model's description: a built-in one's input shape and classes come from its dataset."""
+    if not ec.builtin:
+        return {"architecture": ec.model_architecture, "input_shape": [], "num_classes": 0}
+    try:
+        check_available(ec.dataset)
+    except FileNotFoundError as exc:
+        raise InvalidRequest("Dataset not available", f"experiment_config.dataset: {exc}") from None
+    info = dataset_info(ec.dataset)
+    return {
+        "architecture": ec.model_architecture,
+        "input_shape": list(info.input_shape),
+        "num_classes": info.num_classes,
+    }
+
+
+def _initial_weights(session, blobs, exp: Experiment, ec: ExperimentConfig) -> None:  # type: ignore[no-untyped-def]
+    """Adopt the warm-start model; a custom architecture must have its round-0 weights by now."""
+    if ec.initial_model_id is not None:
+        initial_models.adopt(session, blobs, exp.experiment_id, ec.initial_model_id, exp.model_config_)
+    elif not ec.builtin and initial_models.initial_model(session, exp.experiment_id) is None:
+        raise InvalidRequest(
+            "Custom model needs initial weights",
+            f"model_architecture '{ec.model_architecture}' is not built in, so the server cannot create its weights: "
+            f"create the experiment, upload them with PUT /experiments/{exp.experiment_id}/initial_model "
+            "(or give experiment_config.initial_model_id), then start it",
+        )
 
 
 def _mark_failed(engine, exp_id: str, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -167,6 +189,7 @@ def _selected(engine, exp_id: str) -> list[str] | None:  # type: ignore[no-untyp
 @router.post("/training/start", responses=openapi.ok(openapi.START_RESPONSE, 400, 409))
 async def start_training(
     engine: EngineDep,
+    blobs: BlobsDep,
     settings: SettingsDep,
     temporal: TemporalDep,
     _: AdminDep,
@@ -174,7 +197,14 @@ async def start_training(
 ) -> dict:
     """Start an experiment: a durable workflow that runs its rounds."""
     _forget_status(engine)
-    exp, req, per_round = await run_in_threadpool(_prepare, engine, req)
+    exp, req, _per_round = await run_in_threadpool(_prepare, engine, blobs, req)
+    return await launch_experiment(engine, settings, temporal, exp, req)
+
+
+async def launch_experiment(  # type: ignore[no-untyped-def]
+    engine, settings, temporal, exp: Experiment, req: StartRequest, state: ExperimentState | None = None
+) -> dict:
+    """Start the experiment's workflow (from ``state`` when it continues) and answer as ``/training/start`` does."""
     ec = req.experiment_config
     info = exp.model_config_
     wf_input = ExperimentInput(
@@ -186,6 +216,7 @@ async def start_training(
         selection_timeout_s=ec.selection_timeout_s or settings.selection_timeout_s,
         policy=PolicyConfig.model_validate(exp.policy_config or {}),
         continue_as_new_every=settings.continue_as_new_every,
+        state=state or ExperimentState(),
     )
     try:
         await temporal.start_workflow(
@@ -193,7 +224,10 @@ async def start_training(
             wf_input,
             id=workflow_id(exp.experiment_id),
             task_queue=WORKFLOW_TASK_QUEUE,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            # A continued experiment runs again under its id, once the earlier run has closed.
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE
+            if state is not None
+            else WorkflowIDReusePolicy.REJECT_DUPLICATE,
             memo=experiment_memo(exp.experiment_id, req),
             search_attributes=start_search_attributes(exp.experiment_id, req.aggregation_config.strategy),
         )
@@ -207,15 +241,22 @@ async def start_training(
             break
         await asyncio.sleep(0.1)
     _forget_status(engine)  # what the change did shows at once
+    per_round = await run_in_threadpool(_per_round, engine)
+    first = state.next_round if state else 1
     return {
         "experiment_id": exp.experiment_id,
         "status": "started",
         "start_time": iso(exp.started_at),
         "total_rounds": ec.rounds,
-        "current_round": 1,
+        "current_round": first,
         "selected_clients": selected or [],
-        "estimated_duration": _humanize(per_round * ec.rounds),
+        "estimated_duration": _humanize(per_round * (ec.rounds - first + 1)),
     }
+
+
+def _per_round(engine) -> float:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        return _avg_round_seconds(s)
 
 
 class StopRequest(BaseModel):

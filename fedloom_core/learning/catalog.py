@@ -42,3 +42,17 @@ def canonical_architecture(name: str) -> str:
         if str(name).strip().upper() == known:
             return known
     raise ValueError(f"unknown model_architecture {name!r}; known: {', '.join(KNOWN_ARCHITECTURES)}")
+
+
+def builtin_architecture(name: str) -> str | None:
+    """The canonical name of a built-in architecture, or None for a model the server does not know."""
+    for known in KNOWN_ARCHITECTURES:
+        if str(name).strip().upper() == known:
+            return known
+    return None
+
+
+def builtin_dataset(name: str) -> str | None:
+    """The canonical name of a built-in dataset, or None for data only the sites hold."""
+    canonical = DATASET_ALIASES.get(str(name).strip().lower())
+    return canonical if canonical in KNOWN_DATASETS else None

@@ -238,10 +238,12 @@ def check_update_file(
     expected: Mapping[str, tuple[str, tuple[int, ...]]] | None,
     *,
     stop_at_failure: bool = False,
+    structure_required: bool = True,
 ) -> FileReport:
     """Normalise an uploaded file to safetensors at ``out``; check its format, structure and values.
 
-    ``expected`` is the global model's structure; None (no open round) fails the structure check.
+    ``expected`` is the global model's structure; None fails the structure check (no open round), or
+    skips it when ``structure_required`` is false (an initial model of a custom architecture).
     Nothing else is checked after a failed format check, or after any failure with ``stop_at_failure``.
     """
     try:
@@ -249,9 +251,9 @@ def check_update_file(
     except WeightsFormatError as exc:
         return FileReport(None, [FileCheck("format", False, str(exc))])
     report = FileReport(fmt, [FileCheck("format", True, f"readable {fmt} weights")])
-    if expected is None:
+    if expected is None and structure_required:
         report.checks.append(FileCheck("structure", False, "no open round: there is no global model to compare with"))
-    else:
+    elif expected is not None:
         problems = compare_structure(structure(out), dict(expected))
         details = "; ".join(problems[:20]) or "names, shapes and dtypes match"
         report.checks.append(FileCheck("structure", not problems, details))
