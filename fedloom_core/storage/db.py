@@ -101,6 +101,10 @@ class Round(SQLModel, table=True):
     client_config: dict = _json()
     # What the aggregation reported (e.g. Krum's selection, DP noise).
     strategy_info: dict = _json()
+    # The clients asked to evaluate this round's new model (federated evaluation), or None when none were.
+    evaluators: list | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # None (no evaluation phase) | open (taking reports) | closed
+    evaluation_status: str | None = None
     global_model_id: str = ""
     upload_count: int = 0
     started_at: datetime = Field(default_factory=utcnow)
@@ -183,14 +187,35 @@ class RoundMetrics(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     experiment_id: str = Field(index=True, max_length=128)
     round: int
-    global_accuracy: float
+    # None where the server had no evaluation data (central evaluation off).
+    global_accuracy: float | None = None
     global_loss: float | None = None
+    # The clients' evaluation reports averaged weighted by data_samples, or None when none came.
+    federated_metrics: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     participating_clients: int
     round_duration: float
     aggregation_time: float
     evaluation_time: float = 0.0
     model_id: str = ""
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class ClientEvaluation(SQLModel, table=True):
+    """One client's evaluation of one round's new global model on its local data."""
+
+    __tablename__ = "client_evaluation"
+    __table_args__ = (UniqueConstraint("experiment_id", "round", "client_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(index=True, max_length=128)
+    round: int
+    client_id: str = Field(index=True, max_length=128)
+    # 0 means the client could not evaluate; such reports are left out of the average.
+    data_samples: int = 0
+    loss: float | None = None
+    accuracy: float | None = None
+    # Every numeric metric of the report, data_samples, loss and accuracy included.
+    metrics: dict = _json()
+    received_at: datetime = Field(default_factory=utcnow)
 
 
 class ClientMetrics(SQLModel, table=True):
