@@ -23,7 +23,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 
 
 def _run_to_end(server: LiveServer, http: httpx.Client, start, log_dir: Path, prefix: str) -> dict:  # type: ignore[no-untyped-def]
-    """Start clients, then the experiment (``start`` posts it); wait for it to end; its last status."""
+    """Start clients, then the experiment (``start`` posts it); wait for it to end; its last status.
+
+    Each run gets fresh client processes under the same ids: a client process ends with its experiment."""
+    log_dir.mkdir()
     procs = spawn_clients(server, CLIENTS, log_dir, prefix)
     try:
         wait_registered(http, CLIENTS, procs)
@@ -48,12 +51,12 @@ def _rounds(http: httpx.Client, exp_id: str) -> list[dict]:
 def test_continue_carries_on_and_warm_start_begins_where_the_source_ended(server: LiveServer, tmp_path: Path) -> None:
     http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
     body = small_run_body("source", 2, CLIENTS, seed=3)
-    _run_to_end(server, http, lambda: http.post("/training/start", json=body), tmp_path, "a")
+    _run_to_end(server, http, lambda: http.post("/training/start", json=body), tmp_path / "1", "a")
     first = _rounds(http, "source")
     assert [r["round"] for r in first] == [1, 2]
 
     started = _run_to_end(
-        server, http, lambda: http.post("/experiments/source/continue", json={"rounds": 2}), tmp_path, "b"
+        server, http, lambda: http.post("/experiments/source/continue", json={"rounds": 2}), tmp_path / "2", "a"
     )
     assert started["current_round"] == 3 and started["total_rounds"] == 4
     rounds = _rounds(http, "source")
@@ -64,7 +67,7 @@ def test_continue_carries_on_and_warm_start_begins_where_the_source_ended(server
 
     warm = small_run_body("warm", 1, CLIENTS, seed=9)
     warm["experiment_config"]["initial_model_id"] = final["model_id"]
-    _run_to_end(server, http, lambda: http.post("/training/start", json=warm), tmp_path, "c")
+    _run_to_end(server, http, lambda: http.post("/training/start", json=warm), tmp_path / "3", "a")
     round0 = http.get("/model/global", params={"experiment_id": "warm", "round": 0}).json()
     assert round0["sha256"] == final["sha256"], "the warm start's round-0 model is the source's final model"
     cold = rounds[0]["global_accuracy"]
