@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
 
 DEFAULT_TIMEOUT = 60.0
+# Initial weights: a state_dict, a file path, or a file's bytes.
+InitialModel = Mapping[str, Any] | str | Path | bytes
 
 
 class FLAPIError(Exception):
@@ -25,12 +28,21 @@ class FLClient:
     """A client of the FL Framework API at ``server_url`` (without ``/api/v1``)."""
 
     def __init__(
-        self, server_url: str = "http://localhost:8080", api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        server_url: str = "http://localhost:8080",
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.server_url = server_url.rstrip("/")
         self.base_url = f"{self.server_url}/api/v1"
         self.api_key = api_key
-        self._http = httpx.Client(timeout=timeout)
+        self._timeout, self._transport = timeout, transport
+        self._http = httpx.Client(timeout=timeout, transport=transport)
+
+    def with_key(self, api_key: str) -> FLClient:
+        """A client of the same server (timeout and transport too) that uses ``api_key``."""
+        return FLClient(self.server_url, api_key, self._timeout, self._transport)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -45,8 +57,9 @@ class FLClient:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, f"{self.base_url}{path}", headers=self._headers(), **kwargs)
+    def _request(self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        headers = {**self._headers(), **(headers or {})}
+        response = self._http.request(method, f"{self.base_url}{path}", headers=headers, **kwargs)
         if response.status_code >= 400:
             raise _error(response)
         return response
@@ -84,8 +97,57 @@ class FLClient:
         return self._json("GET", f"/clients/{client_id}")
 
     def get_task(self, client_id: str, wait: float = 0.0) -> dict[str, Any]:
-        """What the client should do now: ``train``, ``wait``, ``idle`` or ``done`` (long-polls up to ``wait`` s)."""
+        """What the client should do now: ``train``, ``evaluate``, ``wait``, ``idle`` or ``done``.
+
+        The server holds the request up to ``wait`` seconds while there is nothing to do.
+        """
         return self._json("GET", f"/clients/{client_id}/task", params={"wait": wait} if wait else None)
+
+    def upload_evaluation(
+        self, client_id: str, experiment_id: str, round: int, metrics: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Report how a round's global model did on this client's data (``data_samples``, ``loss``, ...)."""
+        body = {"experiment_id": experiment_id, "round": round, "metrics": metrics}
+        return self._json("POST", f"/model/evaluation/{client_id}", json=body)
+
+    # -- experiments -----------------------------------------------------------------------
+    def create_experiment(self, body: dict[str, Any], initial_model: InitialModel | None = None) -> dict[str, Any]:
+        """Create an experiment (the spec's ``POST /experiments`` body); returns it, with its ``experiment_id``.
+
+        ``initial_model`` (a state_dict, or the path of a safetensors or ``torch.save`` state_dict file)
+        becomes its round-0 global model; a model the server does not know needs one.
+        """
+        experiment = self._json("POST", "/experiments", json=body)
+        if initial_model is not None:
+            self.upload_initial_model(experiment["experiment_id"], initial_model)
+        return experiment
+
+    def upload_initial_model(self, experiment_id: str, model: InitialModel) -> dict[str, Any]:
+        """Store an experiment's round-0 weights: a state_dict, a file path or the file's bytes.
+
+        A file is sent as it is (the server reads safetensors and ``torch.save`` state_dicts); a
+        state_dict is serialised as safetensors, which needs torch and safetensors.
+        """
+        path = f"/experiments/{experiment_id}/initial_model"
+        headers = {"Content-Type": "application/octet-stream"}
+        if isinstance(model, (str, Path)):
+            with open(model, "rb") as fh:
+                return self._json("PUT", path, content=fh, headers=headers)
+        data = bytes(model) if isinstance(model, (bytes, bytearray, memoryview)) else state_dict_bytes(model)
+        return self._json("PUT", path, content=data, headers=headers)
+
+    def continue_experiment(self, experiment_id: str, rounds: int) -> dict[str, Any]:
+        """Run a stopped or completed experiment for ``rounds`` more rounds, from its last model."""
+        return self._json("POST", f"/experiments/{experiment_id}/continue", json={"rounds": rounds})
+
+    def get_experiment(self, experiment_id: str) -> dict[str, Any]:
+        """An experiment's configuration and status."""
+        return self._json("GET", f"/experiments/{experiment_id}")
+
+    def get_training_metrics(self, experiment_id: str | None = None) -> dict[str, Any]:
+        """Per-round metrics (``global_accuracy``, ``federated_metrics``, ...) of an experiment."""
+        params = {"experiment_id": experiment_id} if experiment_id else None
+        return self._json("GET", "/metrics/training", params=params)
 
     # -- training --------------------------------------------------------------------------
     def start_training(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -104,9 +166,12 @@ class FLClient:
         return self._json("GET", "/training/status")
 
     # -- models ----------------------------------------------------------------------------
-    def get_global_model(self, round: int | None = None, format: str | None = None) -> dict[str, Any]:
-        """Metadata of a global model."""
-        params = {k: v for k, v in {"round": round, "format": format}.items() if v is not None}
+    def get_global_model(
+        self, round: int | None = None, format: str | None = None, experiment_id: str | None = None
+    ) -> dict[str, Any]:
+        """Metadata of a global model (of the latest experiment unless ``experiment_id`` is given)."""
+        given = {"round": round, "format": format, "experiment_id": experiment_id}
+        params = {k: v for k, v in given.items() if v is not None}
         return self._json("GET", "/model/global", params=params)
 
     def download_model(self, model_id: str, dest: str | Path, format: str = "safetensors") -> dict[str, str]:
@@ -115,10 +180,7 @@ class FLClient:
         with self._http.stream("GET", url, params={"format": format}, headers=self._headers()) as response:
             if response.status_code >= 400:
                 response.read()
-                err = response.json().get("error", {})
-                raise FLAPIError(
-                    response.status_code, err.get("code", "HTTP_ERROR"), err.get("message", ""), err.get("details", "")
-                )
+                raise _error(response)
             with open(dest, "wb") as fh:
                 fh.writelines(response.iter_bytes())
             return {"sha256": response.headers.get("x-model-sha256", "")}
@@ -136,6 +198,13 @@ class FLClient:
         return self._json(
             "POST", f"/model/update/{client_id}", files={"model_file": ("model.safetensors", model_file)}, data=data
         )
+
+
+def state_dict_bytes(state: Mapping[str, Any]) -> bytes:
+    """A state_dict as safetensors bytes (tensors copied to the CPU, so shared or strided ones serialise)."""
+    from safetensors.torch import save
+
+    return save({name: t.detach().cpu().clone().contiguous() for name, t in state.items()})
 
 
 def _error(response: httpx.Response) -> FLAPIError:

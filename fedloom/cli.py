@@ -78,6 +78,7 @@ def _cmd_api(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
+    from fedloom.app import ModelMismatchError, RegistrationError
     from fedloom.runtime import run_client
 
     api_key = args.api_key or os.environ.get("FEDLOOM_API_KEY")
@@ -85,6 +86,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
         print("fedloom client: --api-key (or FEDLOOM_API_KEY) is required", file=sys.stderr)
         return 2
     try:
+        if args.app:
+            load_app(args.app).run(args.server, api_key, args.client_id)
+            return 0
+        if not args.client_id:
+            print("fedloom client: --client-id is required", file=sys.stderr)
+            return 2
         run_client(
             server=args.server,
             api_key=api_key,
@@ -99,10 +106,38 @@ def _cmd_client(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         return 130
-    except ValueError as exc:  # a bad --partition, --attack or dataset
+    except (RegistrationError, ModelMismatchError) as exc:
+        print(f"fedloom client: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a bad --partition, --attack, dataset or --app, or a task for other data
         print(f"fedloom client: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def load_app(spec: str):  # type: ignore[no-untyped-def]
+    """The ``ClientApp`` that ``package.module:attr`` names (or that calling it, with no arguments, returns).
+
+    The working directory is importable, so a project's own module runs as ``--app client_app:app``.
+    """
+    from fedloom.app import ClientApp
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--app must look like package.module:attr, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    import importlib
+
+    target = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ValueError(f"--app {spec}: {module_name} has no attribute {attr!r}")
+    app = target if isinstance(target, ClientApp) else target() if callable(target) else None
+    if not isinstance(app, ClientApp):
+        raise ValueError(f"--app {spec} is not a fedloom.ClientApp nor a function returning one")
+    return app
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -142,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = sub.add_parser("client", help="join experiments as a training client")
     client.add_argument("--server", default="http://127.0.0.1:8080")
-    client.add_argument("--api-key", default=None)
-    client.add_argument("--client-id", required=True)
+    client.add_argument("--api-key", default=None, help="the client's own key, the admin key or an enrollment token")
+    client.add_argument("--client-id", default=None, help="required unless the --app sets it")
+    client.add_argument(
+        "--app", default=None, help="run your own fedloom.ClientApp, package.module:attr (the flags below are unused)"
+    )
     client.add_argument("--dataset", default="digits")
     client.add_argument("--partition", default="1/1", help="I/N: this client's shard (1-based)")
     client.add_argument("--seed", type=int, default=0, help="partition and training seed")

@@ -1,4 +1,4 @@
-"""The client runtime: wait to be selected, train on the local slice, upload, until the experiment ends.
+"""The built-in client: a built-in model trained on this client's slice of a built-in dataset, through run_client.
 
 Training uses torch, which comes with the ``torch`` extra (``pip install 'fedloom[torch]'``); this
 module imports it only when a run starts, so importing it needs nothing beyond the SDK.
@@ -7,15 +7,12 @@ module imports it only when a run starts, so importing it needs nothing beyond t
 from __future__ import annotations
 
 import logging
-import tempfile
-import time
 import zlib
-from pathlib import Path
+from typing import Any
 
-import httpx
-
-from fedloom._client import FLAPIError, FLClient
+from fedloom._client import FLClient
 from fedloom._extras import require_torch
+from fedloom.app import RunOptions, register, serve_tasks
 
 log = logging.getLogger("fedloom.client")
 # The server holds a task request up to this long while there is nothing to do.
@@ -52,48 +49,106 @@ def run_client(
     import torch
 
     from fedloom_core.learning.attacks import parse_attack
+    from fedloom_core.learning.catalog import builtin_dataset
 
     parsed_attack = parse_attack(attack) if attack else None
     torch.set_num_threads(1)
     data = _load_shard(client_id, dataset, partition, seed, partition_strategy, alpha, shards_per_client)
-    api = _register(FLClient(server, api_key), server, client_id, dataset, partition, len(data))
-    seen_running: set[str] = set()
-    trained = 0
-    first_poll, ended_before_join = True, None
-    idle_since = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f"fedloom-{client_id}-") as tmp:
-        work = Path(tmp)
-        while True:
-            try:
-                task = api.get_task(client_id, wait=LONG_POLL_S)
-            except (FLAPIError, httpx.HTTPError, OSError) as exc:  # server restarting or rate limit: keep trying
-                log.warning("task poll failed: %s", exc)
-                time.sleep(_backoff(exc))
-                continue
-            status = task.get("status")
-            exp_id = task.get("experiment_id")
-            if task.get("experiment_status") == "running" and exp_id:
-                seen_running.add(exp_id)
-            if first_poll:
-                # An experiment already over when we joined is not ours to end on; any other that is
-                # done ran while we waited (possibly all within one long-poll) and ends our run.
-                ended_before_join = exp_id if status == "done" else None
-                first_poll = False
-            if status == "done" and (exp_id in seen_running or (exp_id and exp_id != ended_before_join)):
-                log.info("%s: experiment %s ended (%s)", client_id, exp_id, task.get("experiment_status"))
-                return trained
-            if status != "train":
-                if max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
-                    return trained
-                continue
-            idle_since = time.monotonic()
-            try:
-                trained += _train_round(api, client_id, task, data, work, seed, parsed_attack)
-            except (FLAPIError, httpx.HTTPError, OSError) as exc:
-                # The round may have closed while we trained, or the server is restarting: the next poll
-                # says what to do.
-                log.warning("%s round %s: %s", client_id, task.get("round"), exc)
-                time.sleep(_backoff(exc))
+    site = BuiltinSite(client_id, builtin_dataset(dataset) or dataset, data, seed, parsed_attack)
+    options = RunOptions(
+        client_config={"dataset": dataset, "partition": partition},
+        capabilities={"compute_power": "cpu", "data_samples": len(data)},
+        max_idle_s=max_idle_s,
+        long_poll_s=LONG_POLL_S,
+        check_task=site.check_task,
+    )
+    api = register(FLClient(server, api_key), client_id, options)
+    try:
+        return serve_tasks(api, client_id, site.model_for, site.train, site.evaluate, options)
+    finally:
+        api.close()
+
+
+class DatasetMismatchError(ValueError):
+    """A task names another dataset, or a model this built-in client does not have."""
+
+
+class BuiltinSite:
+    """A built-in model (CNN or MLP, as the task names it) trained and evaluated on this client's shard."""
+
+    def __init__(self, client_id: str, dataset: str, data, seed: int, attack=None) -> None:  # type: ignore[no-untyped-def]
+        self.client_id, self.dataset, self.data, self.seed, self.attack = client_id, dataset, data, seed, attack
+        self.task: dict[str, Any] = {}
+
+    def check_task(self, task: dict[str, Any]) -> None:
+        """Refuse a task for another dataset or for a model the server does not build."""
+        from fedloom_core.learning.catalog import builtin_architecture, builtin_dataset
+
+        wanted, exp_id = task.get("dataset"), task.get("experiment_id")
+        if builtin_dataset(str(wanted)) != self.dataset:
+            hint = f"--dataset {wanted}" if builtin_dataset(str(wanted)) else "a client app (fedloom client --app)"
+            raise DatasetMismatchError(
+                f"{self.client_id} holds dataset {self.dataset!r} but experiment {exp_id} trains on {wanted!r}: "
+                f"join it with {hint}"
+            )
+        if builtin_architecture(str(task.get("model_architecture"))) is None:
+            raise DatasetMismatchError(
+                f"experiment {task.get('experiment_id')} trains a custom model "
+                f"{task.get('model_architecture')!r}: run a client app for it (fedloom client --app)"
+            )
+
+    def model_for(self, task: dict[str, Any]):  # type: ignore[no-untyped-def]
+        """A fresh built-in model of the task's architecture; the task is kept for training."""
+        from fedloom_core.learning.zoo import build_model
+
+        self.task = task
+        cfg = task["model_config"]
+        return build_model(task["model_architecture"], cfg["input_shape"], cfg["num_classes"])
+
+    def train(self, model, tc: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        """Train on the shard (poisoned under an attack); the spec's training metrics."""
+        from fedloom_core.learning.attacks import poison_data, poison_update
+        from fedloom_core.learning.training import train_local
+
+        task, attack = self.task, self.attack
+        num_classes = int(task["model_config"]["num_classes"])
+        global_state = {k: v.clone() for k, v in model.state_dict().items()} if attack else {}
+        train_seed = self.seed * 100_003 + int(task["round"]) * 101 + zlib.crc32(self.client_id.encode()) % 9973
+        result = train_local(
+            model,
+            poison_data(attack, self.data, num_classes) if attack else self.data,
+            epochs=int(tc.get("local_epochs", 1)),
+            batch_size=int(tc.get("batch_size", 32)),
+            learning_rate=float(tc.get("learning_rate", 0.01)),
+            optimizer=str(tc.get("optimizer", "SGD")),
+            seed=train_seed,
+            proximal_mu=float(tc.get("proximal_mu", 0.0)),
+        )
+        if attack is not None:
+            model.load_state_dict(poison_update(attack, global_state, model.state_dict(), seed=train_seed))
+        log.info(
+            "%s round %s: acc %.3f loss %.3f (%.1fs train)%s",
+            self.client_id,
+            task["round"],
+            result.local_accuracy,
+            result.local_loss,
+            result.training_time,
+            f" [attack {attack.kind}]" if attack else "",
+        )
+        return {
+            "local_accuracy": result.local_accuracy,
+            "local_loss": result.local_loss,
+            "training_time": result.training_time,
+            "data_samples": result.data_samples,
+            "epochs_completed": result.epochs_completed,
+        }
+
+    def evaluate(self, model, _config: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        """Accuracy and loss of a global model on this client's shard."""
+        from fedloom_core.learning.training import evaluate
+
+        accuracy, loss = evaluate(model, self.data)
+        return {"data_samples": len(self.data), "loss": loss, "accuracy": accuracy}
 
 
 def _load_shard(client_id, dataset, partition, seed, strategy, alpha, shards_per_client):  # type: ignore[no-untyped-def]
@@ -120,30 +175,6 @@ def _load_shard(client_id, dataset, partition, seed, strategy, alpha, shards_per
     return data
 
 
-def _register(api: FLClient, server: str, client_id: str, dataset: str, partition: str, samples: int) -> FLClient:
-    """Register ``client_id``; a client on its own new key, or ``api`` if it was registered before."""
-    try:
-        reg = api.register_client(
-            client_id,
-            {"dataset": dataset, "partition": partition},
-            capabilities={"compute_power": "cpu", "data_samples": samples},
-        )
-    except FLAPIError as exc:
-        if exc.code != "CONFLICT":
-            raise
-        log.info("%s already registered; continuing with the given key", client_id)
-        return api
-    log.info("%s registered (%d samples)", client_id, samples)
-    return FLClient(server, reg["api_key"])
-
-
-def _backoff(exc: Exception) -> float:
-    """How long to wait after a failed call: a 429's Retry-After, else a second."""
-    if isinstance(exc, FLAPIError) and exc.retry_after is not None:
-        return min(exc.retry_after, 60.0)
-    return 1.0
-
-
 def _warm_up(build_model, train_local, data) -> None:  # type: ignore[no-untyped-def]
     """One tiny training step, so torch's lazy imports happen now rather than inside the first round."""
     from fedloom_core.learning.datasets import Split
@@ -151,57 +182,3 @@ def _warm_up(build_model, train_local, data) -> None:  # type: ignore[no-untyped
     sample = Split(data.x[:2], data.y[:2])
     shape = (int(data.x.shape[2]), int(data.x.shape[3]), int(data.x.shape[1]))
     train_local(build_model("MLP", shape, 10), sample, epochs=1, batch_size=2, learning_rate=0.01)
-
-
-def _train_round(api, client_id, task, data, work, seed, attack=None) -> int:  # type: ignore[no-untyped-def]
-    from fedloom_core.learning.attacks import poison_data, poison_update
-    from fedloom_core.learning.training import train_local
-    from fedloom_core.learning.weights import load_state, save_state
-    from fedloom_core.learning.zoo import build_model
-
-    cfg = task["model_config"]
-    tc = task["training_config"]
-    started = time.perf_counter()
-    model_path = work / "global.safetensors"
-    api.download_model(task["model_id"], model_path)
-    download_time = time.perf_counter() - started
-    model = build_model(task["model_architecture"], cfg["input_shape"], cfg["num_classes"])
-    global_state = load_state(model_path)
-    model.load_state_dict(global_state)
-    train_seed = seed * 100_003 + int(task["round"]) * 101 + zlib.crc32(client_id.encode()) % 9973
-    result = train_local(
-        model,
-        poison_data(attack, data, cfg["num_classes"]) if attack else data,
-        epochs=int(tc.get("local_epochs", 1)),
-        batch_size=int(tc.get("batch_size", 32)),
-        learning_rate=float(tc.get("learning_rate", 0.01)),
-        optimizer=str(tc.get("optimizer", "SGD")),
-        seed=train_seed,
-        proximal_mu=float(tc.get("proximal_mu", 0.0)),
-    )
-    state = model.state_dict()
-    if attack is not None:
-        state = poison_update(attack, global_state, state, seed=train_seed)
-    out = work / "update.safetensors"
-    save_state(state, out)
-    upload_started = time.perf_counter()
-    metrics = {
-        "local_accuracy": result.local_accuracy,
-        "local_loss": result.local_loss,
-        "training_time": result.training_time,
-        "data_samples": result.data_samples,
-        "epochs_completed": result.epochs_completed,
-        "communication_time": download_time,
-    }
-    api.upload_model_update(client_id, out, metrics)
-    log.info(
-        "%s round %s: acc %.3f loss %.3f (%.1fs train, %.2fs upload)%s",
-        client_id,
-        task["round"],
-        result.local_accuracy,
-        result.local_loss,
-        result.training_time,
-        time.perf_counter() - upload_started,
-        f" [attack {attack.kind}]" if attack else "",
-    )
-    return 1
