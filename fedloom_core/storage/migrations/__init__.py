@@ -9,6 +9,7 @@ schema it already has. New revisions: ``python -m fedloom_core.storage.migration
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -18,6 +19,8 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
 HERE = Path(__file__).resolve().parent
+# Alembic lists every plugin it sets up at INFO, on every start-up of every process.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 # The revision holding the schema that databases created before migrations already have.
 BASELINE = "0001"
 # The table that only databases created before migrations have.
