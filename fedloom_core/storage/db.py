@@ -105,6 +105,8 @@ class Round(SQLModel, table=True):
     evaluators: list | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     # None (no evaluation phase) | open (taking reports) | closed
     evaluation_status: str | None = None
+    # When the evaluation phase stops waiting for reports.
+    evaluation_deadline: datetime | None = None
     global_model_id: str = ""
     upload_count: int = 0
     started_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,28 @@
+"""Federated evaluation: when a round's evaluation phase stops waiting, sent with the evaluate task.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("round") as batch:
+        batch.add_column(sa.Column("evaluation_deadline", sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("round") as batch:
+        batch.drop_column("evaluation_deadline")
