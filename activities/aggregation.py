@@ -250,7 +250,7 @@ class AggregationActivities:
         started = time.perf_counter()
         spec = inp.spec
         if not spec.central:
-            return Evaluation(accuracy=None, loss=None, evaluation_time=0.0)
+            return self._progress(inp, started)
         test = load_test(spec.dataset)
         with self.blobs.open_local(inp.model.blob_key) as path:
             state = weights.load_state(path)
@@ -265,6 +265,33 @@ class AggregationActivities:
             evaluation_time=time.perf_counter() - started,
             loo_loss_deltas=result.loo_loss_deltas,
         )
+
+    def _progress(self, inp: EvaluateInput, started: float) -> Evaluation:
+        """No central evaluation: each scored update's share of the round's progress (``trust.progress_shares``)."""
+        from fedloom_core.learning.evaluation import update_alignment
+        from fedloom_core.policy.trust import progress_shares
+
+        shares: dict[str, float] = {}
+        if inp.updates:
+            previous = self._previous_model(inp.experiment_id, inp.model.round)
+            if previous is not None:
+                with self.blobs.open_local(previous) as prev_path, self.blobs.open_local(inp.model.blob_key) as path:
+                    cosines = update_alignment(
+                        Path(prev_path), Path(path), self._files(inp.updates), self._opener(inp.updates)
+                    )
+                samples = {u.client_id: u.num_samples if inp.spec.weighted else 1 for u in inp.updates}
+                shares = progress_shares(cosines, samples)
+        return Evaluation(
+            accuracy=None, loss=None, evaluation_time=time.perf_counter() - started, progress_shares=shares
+        )
+
+    def _previous_model(self, experiment_id: str, round: int) -> str | None:
+        """Blob key of the global model the round started from (the previous round's), if recorded."""
+        from fedloom_core.storage.db import GlobalModel
+
+        with session_scope(self.engine) as s:
+            row = s.get(GlobalModel, model_id_for(experiment_id, round - 1))
+        return row.blob_key if row is not None else None
 
     def all(self) -> list:
         """The bound activity methods, for registration on a worker."""

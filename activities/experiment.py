@@ -24,9 +24,11 @@ from fedloom_core.messages import (
     INSUFFICIENT_CLIENTS,
     ROUND_DENIED,
     CompleteRoundInput,
+    FederatedResult,
     FinishInput,
     InitInput,
     ModelRef,
+    OpenEvaluationInput,
     OpenRoundInput,
     RoundRef,
     SelectClientsInput,
@@ -35,7 +37,7 @@ from fedloom_core.messages import (
 )
 from fedloom_core.policy.rules import validate_rules
 from fedloom_core.policy.selection import Candidate, client_configs, round_control, select_clients
-from fedloom_core.storage import round_records
+from fedloom_core.storage import evaluations, round_records
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import (
     Client,
@@ -301,6 +303,7 @@ class ExperimentActivities:
                 experiment_id=inp.experiment_id,
                 round=inp.round,
                 global_metrics=metrics,
+                federated_metrics=inp.federated_metrics,
                 participating_clients=len(inp.updates),
                 round_duration=inp.round_duration,
             )
@@ -312,6 +315,16 @@ class ExperimentActivities:
                 progress=inp.round / inp.total_rounds,
                 metrics=metrics,
             )
+
+    @activity.defn(name="open_evaluation")
+    def open_evaluation(self, inp: OpenEvaluationInput) -> list[str]:
+        """Open the round's federated evaluation phase; returns the clients asked to evaluate."""
+        return evaluations.open_phase(self.engine, inp)
+
+    @activity.defn(name="close_evaluation")
+    def close_evaluation(self, inp: RoundRef) -> FederatedResult:
+        """Close the round's federated evaluation phase and average the reports by data_samples."""
+        return evaluations.close_phase(self.engine, inp.experiment_id, inp.round)
 
     @activity.defn(name="finish_experiment")
     def finish_experiment(self, inp: FinishInput) -> None:
@@ -352,4 +365,6 @@ class ExperimentActivities:
             self.close_round,
             self.finish_experiment,
             self.complete_round,
+            self.open_evaluation,
+            self.close_evaluation,
         ]

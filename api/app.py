@@ -13,7 +13,7 @@ from temporalio.client import Client as TemporalClient
 
 from api import errors, openapi, ratelimit
 from api.auth import hash_key, load_or_create_admin_key
-from api.routes import clients, events, experiments, lifecycle, metrics, models, status, training
+from api.routes import clients, evaluations, events, experiments, lifecycle, metrics, models, status, training
 from fedloom_core.settings import Settings
 from fedloom_core.storage.blobstore import open_blob_store
 from fedloom_core.storage.db import create_schema, make_engine
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clients.router,
         training.router,
         models.router,
+        evaluations.router,
         metrics.router,
         experiments.router,
         lifecycle.router,

@@ -199,6 +199,7 @@ TRAINING_METRICS = {
             "round": 1,
             "global_accuracy": 0.45,
             "global_loss": 0.89,
+            "federated_metrics": {"accuracy": 0.47, "loss": 0.87, "data_samples": 8000},
             "participating_clients": 8,
             "round_duration": 125,
             "aggregation_time": 5.2,
@@ -248,4 +249,17 @@ EXPERIMENTS_LIST = {
     ],
     "total_count": 15,
     "has_more": True,
+}
+EVALUATION_REQUEST = {
+    "experiment_id": "exp_2025_001",
+    "round": 3,
+    "metrics": {"data_samples": 1000, "loss": 0.42, "accuracy": 0.87, "f1": 0.85},
+}
+EVALUATION_RESPONSE = {
+    "status": "received",
+    "client_id": "client-001",
+    "experiment_id": "exp_2025_001",
+    "round": 3,
+    "data_samples": 1000,
+    "received_at": "2025-01-16T10:31:00Z",
 }

@@ -1,9 +1,9 @@
 """The task long-poll: what a client should do now, and one shared view of the round state to wait on.
 
 A client asks ``GET /clients/{id}/task?wait=<s>``; the answer is held until it has something to do
-(``train``) or the time is up. Every held request of an API process waits on one :class:`TaskBoard`,
-which reads the round state for all of them, so the database sees one light read per interval
-however many clients wait.
+(``train``, or ``evaluate`` in a round's federated evaluation phase) or the time is up. Every held
+request of an API process waits on one :class:`TaskBoard`, which reads the round state for all of
+them, so the database sees one light read per interval however many clients wait.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from fedloom_core.errors import ClientNotRegistered
-from fedloom_core.storage.db import Client, Round, Update, utcnow
+from fedloom_core.storage.db import Client, ClientEvaluation, Round, Update, utcnow
+from fedloom_core.storage.keys import model_id_for
 from fedloom_core.storage.repo import iso, latest_experiment, session_scope
 
 # The board is read again when older than this when asked for.
@@ -42,8 +43,9 @@ QUICK_ANSWER_MAX_AGE_S = 1.0
 CHECKED_MAX = 100_000
 
 # What decides whether a waiting client's answer can change: (latest experiment id, its status, the
-# open round's number if this client was selected for it, else None).
-Signature = tuple[str | None, str | None, int | None]
+# open round's number if this client was selected for it, else None, the round in federated evaluation
+# if this client is one of its evaluators, else None).
+Signature = tuple[str | None, str | None, int | None, int | None]
 
 
 def read_task(engine: Engine, client_id: str) -> tuple[dict, Signature]:
@@ -52,16 +54,19 @@ def read_task(engine: Engine, client_id: str) -> tuple[dict, Signature]:
         _mark_seen(s, client_id)
         exp = latest_experiment(s)
         if exp is None:
-            return {"status": "idle", "experiment_id": None}, (None, None, None)
+            return {"status": "idle", "experiment_id": None}, (None, None, None, None)
         body: dict[str, Any] = {"experiment_id": exp.experiment_id, "experiment_status": exp.status}
         if exp.status != "running":
             body["status"] = "done" if exp.status in ("completed", "stopped", "failed") else "idle"
-            return body, (exp.experiment_id, exp.status, None)
+            return body, (exp.experiment_id, exp.status, None, None)
+        evaluating = _evaluation_task(s, exp, client_id, body)
+        if evaluating is not None:
+            return evaluating
         rnd = _open_round_for_task(s, exp.experiment_id)
         if rnd is None or client_id not in rnd.selected_clients:
             body["status"] = "wait"
-            return body, (exp.experiment_id, exp.status, None)
-        signature = (exp.experiment_id, exp.status, rnd.round)
+            return body, (exp.experiment_id, exp.status, None, None)
+        signature = (exp.experiment_id, exp.status, rnd.round, None)
         uploaded = s.exec(
             select(Update.update_id).where(
                 Update.experiment_id == exp.experiment_id, Update.round == rnd.round, Update.client_id == client_id
@@ -85,6 +90,42 @@ def read_task(engine: Engine, client_id: str) -> tuple[dict, Signature]:
             training_config={**cfg.get("training_config", {}), **rnd.client_config.get(client_id, {})},
         )
         return body, signature
+
+
+def _evaluation_task(session: Session, exp, client_id: str, body: dict) -> tuple[dict, Signature] | None:  # type: ignore[no-untyped-def]
+    """The ``evaluate`` task (or ``wait`` once reported) when the client is an evaluator of an open phase."""
+    rnd = session.exec(
+        select(Round.round, Round.evaluators, Round.evaluation_deadline).where(
+            Round.experiment_id == exp.experiment_id, Round.evaluation_status == "open"
+        )
+    ).first()
+    if rnd is None or client_id not in (rnd.evaluators or []):
+        return None
+    signature = (exp.experiment_id, exp.status, None, rnd.round)
+    reported = session.exec(
+        select(ClientEvaluation.id).where(
+            ClientEvaluation.experiment_id == exp.experiment_id,
+            ClientEvaluation.round == rnd.round,
+            ClientEvaluation.client_id == client_id,
+        )
+    ).first()
+    if reported is not None:
+        return {**body, "status": "wait"}, signature
+    model_id = model_id_for(exp.experiment_id, rnd.round)
+    ec = exp.config.get("experiment_config", {})
+    task = {
+        **body,
+        "status": "evaluate",
+        "round": rnd.round,
+        "model_id": model_id,
+        "download_url": f"/model/download/{model_id}",
+        "deadline": iso(rnd.evaluation_deadline),
+        "dataset": ec.get("dataset"),
+        "model_architecture": ec.get("model_architecture"),
+        "model_config": exp.model_config_,
+        "training_config": dict(exp.config.get("training_config", {})),
+    }
+    return task, signature
 
 
 def _mark_seen(session: Session, client_id: str) -> None:
@@ -126,14 +167,22 @@ class Board:
     selected: frozenset[str] = frozenset()
     # Clients marked inactive: their next task request must go to the database to reactivate them.
     inactive: frozenset[str] = frozenset()
+    # The round whose new model is in federated evaluation, and the clients asked to evaluate it.
+    evaluation_round: int | None = None
+    evaluators: frozenset[str] = frozenset()
 
     def state(self) -> tuple:
         """What the board says, without when it was read."""
-        return (self.experiment_id, self.experiment_status, self.round, self.selected)
+        return (self.experiment_id, self.experiment_status, self.round, self.selected, self.evaluation_round)
 
     def signature(self, client_id: str) -> Signature:
         """What :func:`read_task` would report as its signature for ``client_id`` on this state."""
-        return (self.experiment_id, self.experiment_status, self.round if client_id in self.selected else None)
+        return (
+            self.experiment_id,
+            self.experiment_status,
+            self.round if client_id in self.selected else None,
+            self.evaluation_round if client_id in self.evaluators else None,
+        )
 
     def answer(self) -> dict:
         """What :func:`read_task` answers on this state to a client that is not selected."""
@@ -155,16 +204,24 @@ def read_board(engine: Engine) -> Board:
         exp = latest_experiment(s)
         if exp is None:
             return Board(read_at, inactive=inactive)
-        row = None
+        row = evaluation = None
         if exp.status == "running":
             row = s.exec(
                 select(Round.round, Round.selected_clients).where(
                     Round.experiment_id == exp.experiment_id, Round.status == "open"
                 )
             ).first()
+            evaluation = s.exec(
+                select(Round.round, Round.evaluators).where(
+                    Round.experiment_id == exp.experiment_id, Round.evaluation_status == "open"
+                )
+            ).first()
+    phase = {}
+    if evaluation is not None:
+        phase = {"evaluation_round": evaluation.round, "evaluators": frozenset(evaluation.evaluators or [])}
     if row is None:
-        return Board(read_at, exp.experiment_id, exp.status, inactive=inactive)
-    return Board(read_at, exp.experiment_id, exp.status, row.round, frozenset(row.selected_clients), inactive)
+        return Board(read_at, exp.experiment_id, exp.status, inactive=inactive, **phase)
+    return Board(read_at, exp.experiment_id, exp.status, row.round, frozenset(row.selected_clients), inactive, **phase)
 
 
 class TaskBoard:
@@ -241,7 +298,7 @@ class TaskBoard:
         checked = self._checked.get(client_id)
         if checked is None or now - checked >= LAST_SEEN_RESOLUTION_S:
             return None
-        if client_id in board.inactive or client_id in board.selected:
+        if client_id in board.inactive or client_id in board.selected or client_id in board.evaluators:
             return None
         return board.answer(), board.signature(client_id), board.read_at
 
@@ -289,7 +346,8 @@ class TaskBoard:
 
     def _interval(self, board: Board) -> float:
         """How long to sleep before the next read: shorter while a running experiment is between rounds."""
-        if board.experiment_status != "running" or board.round is not None:
+        # An evaluation phase is not a gap between rounds: clients are busy evaluating.
+        if board.experiment_status != "running" or board.round is not None or board.evaluation_round is not None:
             self._gap_since = None
             return BOARD_REFRESH_S
         if self._gap_since is None:

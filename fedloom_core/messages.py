@@ -194,6 +194,8 @@ class Evaluation(BaseModel):
     evaluation_time: float
     # client id -> loss without its update minus loss with all (leave-one-out FedAvg).
     loo_loss_deltas: dict[str, float] = Field(default_factory=dict)
+    # Without central evaluation: client id -> its share of the round's progress (trust.progress_shares).
+    progress_shares: dict[str, float] = Field(default_factory=dict)
 
 
 class ProcessRoundInput(BaseModel):
@@ -229,6 +231,40 @@ class CompleteRoundInput(BaseModel):
     stats: dict[str, dict[str, float]] = Field(default_factory=dict)
     strategy_info: dict[str, Any] = Field(default_factory=dict)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    # The clients' evaluation of the new model averaged by data_samples; None without federated evaluation.
+    federated_metrics: dict[str, float | None] | None = None
+
+
+class OpenEvaluationInput(BaseModel):
+    """A round's federated evaluation phase as it opens: the model to evaluate and whom to ask."""
+
+    experiment_id: str
+    round: int
+    model: ModelRef
+    # The round's accepted participants, of which a seeded fraction is asked.
+    participants: list[str]
+    fraction: float = 1.0
+    seed: int = 0
+    # How long the phase waits for reports (its deadline is recorded for the evaluate tasks).
+    timeout_s: float = 60.0
+    # The server's own evaluation of the model (None without central evaluation), kept with the model.
+    accuracy: float | None = None
+    loss: float | None = None
+
+
+class EvaluationNotice(BaseModel):
+    """Sent to the workflow once every evaluator of the round has reported (``reported`` names them)."""
+
+    client_id: str
+    round: int
+    reported: list[str] = Field(default_factory=list)
+
+
+class FederatedResult(BaseModel):
+    """The closed evaluation phase: the averaged metrics (None when no report had samples) and the report count."""
+
+    metrics: dict[str, float | None] | None = None
+    reports: int = 0
 
 
 class InitInput(BaseModel):

@@ -25,9 +25,11 @@ with workflow.unsafe.imports_passed_through():
         ROUND_DENIED,
         AggregateInput,
         EvaluateInput,
+        EvaluationNotice,
         ExperimentInput,
         ExperimentResult,
         ExperimentState,
+        FederatedResult,
         FinishInput,
         InitInput,
         ModelRef,
@@ -40,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         ValidateInput,
         ValidationOutcome,
     )
+    from fedloom_core.schemas import federated_evaluation
     from fedloom_core.temporal import CURRENT_ROUND, EXPERIMENT_ID, EXPERIMENT_STATUS, STRATEGY
     from workflows import inputs
 
@@ -52,6 +55,8 @@ LOCAL_STEPS_PATCH = "local-steps-v1"
 # Histories recorded before a round's validation, aggregation and evaluation ran as one activity
 # (process_round) replay with the three activities they scheduled.
 FUSED_ROUND_PATCH = "fused-round-v1"
+# Runs started before rounds had a federated evaluation phase replay without it.
+FEDERATED_EVALUATION_PATCH = "federated-evaluation-v1"
 
 # The database steps, as local activities on new runs and as normal activities on older ones.
 _DB_STEP = dict(
@@ -84,6 +89,8 @@ class ExperimentWorkflow:
         self._global_model_id: str | None = None
         self._local_steps = False
         self._fused_round = False
+        self._evaluators: list[str] = []
+        self._evaluated: set[str] = set()
 
     @workflow.run
     async def run(self, inp: ExperimentInput) -> ExperimentResult:
@@ -189,9 +196,11 @@ class ExperimentWorkflow:
         done = await process(inp, state, validation)
         state.strategy_state_key = done.aggregated.state_key
         self._last = {"accuracy": done.evaluation.accuracy, "loss": done.evaluation.loss}
+        federated = await self._federated_evaluation(inp, rnd, done)
         duration = (workflow.now() - round_started).total_seconds()
         await self._db_step(
-            ExperimentActivities.complete_round, inputs.complete_round(inp, rnd, self._selected, done, duration)
+            ExperimentActivities.complete_round,
+            inputs.complete_round(inp, rnd, self._selected, done, duration, federated),
         )
         return done.aggregated.model
 
@@ -252,6 +261,38 @@ class ExperimentWorkflow:
         return ProcessRoundOutput(
             validation=checked, aggregated=aggregated, evaluation=evaluation, aggregation_time=aggregation_time
         )
+
+    async def _federated_evaluation(
+        self, inp: ExperimentInput, rnd: int, done: ProcessRoundOutput
+    ) -> dict[str, float | None] | None:
+        """Clients evaluate the round's new model on their data; returns their reports averaged by data_samples.
+
+        Only when the experiment asks for it, and only on runs started after "federated-evaluation-v1".
+        """
+        if not federated_evaluation(inp.config) or not workflow.patched(FEDERATED_EVALUATION_PATCH):
+            return None
+        self._status = "evaluating_federated"
+        # Reset before the phase opens: the last evaluator's signal may arrive with the activity's result.
+        self._evaluators, self._evaluated = [], set()
+        self._evaluators = await self._db_step(
+            ExperimentActivities.open_evaluation, inputs.open_evaluation(inp, rnd, done)
+        )
+        if self._evaluators:
+            try:
+                await workflow.wait_condition(
+                    lambda: self._evaluated >= set(self._evaluators),
+                    timeout=timedelta(seconds=inp.config.evaluation_config.timeout_s),
+                )
+            except TimeoutError:
+                pass
+        # The database holds the reports; the signal only ends the wait early.
+        result: FederatedResult = await self._db_step(
+            ExperimentActivities.close_evaluation, RoundRef(experiment_id=inp.experiment_id, round=rnd)
+        )
+        if result.metrics is not None:
+            self._last["federated_accuracy"] = result.metrics.get("accuracy")  # type: ignore[assignment]
+            self._last["federated_loss"] = result.metrics.get("loss")  # type: ignore[assignment]
+        return result.metrics
 
     @staticmethod
     def _check_enough(validation: ValidateInput, checked: ValidationOutcome, min_updates: int) -> None:
@@ -357,6 +398,12 @@ class ExperimentWorkflow:
         """An upload for this experiment was stored and recorded."""
         if notice.round == self._round:
             self._reported.update(notice.reported or [notice.client_id])
+
+    @workflow.signal
+    def evaluation_received(self, notice: EvaluationNotice) -> None:
+        """Every evaluator of the round has reported (the API sends this from the last report)."""
+        if notice.round == self._round:
+            self._evaluated.update(notice.reported or [notice.client_id])
 
     @workflow.signal
     def request_stop(self, reason: str) -> None:

@@ -11,6 +11,7 @@ from fedloom_core.messages import (
     ExperimentInput,
     ExperimentState,
     ModelRef,
+    OpenEvaluationInput,
     OpenRoundInput,
     ProcessRoundOutput,
     SelectClientsInput,
@@ -83,8 +84,29 @@ def open_round(inp: ExperimentInput, rnd: int, selection: Selection, model: Mode
     )
 
 
+def open_evaluation(inp: ExperimentInput, rnd: int, done: ProcessRoundOutput) -> OpenEvaluationInput:
+    """The round's federated evaluation phase: its new model, asked of a fraction of its accepted participants."""
+    assert done.aggregated is not None and done.evaluation is not None
+    return OpenEvaluationInput(
+        experiment_id=inp.experiment_id,
+        round=rnd,
+        model=done.aggregated.model,
+        participants=[u.client_id for u in done.validation.accepted],
+        fraction=inp.config.evaluation_config.fraction,
+        timeout_s=inp.config.evaluation_config.timeout_s,
+        seed=inp.config.experiment_config.seed,
+        accuracy=done.evaluation.accuracy,
+        loss=done.evaluation.loss,
+    )
+
+
 def complete_round(
-    inp: ExperimentInput, rnd: int, selected: list[str], done: ProcessRoundOutput, duration: float
+    inp: ExperimentInput,
+    rnd: int,
+    selected: list[str],
+    done: ProcessRoundOutput,
+    duration: float,
+    federated_metrics: dict[str, float | None] | None = None,
 ) -> CompleteRoundInput:
     """What the round produced, for the database: model, evaluation, accepted and rejected updates, scores."""
     assert done.aggregated is not None and done.evaluation is not None
@@ -102,4 +124,5 @@ def complete_round(
         stats=done.validation.stats,
         strategy_info=done.aggregated.info,
         policy=inp.policy,
+        federated_metrics=federated_metrics,
     )

@@ -24,9 +24,18 @@ def _not_registered(client_id: str) -> ClientNotRegistered:
     return ClientNotRegistered("Client ID not found", f"The specified client ID '{client_id}' is not registered")
 
 
+def _accuracies(rounds: list[dict]) -> list[float]:
+    """The rounds' central accuracies, or their federated ones when the server evaluated none."""
+    central = [r["global_accuracy"] for r in rounds if r["global_accuracy"] is not None]
+    if central:
+        return central
+    federated = [(r["federated_metrics"] or {}).get("accuracy") for r in rounds]
+    return [a for a in federated if a is not None]
+
+
 def _summary(rounds: list[dict]) -> dict:
-    accuracies = [r["global_accuracy"] for r in rounds]
-    rate = (accuracies[-1] - accuracies[0]) / (len(rounds) - 1) if len(rounds) >= 2 else 0.0
+    accuracies = _accuracies(rounds)
+    rate = (accuracies[-1] - accuracies[0]) / (len(accuracies) - 1) if len(accuracies) >= 2 else 0.0
     return {
         "total_rounds": len(rounds),
         "best_accuracy": max(accuracies) if accuracies else None,
@@ -76,6 +85,7 @@ def _training(
             "round": r.round,
             "global_accuracy": r.global_accuracy,
             "global_loss": r.global_loss,
+            "federated_metrics": r.federated_metrics,
             "participating_clients": r.participating_clients,
             "round_duration": r.round_duration,
             "aggregation_time": r.aggregation_time,
@@ -104,6 +114,11 @@ async def training_metrics(
     duration in seconds (null if none), and ``convergence_rate`` the mean global-accuracy gain per
     round, (accuracy of the last round - accuracy of the first) / (number of rounds - 1), 0.0 with
     fewer than 2 rounds.
+
+    ``global_accuracy`` and ``global_loss`` are null where the server had no evaluation data;
+    ``federated_metrics`` holds the clients' evaluation of the round's model (accuracy, loss,
+    data_samples and any other metric, averaged weighted by data_samples), null without one. The
+    summary uses the global accuracies, or the federated ones when the server evaluated no round.
     """
     if experiment_id is not None:
         valid_id(experiment_id, "experiment_id")

@@ -101,3 +101,32 @@ def evaluate_round(
     results = evaluate_states(build, plan.states(), test, threads)
     accuracy, loss = results[0]
     return EvaluationResult(accuracy, loss if math.isfinite(loss) else None, plan.loss_deltas(results))
+
+
+def update_alignment(
+    previous_path: Path, new_path: Path, updates: Sequence[UpdateFile], opener: Opener = open_path
+) -> dict[str, float]:
+    """Cosine between each update's delta and the round's step (new global model minus the previous one).
+
+    Needs no test data: contribution scores use it when the server does not evaluate. The updates are
+    read one at a time (client-id order), so memory holds the two models, the step and one update.
+    """
+    with weights.mapped_tensors(previous_path) as previous, weights.mapped_tensors(new_path) as new:
+        step = {
+            name: t.to(torch.float64) - previous[name].to(torch.float64)
+            for name, t in new.items()
+            if t.is_floating_point() and name in previous
+        }
+        step_sq = sum(float(s.pow(2).sum()) for s in step.values())
+        cosines: dict[str, float] = {}
+        for f in sorted(updates, key=lambda u: u.client_id):
+            dot = own_sq = 0.0
+            with opener(f) as path, weights.mapped_tensors(path) as own:
+                for name, s in step.items():
+                    delta = own[name].to(torch.float64) - previous[name].to(torch.float64)
+                    dot += float((delta * s).sum())
+                    own_sq += float(delta.pow(2).sum())
+            denominator = math.sqrt(own_sq * step_sq)
+            cosine = dot / denominator if denominator > 0 else 0.0
+            cosines[f.client_id] = max(-1.0, min(1.0, cosine)) if math.isfinite(cosine) else 0.0
+    return cosines

@@ -38,6 +38,11 @@ Contribution
     1/n). The score is an EMA over the rounds the client took part in::
 
         score = (1 - CONTRIBUTION_EMA) * score + CONTRIBUTION_EMA * s_i     (first round: score = s_i)
+
+    Without central evaluation (no test data on the server) the shares come from each accepted
+    update's part in the round's progress instead: c_i = cosine(delta_i, step), where delta_i is the
+    update minus the previous global model and step the new global model minus the previous one, and
+    s_i = max(c_i, 0) * n_i / sum_j max(c_j, 0) * n_j (n_i: the update's samples; all zero: equal shares).
 """
 
 from __future__ import annotations
@@ -204,6 +209,27 @@ def contribution_shares(loss_deltas: Mapping[str, float]) -> dict[str, float]:
     return {cid: d / total for cid, d in clipped.items()}
 
 
+def progress_shares(cosines: Mapping[str, float], samples: Mapping[str, int]) -> dict[str, float]:
+    """Each accepted update's share of the round's progress, when no test data measures it.
+
+    ``cosines`` holds each update's cosine with the round's step (new global model minus the previous
+    one), ``samples`` its sample count (missing: 1). Shares are ``max(cos, 0) * n`` normalised to sum
+    to 1; updates pointing away from the step (or non-finite) get 0, and all get equal shares when
+    none points along it.
+    """
+    raw = {}
+    for cid, cosine in cosines.items():
+        n = samples.get(cid, 1)
+        ok = isinstance(cosine, int | float) and math.isfinite(cosine) and cosine > 0 and n > 0
+        raw[cid] = min(float(cosine), 1.0) * n if ok else 0.0
+    total = sum(raw.values())
+    if not raw:
+        return {}
+    if total <= 0.0:
+        return {cid: 1.0 / len(raw) for cid in raw}
+    return {cid: v / total for cid, v in raw.items()}
+
+
 def update_contribution(previous: float | None, share: float, rate: float = CONTRIBUTION_EMA) -> float:
     """The contribution score after a round with ``share``: an EMA, starting at the first share."""
     _check_rate(rate, "rate")
@@ -256,9 +282,14 @@ def score_round(
     standing: Mapping[str, ClientStanding],
     round: int,
     max_failures: int | None,
+    progress: Mapping[str, float] | None = None,
 ) -> list[ClientRoundResult]:
-    """Each selected client's new trust, counts and contribution after a round (inputs are not changed)."""
-    shares = contribution_shares(loo_loss_deltas) if loo_loss_deltas else {}
+    """Each selected client's new trust, counts and contribution after a round (inputs are not changed).
+
+    Contribution comes from the leave-one-out deltas when the server evaluated the round, else from
+    ``progress`` (shares from :func:`progress_shares`), else it is left as it was.
+    """
+    shares = contribution_shares(loo_loss_deltas) if loo_loss_deltas else dict(progress or {})
     results = []
     for cid in selected:
         own = ClientStanding(**asdict(standing[cid])) if cid in standing else ClientStanding()

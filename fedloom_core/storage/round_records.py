@@ -22,9 +22,12 @@ from fedloom_core.storage.repo import emit_event
 
 
 def record_model(s: Session, inp: CompleteRoundInput) -> None:
-    """The round's new global model and its round metrics."""
+    """The round's new global model and its round metrics.
+
+    The model's row may exist already: a federated evaluation phase records it so clients can download it.
+    """
     ev = inp.evaluation
-    s.add(
+    s.merge(
         GlobalModel(
             model_id=inp.model.model_id,
             experiment_id=inp.experiment_id,
@@ -48,6 +51,7 @@ def record_model(s: Session, inp: CompleteRoundInput) -> None:
             aggregation_time=inp.aggregation_time,
             evaluation_time=ev.evaluation_time,
             model_id=inp.model.model_id,
+            federated_metrics=inp.federated_metrics,
         )
     )
 
@@ -113,6 +117,7 @@ def record_scores(s: Session, inp: CompleteRoundInput, selected: list[str], deli
         standing={cid: _standing_of(row) for cid, row in rows.items()},
         round=inp.round,
         max_failures=inp.policy.max_client_failures,
+        progress=inp.evaluation.progress_shares,
     )
     for r in results:
         row = rows.get(r.client_id) or ExperimentClient(experiment_id=inp.experiment_id, client_id=r.client_id)
