@@ -13,6 +13,7 @@ from temporalio.client import Client as TemporalClient
 
 from api import errors, openapi, ratelimit
 from api.auth import hash_key, load_or_create_admin_key
+from api.body_limits import BodyLimit
 from api.routes import clients, evaluations, events, experiments, lifecycle, metrics, models, status, training
 from fedloom_core.settings import Settings
 from fedloom_core.storage.blobstore import open_blob_store
@@ -71,4 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, prefix=API_PREFIX, responses=openapi.COMMON_ERRORS)
     app.include_router(events.router)
     ratelimit.install(app, settings)
+    # Added last, so it runs first: no body is read past its cap, whatever else the request needs.
+    app.add_middleware(
+        BodyLimit, json_limit=settings.max_json_kb * 1024, upload_limit=int(settings.max_upload_mb * 1e6)
+    )
     return app

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     continue_as_new_every: int = Field(default=200, ge=1)
     # Largest accepted upload.
     max_upload_mb: float = Field(default=512.0, gt=0)
+    # Largest JSON request body (policy rules are the largest legitimate ones).
+    max_json_kb: int = Field(default=4096, ge=1)
     # Self-registration: clients presenting this token may register themselves (off when unset).
     enrollment_token: str | None = None
     # Rate limits per key, fixed windows: (requests, window seconds). "memory" or "database".
