@@ -139,6 +139,10 @@ async def require_registrar(request: Request, authorization: AuthorizationHeader
     return principal
 
 
+# Bound of integers in query strings: rounds, offsets (beyond it a database integer would overflow).
+MAX_QUERY_INT = 2**31 - 1
+
+
 def valid_id(value: str, what: str) -> str:
     """Check an id taken from a URL before it reaches a query or a path."""
     try:

@@ -13,7 +13,7 @@ from sqlmodel import select
 
 from api import openapi
 from api.auth import store_client_key
-from api.deps import AdminDep, EngineDep, PrincipalDep, RegistrarDep, TaskBoardDep, valid_id
+from api.deps import MAX_QUERY_INT, AdminDep, EngineDep, PrincipalDep, RegistrarDep, TaskBoardDep, valid_id
 from fedloom_core.errors import ClientNotRegistered, Conflict, InvalidRequest, NotFound
 from fedloom_core.ids import check_id
 from fedloom_core.policy.selection import Candidate, select_clients
@@ -161,7 +161,7 @@ async def list_clients(
     engine: EngineDep,
     _: AdminDep,
     status: str | None = Query(default=None),
-    round: int | None = Query(default=None, ge=1),
+    round: int | None = Query(default=None, ge=1, le=MAX_QUERY_INT),
     experiment_id: str | None = Query(default=None),
 ) -> dict:
     """All clients, filtered by ``status`` and by taking part in a ``round`` of an experiment (default: the latest).
@@ -235,7 +235,7 @@ def _selection(engine, experiment_id: str | None, round: int | None, policy_chec
 async def select_round_clients(
     engine: EngineDep,
     _: AdminDep,
-    round: int | None = Query(default=None, ge=1),
+    round: int | None = Query(default=None, ge=1, le=MAX_QUERY_INT),
     policy_check: bool = Query(default=True),
     experiment_id: str | None = Query(default=None),
 ) -> dict:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from api import openapi
-from api.deps import AdminDep, EngineDep, valid_id
+from api.deps import MAX_QUERY_INT, AdminDep, EngineDep, valid_id
 from api.routes.training import _avg_round_seconds, _humanize
 from fedloom_core.errors import Conflict, InvalidRequest, NotFound
 from fedloom_core.ids import check_id
@@ -284,7 +284,7 @@ async def list_experiments(
     _: AdminDep,
     status: str | None = Query(default=None),
     limit: int = Query(default=50, ge=1, le=500),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_QUERY_INT),
 ) -> dict:
     """Experiments, newest first; filter by ``status``, page with ``limit`` (at most 500) and ``offset``."""
     if status is not None and status not in STATUSES:

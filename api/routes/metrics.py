@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import select
 
 from api import openapi
-from api.deps import AdminDep, EngineDep, PrincipalDep, valid_id
+from api.deps import MAX_QUERY_INT, AdminDep, EngineDep, PrincipalDep, valid_id
 from fedloom_core.errors import ClientNotRegistered, InvalidRequest, NotFound
 from fedloom_core.storage.db import Client, ClientMetrics, Experiment, Round, RoundMetrics, Update
 from fedloom_core.storage.repo import latest_experiment, session_scope
@@ -102,8 +102,8 @@ async def training_metrics(
     engine: EngineDep,
     _: AdminDep,
     experiment_id: str | None = Query(default=None),
-    from_round: int | None = Query(default=None, ge=1),
-    to_round: int | None = Query(default=None, ge=1),
+    from_round: int | None = Query(default=None, ge=1, le=MAX_QUERY_INT),
+    to_round: int | None = Query(default=None, ge=1, le=MAX_QUERY_INT),
     client_id: str | None = Query(default=None),
 ) -> dict:
     """Per-round global and client metrics of an experiment (default: the latest), with a summary.

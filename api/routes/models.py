@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from api import openapi
-from api.deps import BlobsDep, BodyStreamDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
+from api.deps import MAX_QUERY_INT, BlobsDep, BodyStreamDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
 from api.multipart import ReceivedForm, receive_form
 from fedloom_core.errors import InvalidRequest, NotFound
 from fedloom_core.learning import weights
@@ -62,7 +62,7 @@ def _global_model(engine, experiment_id: str | None, round: int | None) -> Globa
 async def get_global_model(
     engine: EngineDep,
     _: PrincipalDep,
-    round: int | None = Query(default=None, ge=0),
+    round: int | None = Query(default=None, ge=0, le=MAX_QUERY_INT),
     format: str | None = Query(default=None),
     experiment_id: str | None = Query(default=None),
 ) -> dict:

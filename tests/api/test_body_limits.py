@@ -50,3 +50,18 @@ def test_an_upload_declared_over_the_upload_limit_is_refused_unread(local_app) -
     assert_error(resp, 413, "INVALID_REQUEST")
     resp = http.put("/experiments/e1/initial_model", content=b"x" * 3_000_000)
     assert_error(resp, 413, "INVALID_REQUEST")
+
+
+def test_huge_integers_in_query_strings_are_400_not_500(local_app) -> None:  # type: ignore[no-untyped-def]
+    """Integers past the database's range are refused by validation instead of overflowing in a query."""
+    http = local_app()
+    huge = str(10**20)
+    for path, params in [
+        ("/experiments", {"offset": huge}),
+        ("/model/global", {"round": "1" * 37, "experiment_id": "e1"}),
+        ("/clients", {"round": huge}),
+        ("/clients/select", {"round": huge}),
+        ("/metrics/training", {"from_round": huge}),
+    ]:
+        err = assert_error(http.get(path, params=params), 400, "INVALID_REQUEST")
+        assert "less than or equal" in err["details"], (path, err)
