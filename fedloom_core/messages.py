@@ -232,7 +232,7 @@ class CompleteRoundInput(BaseModel):
     strategy_info: dict[str, Any] = Field(default_factory=dict)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     # The clients' evaluation of the new model averaged by data_samples; None without federated evaluation.
-    federated_metrics: dict[str, float | None] | None = None
+    federated_metrics: dict[str, int | float | None] | None = None
 
 
 class OpenEvaluationInput(BaseModel):
@@ -263,7 +263,7 @@ class EvaluationNotice(BaseModel):
 class FederatedResult(BaseModel):
     """The closed evaluation phase: the averaged metrics (None when no report had samples) and the report count."""
 
-    metrics: dict[str, float | None] | None = None
+    metrics: dict[str, int | float | None] | None = None
     reports: int = 0
 
 

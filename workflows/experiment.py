@@ -264,7 +264,7 @@ class ExperimentWorkflow:
 
     async def _federated_evaluation(
         self, inp: ExperimentInput, rnd: int, done: ProcessRoundOutput
-    ) -> dict[str, float | None] | None:
+    ) -> dict[str, int | float | None] | None:
         """Clients evaluate the round's new model on their data; returns their reports averaged by data_samples.
 
         Only when the experiment asks for it, and only on runs started after "federated-evaluation-v1".

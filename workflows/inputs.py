@@ -106,7 +106,7 @@ def complete_round(
     selected: list[str],
     done: ProcessRoundOutput,
     duration: float,
-    federated_metrics: dict[str, float | None] | None = None,
+    federated_metrics: dict[str, int | float | None] | None = None,
 ) -> CompleteRoundInput:
     """What the round produced, for the database: model, evaluation, accepted and rejected updates, scores."""
     assert done.aggregated is not None and done.evaluation is not None

@@ -26,7 +26,7 @@ def pick_evaluators(participants: Iterable[str], fraction: float, *, seed: int, 
     return sorted(random.Random(seed * 1_000_003 + round).sample(ordered, count))
 
 
-def average_reports(reports: Sequence[Mapping[str, float]]) -> dict[str, float | None] | None:
+def average_reports(reports: Sequence[Mapping[str, float]]) -> dict[str, int | float | None] | None:
     """The reports' metrics averaged weighted by ``data_samples``, or None when no report has samples.
 
     A report with ``data_samples`` 0 (the client could not evaluate) is left out. Each metric is averaged
@@ -46,7 +46,7 @@ def average_reports(reports: Sequence[Mapping[str, float]]) -> dict[str, float |
                 continue
             sums[name] = sums.get(name, 0.0) + float(value) * n
             weights[name] = weights.get(name, 0) + n
-    result: dict[str, float | None] = {name: None for name in HEADLINE_METRICS}
+    result: dict[str, int | float | None] = {name: None for name in HEADLINE_METRICS}
     result.update({name: sums[name] / weights[name] for name in sorted(sums)})
     result["data_samples"] = sum(_samples(r) for r in counted)
     return result
