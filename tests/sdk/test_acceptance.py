@@ -69,7 +69,7 @@ def make_fns(site: int):
                 loss = nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
                 loss.backward()
                 opt.step()
-        return {"data_samples": len(x), "local_loss": float(loss)}
+        return {"data_samples": len(x), "local_loss": loss.item()}
 
     @torch.no_grad()
     def evaluate(model, config):
