@@ -7,7 +7,8 @@ server itself and its process tooling (:mod:`fedloom_tools`) need ``pip install 
 """
 
 from fedloom._client import FLAPIError, FLClient
+from fedloom._retry import Backoff
 from fedloom.app import ClientApp, ModelMismatchError, RegistrationError, run_client
 
-__all__ = ["ClientApp", "FLAPIError", "FLClient", "ModelMismatchError", "RegistrationError", "run_client"]
+__all__ = ["Backoff", "ClientApp", "FLAPIError", "FLClient", "ModelMismatchError", "RegistrationError", "run_client"]
 __version__ = "0.1.0"
