@@ -340,11 +340,13 @@ class ExperimentActivities:
             exp.error_code = inp.error_code
             exp.error = inp.reason if inp.status == "failed" else None
             s.add(exp)
-            # The open round, if any, takes no more uploads.
+            # The open round, if any, takes no more uploads, and an open evaluation phase no more reports.
             for rnd in s.exec(
                 select(Round).where(Round.experiment_id == inp.experiment_id, Round.status.in_(["open", "closed"]))  # type: ignore[attr-defined]
             ).all():
                 rnd.status = "failed" if inp.status == "failed" else "stopped"
+                if rnd.evaluation_status == "open":
+                    rnd.evaluation_status = "closed"
                 s.add(rnd)
             emit_event(
                 s,

@@ -21,7 +21,15 @@ from fedloom_core.messages import ExperimentState, ModelRef
 from fedloom_core.schemas import StartRequest
 from fedloom_core.storage import initial_models
 from fedloom_core.storage.blobstore import BlobStore
-from fedloom_core.storage.db import Experiment, GlobalModel, Round, RoundMetrics, Update, utcnow
+from fedloom_core.storage.db import (
+    ClientEvaluation,
+    Experiment,
+    GlobalModel,
+    Round,
+    RoundMetrics,
+    Update,
+    utcnow,
+)
 from fedloom_core.storage.keys import state_key
 from fedloom_core.storage.repo import emit_event, running_experiment, session_scope
 
@@ -148,8 +156,8 @@ def _prepare_continue(
         if model is None:
             raise Conflict("Experiment cannot be continued", f"experiment '{experiment_id}' has no global model yet")
         # A round the stop interrupted starts again from scratch, under the same number.
-        s.exec(delete(Update).where(Update.experiment_id == experiment_id, Update.round > last))
-        s.exec(delete(Round).where(Round.experiment_id == experiment_id, Round.round > last))
+        for table in (Update, ClientEvaluation, GlobalModel, Round):
+            s.exec(delete(table).where(table.experiment_id == experiment_id, table.round > last))
         req = StartRequest.model_validate(exp.config)
         req.experiment_config.rounds = last + more
         exp.status, exp.total_rounds, exp.current_round = "running", last + more, last
