@@ -192,7 +192,7 @@ def test_spec_example_body_names_the_known_datasets_then_digits_is_created(http:
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"model_config": {"architecture": "Res Net/../x", "input_shape": [8, 8, 1], "num_classes": 10}}, "architecture"),
+        ({"model_config": {"architecture": "../x", "input_shape": [8, 8, 1], "num_classes": 10}}, "architecture"),
         ({"model_config": {"architecture": "CNN", "input_shape": [28, 28, 1], "num_classes": 10}}, "input_shape"),
         ({"model_config": {"architecture": "CNN", "input_shape": [8, 8, 1], "num_classes": 3}}, "num_classes"),
         ({"dataset_config": {"name": "digits", "split_strategy": "dirichlet", "clients_count": 10}}, "split_strategy"),
