@@ -95,7 +95,12 @@ def run_client(
     """
     require_torch("fedloom.run_client")
     opts = RunOptions(**options)
-    api = register(FLClient(server, api_key, opts.timeout), client_id, opts)
+    given = FLClient(server, api_key, opts.timeout)
+    try:
+        api = register(given, client_id, opts)
+    except BaseException:
+        given.close()
+        raise
     try:
         return serve_tasks(api, client_id, model, train_fn, evaluate_fn, opts)
     finally:
