@@ -27,6 +27,7 @@ from fedloom_core.errors import (
     TrainingAlreadyRunning,
 )
 from fedloom_core.ids import check_id
+from fedloom_core.learning.catalog import KNOWN_ARCHITECTURES
 from fedloom_core.learning.datasets import check_available, dataset_info
 from fedloom_core.messages import WORKFLOW_TASK_QUEUE, ExperimentInput, ExperimentState
 from fedloom_core.policy.selection import Candidate, select_clients
@@ -121,15 +122,16 @@ def _prepare(engine, blobs, req: StartRequest) -> tuple[Experiment, StartRequest
         req.experiment_config.experiment_id = exp_id
         ec = req.experiment_config
         policy = PolicyConfig.model_validate(exp.policy_config or {})
+        # The request's own problems first, then whether enough clients are there to run it.
+        _check_strategy(req)
+        exp.model_config_ = _model_spec(ec)
+        _initial_weights(s, blobs, exp, ec)
         eligible = _eligible(s, req, policy)
         if eligible < ec.min_clients:
             raise InsufficientClients(
                 "Not enough clients for training",
                 f"{eligible} eligible client(s) registered, min_clients is {ec.min_clients}",
             )
-        _check_strategy(req)
-        exp.model_config_ = _model_spec(ec)
-        _initial_weights(s, blobs, exp, ec)
         exp.status = "running"
         exp.started_at = utcnow()
         exp.dataset = ec.dataset
@@ -166,7 +168,8 @@ def _initial_weights(session, blobs, exp: Experiment, ec: ExperimentConfig) -> N
     elif not ec.builtin and initial_models.initial_model(session, exp.experiment_id) is None:
         raise InvalidRequest(
             "Custom model needs initial weights",
-            f"model_architecture '{ec.model_architecture}' is not built in, so the server cannot create its weights: "
+            f"model_architecture '{ec.model_architecture}' is not built in ({', '.join(KNOWN_ARCHITECTURES)} are), "
+            "so the server cannot create its weights: "
             f"create the experiment, upload them with PUT /experiments/{exp.experiment_id}/initial_model "
             "(or give experiment_config.initial_model_id), then start it",
         )
