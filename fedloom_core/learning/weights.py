@@ -12,6 +12,7 @@ import math
 import mmap
 import os
 import struct
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import torch
 
 # Largest safetensors header we parse; real headers are a few KiB per hundred tensors.
 MAX_HEADER_BYTES = 16 << 20
+# A torch.save archive holds a few entries per tensor; far more is not a state_dict.
+MAX_ZIP_ENTRIES = 100_000
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -101,7 +104,25 @@ def read_header(path: str | Path) -> dict[str, TensorSpec]:
         specs[name] = TensorSpec(dtype, tuple(shape), begin + 8 + header_len, end + 8 + header_len)
     if not specs:
         raise WeightsFormatError("the file holds no tensors")
+    _check_layout(specs, 8 + header_len, size)
     return specs
+
+
+def _check_layout(specs: Mapping[str, TensorSpec], data_start: int, size: int) -> None:
+    """The tensors tile the data section in order, as the safetensors library requires: no overlap, no gap.
+
+    Without this, a header could point thousands of tensors at the same bytes and cost a scan of each.
+    """
+    position = data_start
+    for name, spec in sorted(specs.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if spec.begin != position:
+            raise WeightsFormatError(
+                f"tensor {name!r}: data starts at byte {spec.begin - data_start} of the data section, "
+                f"expected {position - data_start} (tensors must be contiguous and must not overlap)"
+            )
+        position = spec.end
+    if position != size:
+        raise WeightsFormatError(f"{size - position} bytes after the last tensor: the data section must end there")
 
 
 _NUMPY_VIEW = {
@@ -215,6 +236,7 @@ def normalize_upload(src: str | Path, dst: str | Path) -> str:
     with open(src, "rb") as fh:
         magic = fh.read(4)
     if magic == b"PK\x03\x04":  # a zip archive, as torch.save writes; as a safetensors length it is absurd
+        _check_zip(src)
         try:
             obj = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure to read means "not a valid state_dict"
@@ -236,6 +258,31 @@ def normalize_upload(src: str | Path, dst: str | Path) -> str:
     read_header(src)
     _move(src, dst)
     return "safetensors"
+
+
+def _check_zip(src: str | Path) -> None:
+    """Refuse a zip that would unpack to more than it weighs: torch.save stores its entries uncompressed.
+
+    A deflated entry (a 256 MB tensor of zeros is 0.3 MB on the wire) is refused before torch.load
+    reads a byte of it, and so is a directory whose entries add up to more than the file's size.
+    """
+    size = os.path.getsize(src)
+    try:
+        with zipfile.ZipFile(src) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise WeightsFormatError(f"not a state_dict readable with weights_only=True: bad zip ({exc})") from None
+    if len(entries) > MAX_ZIP_ENTRIES:
+        raise WeightsFormatError(f"the archive has {len(entries)} entries, more than {MAX_ZIP_ENTRIES}")
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise WeightsFormatError(
+                f"archive entry {entry.filename!r} is compressed; torch.save writes stored entries, and a "
+                "compressed one could unpack far beyond the upload limit"
+            )
+    unpacked = sum(entry.file_size for entry in entries)
+    if unpacked > size:
+        raise WeightsFormatError(f"the archive's entries declare {unpacked} bytes, more than its {size}")
 
 
 def _move(src: str | Path, dst: str | Path) -> None:

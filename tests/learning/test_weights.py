@@ -551,3 +551,47 @@ def test_mapped_tensors_reads_a_file_written_by_torch_upload(tmp_path: Path) -> 
     assert normalize_upload(src, out) == "pytorch"
     with mapped_tensors(out) as tensors:
         assert all(torch.equal(tensors[k], v) for k, v in state.items())
+
+
+# --- bounded unpacking -------------------------------------------------------------------------------
+
+
+def test_a_deflated_torch_save_entry_is_refused_before_loading(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A decompression bomb: 64 MB of zeros deflated to a few kB. torch.load must never see it."""
+    import zipfile
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"fc.weight": torch.zeros(16 << 20)}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 1_000_000
+    loaded: list[str] = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loaded.append("called"))
+    with pytest.raises(weights.WeightsFormatError, match="compressed"):
+        weights.normalize_upload(bomb, tmp_path / "out.safetensors")
+    assert loaded == []
+
+
+def test_safetensors_tensors_must_tile_the_data_without_overlap(tmp_path: Path) -> None:
+    """Many tensors declared over the same bytes (a CPU bomb for every scan) and trailing bytes are refused."""
+    data = b"\0" * 64
+    overlapping = {f"t{i}": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]} for i in range(50)}
+    path = _raw_safetensors(tmp_path / "overlap.safetensors", overlapping, data)
+    with pytest.raises(weights.WeightsFormatError, match="contiguous"):
+        weights.read_header(path)
+    trailing = _raw_safetensors(
+        tmp_path / "trailing.safetensors", {"t": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}, data
+    )
+    with pytest.raises(weights.WeightsFormatError, match="after the last tensor"):
+        weights.read_header(trailing)
+    exact = _raw_safetensors(
+        tmp_path / "exact.safetensors",
+        {
+            "a": {"dtype": "F32", "shape": [8], "data_offsets": [32, 64]},
+            "b": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]},
+        },
+        data,
+    )
+    assert set(weights.read_header(exact)) == {"a", "b"}
