@@ -15,7 +15,7 @@ from sqlmodel import select
 
 from api import openapi
 from api.deps import AdminDep, BlobsDep, BodyStreamDep, EngineDep, SettingsDep, TemporalDep, valid_id
-from api.routes.training import launch_experiment
+from api.routes.training import launch_experiment, repair_orphans
 from fedloom_core.errors import Conflict, NotFound, PayloadTooLarge, TrainingAlreadyRunning
 from fedloom_core.messages import ExperimentState, ModelRef
 from fedloom_core.schemas import StartRequest
@@ -122,6 +122,7 @@ async def continue_experiment(
 ) -> dict:
     """Run a stopped or completed experiment for more rounds, from its last global model and strategy state."""
     valid_id(experiment_id, "experiment_id")
+    await repair_orphans(engine, temporal)
     exp, req, state = await run_in_threadpool(_prepare_continue, engine, blobs, experiment_id, body.rounds)
     return await launch_experiment(engine, settings, temporal, exp, req, state)
 

@@ -16,6 +16,7 @@ from sqlalchemy import func
 from sqlmodel import select
 from temporalio.client import WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
+from temporalio.service import RPCError, RPCStatusCode
 
 from api import openapi
 from api.deps import AdminDep, BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
@@ -175,12 +176,33 @@ def _initial_weights(session, blobs, exp: Experiment, ec: ExperimentConfig) -> N
         )
 
 
-def _mark_failed(engine, exp_id: str, message: str) -> None:  # type: ignore[no-untyped-def]
+def _mark_failed(engine, exp_id: str, message: str, code: str | None = None) -> None:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
         exp = s.get(Experiment, exp_id)
         if exp is not None:
             exp.status, exp.error, exp.finished_at = "failed", message, utcnow()
+            exp.error_code = code or exp.error_code
             s.add(exp)
+
+
+def _running_ids(engine) -> list[str]:  # type: ignore[no-untyped-def]
+    with session_scope(engine) as s:
+        return list(s.exec(select(Experiment.experiment_id).where(Experiment.status == "running")).all())
+
+
+async def repair_orphans(engine, temporal) -> None:  # type: ignore[no-untyped-def]
+    """Fail experiments marked running whose workflow never started (the API died between the two).
+
+    Without this, such a row would answer every later start with 409 and every stop with an error.
+    """
+    for exp_id in await run_in_threadpool(_running_ids, engine):
+        try:
+            await temporal.get_workflow_handle(workflow_id(exp_id)).describe()
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            message = "the workflow never started: the API stopped between recording the start and starting it"
+            await run_in_threadpool(_mark_failed, engine, exp_id, message, "WORKFLOW_NOT_STARTED")
 
 
 def _selected(engine, exp_id: str) -> list[str] | None:  # type: ignore[no-untyped-def]
@@ -200,6 +222,7 @@ async def start_training(
 ) -> dict:
     """Start an experiment: a durable workflow that runs its rounds."""
     _forget_status(engine)
+    await repair_orphans(engine, temporal)
     exp, req, _per_round = await run_in_threadpool(_prepare, engine, blobs, req)
     return await launch_experiment(engine, settings, temporal, exp, req)
 
@@ -296,6 +319,7 @@ async def stop_training(
 ) -> dict:
     """Stop a running experiment; its last global model is kept."""
     _forget_status(engine)
+    await repair_orphans(engine, temporal)
     exp_id = await run_in_threadpool(_stop_target, engine, body.experiment_id)
     handle: WorkflowHandle = temporal.get_workflow_handle(workflow_id(exp_id))
     await handle.signal(ExperimentWorkflow.request_stop, body.reason)
