@@ -50,6 +50,7 @@ from fedloom_core.storage.db import (
     utcnow,
 )
 from fedloom_core.storage.keys import model_id_for, model_key
+from fedloom_core.storage.model_rows import model_ref, model_row
 from fedloom_core.storage.repo import emit_event, session_scope
 
 SELECTION_POLL_S = 0.5
@@ -101,14 +102,7 @@ class ExperimentActivities:
         with session_scope(self.engine) as s:
             given = s.get(GlobalModel, model_id_for(inp.experiment_id, 0))
         if given is not None:
-            return ModelRef(
-                model_id=given.model_id,
-                blob_key=given.blob_key,
-                sha256=given.sha256,
-                round=0,
-                size_bytes=given.size_bytes,
-                parameters_count=given.parameters_count,
-            )
+            return model_ref(given)
         if builtin_architecture(inp.architecture) is None:
             raise ApplicationError(
                 f"model_architecture {inp.architecture!r} is not built in and no initial weights were given",
@@ -119,17 +113,7 @@ class ExperimentActivities:
         ref = self._store_model(inp.experiment_id, 0, model.state_dict(), parameters_count(model))
         with session_scope(self.engine) as s:
             if s.get(GlobalModel, ref.model_id) is None:
-                s.add(
-                    GlobalModel(
-                        model_id=ref.model_id,
-                        experiment_id=inp.experiment_id,
-                        round=0,
-                        blob_key=ref.blob_key,
-                        sha256=ref.sha256,
-                        size_bytes=ref.size_bytes,
-                        parameters_count=ref.parameters_count,
-                    )
-                )
+                s.add(model_row(inp.experiment_id, ref))
             exp = s.get(Experiment, inp.experiment_id)
             if exp is not None and exp.status != "running":
                 exp.status = "running"

@@ -17,7 +17,7 @@ from api import openapi
 from api.deps import AdminDep, BlobsDep, BodyStreamDep, EngineDep, SettingsDep, TemporalDep, valid_id
 from api.routes.training import launch_experiment, repair_orphans
 from fedloom_core.errors import Conflict, NotFound, PayloadTooLarge, TrainingAlreadyRunning
-from fedloom_core.messages import ExperimentState, ModelRef
+from fedloom_core.messages import ExperimentState
 from fedloom_core.schemas import StartRequest
 from fedloom_core.storage import initial_models
 from fedloom_core.storage.blobstore import BlobStore
@@ -31,6 +31,7 @@ from fedloom_core.storage.db import (
     utcnow,
 )
 from fedloom_core.storage.keys import state_key
+from fedloom_core.storage.model_rows import model_ref
 from fedloom_core.storage.repo import emit_event, running_experiment, session_scope
 
 router = APIRouter(tags=["experiments"])
@@ -172,14 +173,7 @@ def _prepare_continue(
     key = state_key(experiment_id, last)
     state = ExperimentState(
         next_round=last + 1,
-        global_model=ModelRef(
-            model_id=model.model_id,
-            blob_key=model.blob_key,
-            sha256=model.sha256,
-            round=last,
-            size_bytes=model.size_bytes,
-            parameters_count=model.parameters_count,
-        ),
+        global_model=model_ref(model),
         strategy_state_key=key if last and blobs.exists(key) else None,
     )
     exp.started_at = exp.started_at or utcnow()

@@ -20,7 +20,8 @@ from sqlmodel import Session, select
 from fedloom_core.errors import Conflict, RoundNotActive
 from fedloom_core.learning.federated import average_reports, pick_evaluators
 from fedloom_core.messages import FederatedResult, OpenEvaluationInput
-from fedloom_core.storage.db import ClientEvaluation, GlobalModel, Round, utcnow
+from fedloom_core.storage.db import ClientEvaluation, Round, utcnow
+from fedloom_core.storage.model_rows import model_row
 from fedloom_core.storage.repo import emit_event, session_scope
 
 
@@ -42,19 +43,7 @@ def open_phase(engine: Engine, inp: OpenEvaluationInput) -> list[str]:
             )
         )
         # The evaluators download the model by id before the round completes (complete_round merges the same row).
-        s.merge(
-            GlobalModel(
-                model_id=inp.model.model_id,
-                experiment_id=inp.experiment_id,
-                round=inp.round,
-                blob_key=inp.model.blob_key,
-                sha256=inp.model.sha256,
-                size_bytes=inp.model.size_bytes,
-                parameters_count=inp.model.parameters_count,
-                accuracy=inp.accuracy,
-                loss=inp.loss,
-            )
-        )
+        s.merge(model_row(inp.experiment_id, inp.model, inp.accuracy, inp.loss))
         rnd.evaluators, rnd.evaluation_status = evaluators, "open"
         rnd.evaluation_deadline = utcnow() + timedelta(seconds=inp.timeout_s)
         s.add(rnd)

@@ -14,10 +14,10 @@ from fedloom_core.storage.db import (
     ClientMetrics,
     ClientRoundScore,
     ExperimentClient,
-    GlobalModel,
     RoundMetrics,
     Update,
 )
+from fedloom_core.storage.model_rows import model_row
 from fedloom_core.storage.repo import emit_event
 
 
@@ -27,19 +27,7 @@ def record_model(s: Session, inp: CompleteRoundInput) -> None:
     The model's row may exist already: a federated evaluation phase records it so clients can download it.
     """
     ev = inp.evaluation
-    s.merge(
-        GlobalModel(
-            model_id=inp.model.model_id,
-            experiment_id=inp.experiment_id,
-            round=inp.round,
-            blob_key=inp.model.blob_key,
-            sha256=inp.model.sha256,
-            size_bytes=inp.model.size_bytes,
-            parameters_count=inp.model.parameters_count,
-            accuracy=ev.accuracy,
-            loss=ev.loss,
-        )
-    )
+    s.merge(model_row(inp.experiment_id, inp.model, ev.accuracy, ev.loss))
     s.add(
         RoundMetrics(
             experiment_id=inp.experiment_id,
