@@ -14,7 +14,7 @@ from pydantic import (
     model_serializer,
 )
 
-from fedloom_core.ids import check_id
+from fedloom_core.ids import check_id, check_optional_id
 from fedloom_core.learning.catalog import (
     KNOWN_OPTIMIZERS,
     KNOWN_STRATEGIES,
@@ -45,15 +45,7 @@ class ExperimentConfig(_Strict):
     round_timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     selection_timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
 
-    @field_validator("experiment_id")
-    @classmethod
-    def _id(cls, v: str | None) -> str | None:
-        return None if v is None else check_id(v, "experiment_id")
-
-    @field_validator("initial_model_id")
-    @classmethod
-    def _initial(cls, v: str | None) -> str | None:
-        return None if v is None else check_id(v, "initial_model_id")
+    _ids = field_validator("experiment_id", "initial_model_id")(check_optional_id)
 
     @field_validator("dataset")
     @classmethod

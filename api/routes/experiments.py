@@ -17,7 +17,7 @@ from api import openapi
 from api.deps import MAX_QUERY_INT, AdminDep, EngineDep, valid_id
 from api.routes.training import _avg_round_seconds, _humanize
 from fedloom_core.errors import Conflict, InvalidRequest, NotFound
-from fedloom_core.ids import check_id
+from fedloom_core.ids import check_id, check_optional_id
 from fedloom_core.learning.catalog import builtin_architecture, builtin_dataset, canonical_dataset
 from fedloom_core.learning.datasets import check_available, dataset_info
 from fedloom_core.learning.zoo import build_model, parameters_count
@@ -93,15 +93,7 @@ class CreateExperiment(BaseModel):
     evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
     initial_model_id: str | None = None
 
-    @field_validator("experiment_id")
-    @classmethod
-    def _id(cls, v: str | None) -> str | None:
-        return None if v is None else check_id(v, "experiment_id")
-
-    @field_validator("initial_model_id")
-    @classmethod
-    def _initial(cls, v: str | None) -> str | None:
-        return None if v is None else check_id(v, "initial_model_id")
+    _ids = field_validator("experiment_id", "initial_model_id")(check_optional_id)
 
     @model_validator(mode="after")
     def _consistent(self) -> CreateExperiment:
