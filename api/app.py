@@ -8,8 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from temporalio.client import Client as TemporalClient
+from temporalio.service import RPCError
 
 from api import errors, openapi, ratelimit
 from api.auth import hash_key, load_or_create_admin_key
@@ -18,21 +20,43 @@ from api.routes import clients, evaluations, events, experiments, lifecycle, met
 from fedloom_core.settings import Settings
 from fedloom_core.storage.blobstore import open_blob_store
 from fedloom_core.storage.db import create_schema, make_engine
-from fedloom_core.temporal import connect_with_retry
+from fedloom_core.temporal import TemporalLink, TemporalUnavailable, connect, is_unreachable
 
 log = logging.getLogger("fedloom.api")
 API_PREFIX = "/api/v1"
 VERSION = "1.0.0"
 
 
-async def _connect_temporal(settings: Settings, attempts: int = 30) -> TemporalClient | None:
-    """The process's Temporal client, or None (health then reports Temporal down) if it stays unreachable."""
-    address = settings.temporal_address or "127.0.0.1:7233"
-    try:
-        return await connect_with_retry(address, settings.temporal_namespace, attempts=attempts)
-    except Exception as exc:  # noqa: BLE001 - the API still serves what needs no Temporal
-        log.error("cannot reach Temporal at %s: %s", address, exc)
-        return None
+async def _connect_temporal(settings: Settings) -> TemporalClient | None:
+    """One attempt at the process's Temporal client (the link retries in the background)."""
+    return await connect(settings.temporal_address or "127.0.0.1:7233", settings.temporal_namespace)
+
+
+def _temporal_down(app: FastAPI, details: str) -> JSONResponse:
+    link: TemporalLink = app.state.temporal_link
+    return errors.error_response(
+        503,
+        "SERVICE_UNAVAILABLE",
+        "Service temporarily unavailable",
+        details,
+        headers={"Retry-After": str(link.retry_after_s)},
+    )
+
+
+def _install_temporal_errors(app: FastAPI) -> None:
+    """503 with Retry-After while Temporal is down; an RPC that finds it unreachable starts a reconnect."""
+
+    @app.exception_handler(TemporalUnavailable)
+    async def _not_connected(request: Request, exc: TemporalUnavailable) -> JSONResponse:
+        return _temporal_down(request.app, exc.details)
+
+    @app.exception_handler(RPCError)
+    async def _rpc(request: Request, exc: RPCError) -> JSONResponse:
+        if not is_unreachable(exc):
+            log.exception("Temporal refused a request")
+            return errors.error_response(500, "INTERNAL_ERROR", "Server internal error", "RPCError")
+        request.app.state.temporal_link.mark_down(f"{exc.status.name if exc.status else 'RPC'}: {exc.message}")
+        return _temporal_down(request.app, "the Temporal server is not reachable")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -48,8 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.blobs = open_blob_store(settings.blob_url, settings.s3_endpoint_url)
         admin_key, _ = load_or_create_admin_key(settings.data_dir, settings.admin_api_key)
         app.state.admin_key_hash = hash_key(admin_key)
-        app.state.temporal = await _connect_temporal(settings)
+        # Temporal is connected in the background: the API serves at once, and routes that need
+        # Temporal answer 503 until it is reachable (again).
+        app.state.temporal_link = link = TemporalLink(lambda: _connect_temporal(settings))
+        link.start()
         yield
+        await link.stop()
         app.state.engine.dispose()
 
     app = FastAPI(
@@ -59,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    _install_temporal_errors(app)
     for router in (
         status.router,
         clients.router,

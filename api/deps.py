@@ -14,7 +14,7 @@ from temporalio.client import Client as TemporalClient
 
 from api import auth
 from api.taskboard import TaskBoard
-from fedloom_core.errors import InvalidRequest, ServiceUnavailable
+from fedloom_core.errors import InvalidRequest, Unauthorized
 from fedloom_core.ids import check_id
 from fedloom_core.settings import Settings
 from fedloom_core.storage.blobstore import BlobStore
@@ -42,11 +42,8 @@ def get_blobs(request: Request) -> BlobStore:
 
 
 def get_temporal(request: Request) -> TemporalClient:
-    """The process's Temporal client, or SERVICE_UNAVAILABLE when Temporal could not be reached."""
-    client = _state(request).temporal
-    if client is None:
-        raise ServiceUnavailable("Service temporarily unavailable", "the Temporal server is not reachable")
-    return client
+    """The process's Temporal client, or SERVICE_UNAVAILABLE (with Retry-After) while Temporal is unreachable."""
+    return _state(request).temporal_link.require()
 
 
 async def get_task_board(request: Request) -> TaskBoard:
@@ -66,55 +63,113 @@ def request_body_stream(request: Request) -> AsyncIterator[bytes]:
     return request.stream()
 
 
-# How long a resolved client key is trusted without asking the database again.
-PRINCIPAL_TTL_S = 10.0
+# How long a resolved key is trusted without asking the database again: the bound within which a
+# key revoked by another API process stops working here (the revoking process forgets it at once).
+PRINCIPAL_TTL_S = 5.0
+# How long a key the database does not know is refused without asking it again. Keys are random, so
+# an unknown key only becomes valid if it is created, and new keys are never presented beforehand.
+UNKNOWN_KEY_TTL_S = 30.0
+# How long a verified key stays exempt from its address's auth-failure budget (api/ratelimit.py).
+VERIFIED_KEEP_S = 3600.0
 PRINCIPAL_CACHE_MAX = 100_000
 
 
 class PrincipalCache:
-    """Client keys resolved recently, by the sha256 of the Authorization header.
+    """Keys resolved recently, by the sha256 of the bare key: found ones, unknown ones, verified ones.
 
-    Spares a database session per request (long-polling clients send many). Only successful
-    look-ups are kept, for ``PRINCIPAL_TTL_S``, so an unknown key is still refused at once, and a
-    key revoked in the database stops working within that time.
+    Spares a database session per request (long-polling clients send many) and per repeat of an
+    unknown key (a key flood). Each table keeps at most ``PRINCIPAL_CACHE_MAX`` entries, the oldest
+    dropped first. Used on the event loop only.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._entries: dict[str, tuple[float, auth.Principal]] = {}
+        self._unknown: dict[str, float] = {}  # digest -> when it was found unknown
+        self._verified: dict[str, tuple[float, str | None]] = {}  # digest -> (when verified, client id)
 
     def get(self, digest: str) -> auth.Principal | None:
+        """The principal of a key resolved within ``PRINCIPAL_TTL_S``, else None."""
         found = self._entries.get(digest)
         if found is None or time.monotonic() - found[0] > PRINCIPAL_TTL_S:
             return None
         return found[1]
 
     def put(self, digest: str, principal: auth.Principal) -> None:
-        if len(self._entries) >= PRINCIPAL_CACHE_MAX:
-            self._entries.clear()
-        self._entries[digest] = (time.monotonic(), principal)
+        """Remember a key the database resolved."""
+        now = time.monotonic()
+        _put_bounded(self._entries, digest, (now, principal))
+        _put_bounded(self._verified, digest, (now, principal.client_id))
+        self._unknown.pop(digest, None)
+
+    def is_unknown(self, digest: str) -> bool:
+        """Whether the database did not know this key within ``UNKNOWN_KEY_TTL_S``."""
+        found = self._unknown.get(digest)
+        return found is not None and time.monotonic() - found <= UNKNOWN_KEY_TTL_S
+
+    def put_unknown(self, digest: str) -> None:
+        """Remember a key the database does not know."""
+        _put_bounded(self._unknown, digest, time.monotonic())
+        self._verified.pop(digest, None)
+
+    def verified(self, digest: str) -> bool:
+        """Whether this key resolved in this process within ``VERIFIED_KEEP_S`` (and was not revoked here)."""
+        found = self._verified.get(digest)
+        return found is not None and time.monotonic() - found[0] <= VERIFIED_KEEP_S
+
+    def forget_client(self, client_id: str) -> None:
+        """Drop every key of ``client_id`` (its keys were revoked): the next use asks the database."""
+        for table in (self._entries, self._verified):
+            stale = [d for d, (_, who) in table.items() if _client_of(who) == client_id]
+            for digest in stale:
+                del table[digest]
 
 
-def _principal_cache(request: Request) -> PrincipalCache:
+def _client_of(who: auth.Principal | str | None) -> str | None:
+    return who.client_id if isinstance(who, auth.Principal) else who
+
+
+def _put_bounded(table: dict, key: str, value: object) -> None:
+    """Insert as the newest entry, dropping the oldest when the table is full."""
+    table.pop(key, None)
+    if len(table) >= PRINCIPAL_CACHE_MAX:
+        del table[next(iter(table))]
+    table[key] = value
+
+
+def principal_cache(state) -> PrincipalCache:  # type: ignore[no-untyped-def]
     """The app's cache, made on first use (and again if the app got a new engine)."""
-    state = _state(request)
     cache = getattr(state, "principal_cache", None)
     if cache is None or cache.engine is not state.engine:
         cache = state.principal_cache = PrincipalCache(state.engine)
     return cache
 
 
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header, else None."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
 async def get_principal(request: Request, authorization: AuthorizationHeader = None) -> auth.Principal:
     """Who is calling: the admin or a client, from the bearer key (cached), or UNAUTHORIZED."""
     state = _state(request)
-    if not authorization:
+    key = bearer_key(authorization)
+    if key is None:
         return auth.resolve(state.engine, state.admin_key_hash, authorization)  # raises UNAUTHORIZED
-    cache = _principal_cache(request)
-    digest = auth.hash_key(authorization)
+    cache = principal_cache(state)
+    digest = auth.hash_key(key)
     principal = cache.get(digest)
-    if principal is None:
-        principal = await run_in_threadpool(auth.resolve, state.engine, state.admin_key_hash, authorization)
-        cache.put(digest, principal)
+    if principal is not None:
+        return principal
+    if cache.is_unknown(digest):
+        raise auth.unknown_key()
+    try:
+        principal = await run_in_threadpool(auth.resolve_key, state.engine, state.admin_key_hash, key)
+    except Unauthorized:
+        cache.put_unknown(digest)
+        raise
+    cache.put(digest, principal)
     return principal
 
 

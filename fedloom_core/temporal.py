@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
@@ -13,6 +15,7 @@ from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSear
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 
+from fedloom_core.errors import ServiceUnavailable
 from fedloom_core.schemas import StartRequest
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,113 @@ async def connect_with_retry(address: str, namespace: str = "default", attempts:
                 raise
             await asyncio.sleep(1)
     raise RuntimeError("unreachable")
+
+
+# Errors that mean the Temporal server cannot be reached (as opposed to a refused request).
+UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the Temporal server is down or unreachable."""
+    return isinstance(exc, RPCError) and exc.status in UNREACHABLE
+
+
+class TemporalUnavailable(ServiceUnavailable):
+    """A request needs Temporal while the process is not connected to it (the API adds Retry-After)."""
+
+
+class TemporalLink:
+    """A process's Temporal client, (re)connected in the background with capped exponential backoff.
+
+    ``client`` is None while Temporal is unreachable, so callers can answer "unavailable" at once
+    instead of waiting; ``mark_down`` (an RPC failed as unreachable) and a periodic health check
+    both send the link back to reconnecting. ``connector`` makes one attempt (None or raises on failure).
+    """
+
+    def __init__(
+        self,
+        connector: Callable[[], Awaitable[Client | None]],
+        *,
+        first_delay_s: float = 0.5,
+        max_delay_s: float = 10.0,
+        check_every_s: float = 5.0,
+    ) -> None:
+        self._connector = connector
+        self._first, self._max, self._check_every = first_delay_s, max_delay_s, check_every_s
+        self._client: Client | None = None
+        self._delay = first_delay_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.last_error = "not connected yet"
+
+    @property
+    def client(self) -> Client | None:
+        return self._client
+
+    @property
+    def retry_after_s(self) -> int:
+        """When a caller refused for lack of Temporal should try again (whole seconds, at least 1)."""
+        return max(1, round(self._delay))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="temporal-link")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def require(self) -> Client:
+        """The client, or TemporalUnavailable while Temporal is unreachable."""
+        if self._client is None:
+            raise TemporalUnavailable(
+                "Service temporarily unavailable", "the Temporal server is not reachable; reconnecting"
+            )
+        return self._client
+
+    def mark_down(self, reason: str) -> None:
+        """An RPC found Temporal unreachable: refuse until the background task has it back."""
+        if self._client is not None:
+            log.warning("Temporal unreachable (%s); reconnecting in the background", reason)
+        self._client, self.last_error = None, reason
+        self._wake.set()
+
+    async def check(self, timeout_s: float = 3.0) -> bool:
+        """Ask the server for its health now; a failure marks the link down."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.service_client.check_health(timeout=timedelta(seconds=timeout_s))
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure means it is not serving us
+            self.mark_down(f"health check failed: {type(exc).__name__}")
+            return False
+
+    async def _run(self) -> None:
+        while True:
+            if self._client is None:
+                await self._reconnect()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._check_every)
+            except TimeoutError:
+                await self.check()
+
+    async def _reconnect(self) -> None:
+        self._delay = self._first
+        while True:
+            try:
+                client = await self._connector()
+                if client is not None:
+                    await client.service_client.check_health(timeout=timedelta(seconds=3))
+                    self._client, self.last_error = client, ""
+                    log.info("connected to Temporal")
+                    return
+            except Exception as exc:  # noqa: BLE001 - keep trying whatever the failure
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            await asyncio.sleep(self._delay)
+            self._delay = min(self._delay * 2, self._max)
 
 
 def start_search_attributes(experiment_id: str, strategy: str) -> TypedSearchAttributes:

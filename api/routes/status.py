@@ -82,15 +82,8 @@ async def get_health(request: Request, engine: EngineDep, blobs: BlobsDep) -> JS
     state = request.app.state
     uptime = time.time() - state.started
     cpu = os.times()
-    temporal = state.temporal
-    if temporal is None:
-        temporal_status = "down: not connected"
-    else:
-        try:
-            await temporal.service_client.check_health(timeout=__import__("datetime").timedelta(seconds=3))
-            temporal_status = "up"
-        except Exception as exc:  # noqa: BLE001
-            temporal_status = f"down: {type(exc).__name__}"
+    link = state.temporal_link
+    temporal_status = "up" if await link.check() else "down: reconnecting"
     components = {
         "database": await _check(_db_ok, engine),
         "blob_store": await _check(blobs.ping),
@@ -116,4 +109,5 @@ async def get_health(request: Request, engine: EngineDep, blobs: BlobsDep) -> JS
             },
             **body,
         }
-    return JSONResponse(body, status_code=200 if healthy else 503)
+    headers = None if healthy else {"Retry-After": str(link.retry_after_s)}
+    return JSONResponse(body, status_code=200 if healthy else 503, headers=headers)
