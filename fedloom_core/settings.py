@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     temporal_namespace: str = NAMESPACE
     # Where operators open the Temporal Web UI; API answers link experiments there.
     temporal_ui_url: str = "http://127.0.0.1:8233"
+    # HTTPS for the API (uvicorn's certificate settings): a PEM certificate (chain) and its key, both or neither.
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto headers the API trusts.
+    forwarded_allow_ips: str = "127.0.0.1"
     admin_api_key: str | None = None
     # How long the workflow waits for enough registered clients before a round fails.
     selection_timeout_s: float = Field(default=120.0, gt=0)
@@ -70,6 +75,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"FEDLOOM_DATABASE_URL must be a sqlite:// or postgresql+psycopg:// URL, got {self.database_url!r}"
             )
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ValueError("FEDLOOM_TLS_CERTFILE and FEDLOOM_TLS_KEYFILE must be set together")
         return self
 
 
