@@ -18,6 +18,7 @@ from fedloom_core.settings import Settings
 from fedloom_core.storage.blobstore import open_blob_store
 from fedloom_core.storage.db import create_schema, make_engine
 from fedloom_core.temporal import ensure_search_attributes
+from workers import metrics as worker_metrics
 from workflows.experiment import ExperimentWorkflow
 
 log = logging.getLogger("fedloom.worker")
@@ -114,6 +115,8 @@ async def run_workers(
         warming.add_done_callback(_log_failure)
     # A workflow that upserts an unregistered search attribute stalls: register them first.
     await ensure_search_attributes(client, settings.temporal_namespace)
-    workers = build_workers(client, settings, queues, interceptors=interceptors)
+    # Activity timings, the SDK's metrics and experiment tracking (workers/metrics.py).
+    client, measured = await worker_metrics.instrument(client, settings)
+    workers = build_workers(client, settings, queues, interceptors=[*interceptors, *measured])
     log.info("worker polling %s", ", ".join(w.task_queue for w in workers))
     await asyncio.gather(*(w.run() for w in workers))
