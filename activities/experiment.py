@@ -36,13 +36,13 @@ from fedloom_core.messages import (
     UpdateRef,
 )
 from fedloom_core.policy.rules import validate_rules
-from fedloom_core.policy.selection import Candidate, client_configs, round_control, select_clients
+from fedloom_core.policy.selection import client_configs, round_control
 from fedloom_core.storage import evaluations, round_records
 from fedloom_core.storage.blobstore import BlobStore
+from fedloom_core.storage.candidates import select_round
 from fedloom_core.storage.db import (
     Client,
     Experiment,
-    ExperimentClient,
     GlobalModel,
     Round,
     RoundMetrics,
@@ -121,49 +121,14 @@ class ExperimentActivities:
                 s.add(exp)
         return ref
 
-    def _candidates(self, experiment_id: str) -> list[Candidate]:
-        """Every registered client, with its standing in this experiment (trust, failures) where it has one."""
-        with session_scope(self.engine) as s:
-            clients = s.exec(select(Client)).all()
-            standing = {
-                e.client_id: e
-                for e in s.exec(select(ExperimentClient).where(ExperimentClient.experiment_id == experiment_id))
-            }
-        candidates = []
-        for c in clients:
-            own = standing.get(c.client_id)
-            excluded = own is not None and own.status == "inactive"
-            candidates.append(
-                Candidate(
-                    c.client_id,
-                    "inactive" if excluded else c.status,
-                    own.trust_score if own else c.trust_score,
-                    capabilities=c.capabilities,
-                    location=c.location,
-                    reliability=(own.deliveries / own.selections) if own and own.selections else None,
-                    recent_failures=own.failures if own else 0,
-                )
-            )
-        return candidates
-
     @activity.defn(name="select_clients")
     def select_clients(self, inp: SelectClientsInput) -> Selection:
         """Sample the round's clients, waiting (with a deadline) until enough are eligible."""
         rules = validate_rules(inp.policy.rules) if inp.policy.rules else None
         deadline = time.monotonic() + inp.timeout_s
         while True:
-            candidates = self._candidates(inp.experiment_id)
-            outcome = select_clients(
-                candidates,
-                round=inp.round,
-                min_clients=inp.min_clients,
-                client_fraction=inp.client_fraction,
-                seed=inp.seed,
-                trust_threshold=inp.trust_threshold,
-                rules=rules,
-                now_hour_utc=inp.hour_utc,
-                weekday=inp.weekday,
-            )
+            # The same pass as the API's dry run (GET /clients/select).
+            candidates, outcome = select_round(self.engine, inp)
             # The clock is read here, not taken from the workflow: a held round starts as soon as the rules allow.
             now = datetime.now(UTC)
             held = round_control(

@@ -9,8 +9,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from fedloom_core.errors import Forbidden, Unauthorized
 from fedloom_core.storage.db import ApiKey
@@ -67,12 +68,30 @@ def load_or_create_admin_key(data_dir: Path, configured: str | None) -> tuple[st
     return key, True
 
 
-def store_client_key(engine: Engine, client_id: str) -> str:
-    """Create a key for ``client_id``, store its hash, and return the key (shown once)."""
+def add_client_key(session: Session, client_id: str) -> str:
+    """Add a new key for ``client_id`` to ``session`` (its hash only) and return the key, shown once.
+
+    The caller's transaction commits it, together with whatever else it writes (the client row).
+    """
     key = new_key()
-    with session_scope(engine) as s:
-        s.add(ApiKey(key_hash=hash_key(key), role="client", client_id=client_id))
+    session.add(ApiKey(key_hash=hash_key(key), role="client", client_id=client_id))
+    session.flush()
     return key
+
+
+def revoke_client_keys(session: Session, client_id: str) -> int:
+    """Mark every live key of ``client_id`` revoked in ``session``; the number revoked."""
+    result = session.exec(  # type: ignore[call-overload]
+        update(ApiKey)
+        .where(ApiKey.client_id == client_id, ApiKey.revoked.is_(False))  # type: ignore[attr-defined]
+        .values(revoked=True)
+    )
+    return int(result.rowcount or 0)
+
+
+def unknown_key() -> Unauthorized:
+    """The UNAUTHORIZED error for a key that is not known (or revoked)."""
+    return Unauthorized("Missing or invalid authentication", "the API key is not known")
 
 
 def resolve(engine: Engine, admin_key_hash: str, authorization: str | None) -> Principal:
@@ -94,5 +113,5 @@ def resolve_key(engine: Engine, admin_key_hash: str, key: str) -> Principal:
     with session_scope(engine) as s:
         row = s.exec(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked.is_(False))).first()  # type: ignore[attr-defined]
     if row is None:
-        raise Unauthorized("Missing or invalid authentication", "the API key is not known")
+        raise unknown_key()
     return Principal(row.role, row.client_id)

@@ -88,6 +88,18 @@ REGISTER_RESPONSE = {
     "api_key": "fl_...",
     "timestamp": "2025-01-16T10:30:00Z",
 }
+REVOKE_RESPONSE = {
+    "client_id": "client-001",
+    "revoked": True,
+    "revoked_keys": 1,
+    "timestamp": "2025-01-16T10:30:00Z",
+}
+ROTATE_RESPONSE = {
+    "client_id": "client-001",
+    "api_key": "fl_...",
+    "revoked_keys": 1,
+    "timestamp": "2025-01-16T10:30:00Z",
+}
 CLIENT_STATUS = {
     "client_id": "client-001",
     "status": "active",

@@ -5,7 +5,9 @@ Limits come from the settings: *general* (every request except the health check)
 upload or a start also counts toward *general*. A WebSocket handshake counts toward *general*.
 
 * Identity: the sha256 of the bearer key (for WebSockets also ``?api_key=``), else the client IP.
-  The key is not verified here (the route does that), so a made-up key gets a budget of its own.
+  The key is not verified here (the route does that), so a made-up key gets a budget of its own;
+  what bounds made-up keys is the per-address budget of failed authentications
+  (:mod:`api.auth_failures`), checked first.
 * Windows are fixed and aligned to the Unix epoch: ``[k*w, (k+1)*w)``. Every hit counts, allowed
   or not, toward every limit that applies to it.
 * Headers on every response: ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` (the window end, a
@@ -36,6 +38,7 @@ from starlette.datastructures import Headers, MutableHeaders, QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import hash_key
+from api.auth_failures import AuthFailureGuard, address_of
 from api.errors import error_response
 from fedloom_core.settings import Settings
 
@@ -45,6 +48,7 @@ EXEMPT_PATHS = frozenset({"/health", "/api/v1/health"})
 UPLOAD_PREFIX = "/api/v1/model/update/"
 START_PATH = "/api/v1/training/start"
 WS_CLOSE_RATE_LIMITED = 4429
+WS_CLOSE_UNAUTHORIZED = 4401
 PRUNE_EVERY_S = 300.0
 
 # One statement per counter: insert, or count into the current window, or restart a rolled-over one.
@@ -241,18 +245,21 @@ class Limits:
         return [self.general]
 
 
-def identity_of(scope: Scope) -> str:
-    """Whom a request counts for: ``key:<sha256 of the API key>`` or ``ip:<client address>``."""
+def presented_key(scope: Scope) -> str:
+    """The API key a request carries (bearer header; for WebSockets also ``?api_key=``), else ""."""
     key = ""
     scheme, _, value = Headers(scope=scope).get("authorization", "").partition(" ")
     if scheme.lower() == "bearer":
         key = value.strip()
     if not key and scope["type"] == "websocket":
         key = QueryParams(scope.get("query_string", b"").decode("latin-1")).get("api_key", "").strip()
-    if key:
-        return f"key:{hash_key(key)}"
-    client = scope.get("client")
-    return f"ip:{client[0] if client else 'unknown'}"
+    return key
+
+
+def identity_of(scope: Scope) -> str:
+    """Whom a request counts for: ``key:<sha256 of the API key>`` or ``ip:<client address>``."""
+    key = presented_key(scope)
+    return f"key:{hash_key(key)}" if key else f"ip:{address_of(scope)}"
 
 
 class RateLimitMiddleware:
@@ -261,6 +268,10 @@ class RateLimitMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, store_factory: Callable[[Engine], CounterStore]) -> None:
         self.app = app
         self.limits = Limits.from_settings(settings)
+        self.auth_limit = Limit(
+            "auth_failures", settings.rate_limit_auth_failures, settings.rate_limit_auth_failures_window_s
+        )
+        self.guard = AuthFailureGuard(self.auth_limit.limit, self.auth_limit.window_s)
         self._store_factory = store_factory
         self._limiter: RateLimiter | None = None
 
@@ -278,6 +289,12 @@ class RateLimitMiddleware:
         if not limits:
             await self.app(scope, receive, send)
             return
+        key = presented_key(scope)
+        if not (key and self.guard.trusted(scope, key)):
+            wait = self.guard.retry_after(address_of(scope))
+            if wait:
+                await self._refuse_address(scope, receive, send, wait)
+                return
         try:
             decision = await self._limiter_for(scope).acheck(identity_of(scope), limits)
         except SQLAlchemyError as exc:  # fail open: the route answers 503 itself if the database is down
@@ -286,12 +303,40 @@ class RateLimitMiddleware:
             return
         headers = decision.headers()
         if scope["type"] == "websocket":
-            await self._websocket(scope, receive, send, decision, headers)
+            failed = await self._websocket(scope, receive, send, decision, headers)
         else:
-            await self._http(scope, receive, send, decision, headers)
+            failed = await self._http(scope, receive, send, decision, headers)
+        if failed:
+            await self._auth_failed(scope)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send, decision: Decision, headers: dict) -> None:
-        """Answer 429, or run the app and add ``headers`` to its response."""
+    async def _refuse_address(self, scope: Scope, receive: Receive, send: Send, wait: int) -> None:
+        """Answer 429 (a WebSocket: close 4429) to an address past its auth-failure budget."""
+        self.guard.note(address_of(scope), scope.get("path", ""), None, refused=True)
+        if scope["type"] == "websocket":
+            message = await receive()
+            if message["type"] == "websocket.connect":
+                await send({"type": "websocket.accept", "headers": _raw({"Retry-After": str(wait)})})
+                reason = f"rate limited; retry in {wait} s"
+                await send({"type": "websocket.close", "code": WS_CLOSE_RATE_LIMITED, "reason": reason})
+            return
+        details = self.guard.details(wait)
+        response = error_response(429, "RATE_LIMITED", "Rate limit exceeded", details, {"Retry-After": str(wait)})
+        await response(scope, receive, send)
+
+    async def _auth_failed(self, scope: Scope) -> None:
+        """Count a failed authentication toward its address's budget; block the address past it."""
+        address = address_of(scope)
+        try:
+            decision = await self._limiter_for(scope).acheck(f"ip:{address}", [self.auth_limit])
+        except SQLAlchemyError as exc:
+            log.warning("rate limiter unavailable, authentication failure not counted: %s", exc)
+            return
+        if not decision.allowed:
+            self.guard.block(address, decision.usage.reset)
+        self.guard.note(address, scope.get("path", ""), decision.usage.count, refused=False)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send, decision: Decision, headers: dict) -> bool:
+        """Answer 429, or run the app and add ``headers`` to its response; whether the app answered 401."""
         if not decision.allowed:
             lim = decision.usage.limit
             details = (
@@ -299,13 +344,14 @@ class RateLimitMiddleware:
                 f"retry in {decision.retry_after} s"
             )
             await error_response(429, "RATE_LIMITED", "Rate limit exceeded", details, headers)(scope, receive, send)
-            return
+            return False
         started = False
+        status = 0
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
                 MutableHeaders(scope=message).update(headers)
             await send(message)
 
@@ -318,23 +364,32 @@ class RateLimitMiddleware:
                 response = error_response(500, "INTERNAL_ERROR", "Server internal error", type(exc).__name__, headers)
                 await response(scope, receive, send)
             raise
+        return status == 401
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send, decision: Decision, headers: dict) -> None:
-        """Accept and close with 4429, or run the app and add ``headers`` to its handshake answer."""
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, decision: Decision, headers: dict) -> bool:
+        """Accept and close with 4429, or run the app and add ``headers`` to its handshake answer.
+
+        Returns whether the app closed the connection as unauthorized (4401).
+        """
         if not decision.allowed:
             message = await receive()
             if message["type"] == "websocket.connect":
                 reason = f"rate limited; retry in {decision.retry_after} s"
                 await send({"type": "websocket.accept", "headers": _raw(headers)})
                 await send({"type": "websocket.close", "code": WS_CLOSE_RATE_LIMITED, "reason": reason})
-            return
+            return False
+        unauthorized = False
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal unauthorized
             if message["type"] == "websocket.accept":
                 message = {**message, "headers": [*message.get("headers", []), *_raw(headers)]}
+            elif message["type"] == "websocket.close" and message.get("code") == WS_CLOSE_UNAUTHORIZED:
+                unauthorized = True
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+        return unauthorized
 
 
 def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import secrets
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from api import openapi
-from api.auth import store_client_key
-from api.deps import MAX_QUERY_INT, AdminDep, EngineDep, PrincipalDep, RegistrarDep, TaskBoardDep, valid_id
+from api.auth import add_client_key, revoke_client_keys
+from api.deps import (
+    MAX_QUERY_INT,
+    AdminDep,
+    EngineDep,
+    PrincipalDep,
+    RegistrarDep,
+    TaskBoardDep,
+    principal_cache,
+    valid_id,
+)
 from fedloom_core.errors import ClientNotRegistered, Conflict, InvalidRequest, NotFound
 from fedloom_core.ids import check_id
-from fedloom_core.policy.selection import Candidate, select_clients
+from fedloom_core.schemas import PolicyConfig, StartRequest
+from fedloom_core.storage.candidates import select_round, selection_input
 from fedloom_core.storage.db import Client, ClientMetrics, Experiment, Round, Update, utcnow
 from fedloom_core.storage.repo import (
     current_round,
@@ -55,17 +66,20 @@ def _register(engine, body: RegisterRequest) -> dict:  # type: ignore[no-untyped
         registered_at=now,
         last_seen=now,
     )
-    try:
-        with session_scope(engine) as s:
-            if s.get(Client, body.client_id) is not None:
-                raise Conflict("Resource already exists", f"client '{body.client_id}' is already registered")
-            s.add(client)
-            exp = running_experiment(s)
-            emit_event(s, type="client_registered", client_id=body.client_id, status="registered")
-            assigned = (exp.current_round + 1) if exp else 1
-    except IntegrityError:
-        raise Conflict("Resource already exists", f"client '{body.client_id}' is already registered") from None
-    key = store_client_key(engine, body.client_id)
+    conflict = Conflict("Resource already exists", f"client '{body.client_id}' is already registered")
+    # One transaction: the client row and its key are committed together, or neither is.
+    with session_scope(engine) as s:
+        if s.get(Client, body.client_id) is not None:
+            raise conflict
+        s.add(client)
+        try:
+            s.flush()  # a concurrent registration of the same id fails here
+        except IntegrityError:
+            raise conflict from None
+        exp = running_experiment(s)
+        emit_event(s, type="client_registered", client_id=body.client_id, status="registered")
+        assigned = (exp.current_round + 1) if exp else 1
+        key = add_client_key(s, body.client_id)
     return {
         "client_id": body.client_id,
         "registration_id": client.registration_id,
@@ -200,24 +214,16 @@ def _selection(engine, experiment_id: str | None, round: int | None, policy_chec
                 "Invalid round", f"round {round} is beyond experiment '{exp.experiment_id}''s {exp.total_rounds} rounds"
             )
         stored = s.exec(select(Round).where(Round.experiment_id == exp.experiment_id, Round.round == round)).first()
-        candidates = (
-            [Candidate(c.client_id, c.status, c.trust_score) for c in s.exec(select(Client)).all()]
-            if stored is None
-            else []
-        )
     if stored is not None:
         selected, excluded = list(stored.selected_clients), dict(stored.exclusions)
         results = dict(stored.policy_results)
     else:
-        ec = exp.config.get("experiment_config", {})
-        outcome = select_clients(
-            candidates,
-            round=round,
-            min_clients=int(ec.get("min_clients", 2)),
-            client_fraction=float(ec.get("client_fraction", 1.0)),
-            seed=int(ec.get("seed", 0)),
-            trust_threshold=(exp.policy_config or {}).get("trust_threshold"),
-        )
+        # The workflow's own selection pass, with the experiment's config, policy and trust, at this hour.
+        now = datetime.now(UTC)
+        config = StartRequest.model_validate(exp.config or {})
+        policy = PolicyConfig.model_validate(exp.policy_config or {})
+        inp = selection_input(exp.experiment_id, config, policy, round=round, hour_utc=now.hour, weekday=now.weekday())
+        _, outcome = select_round(engine, inp)
         selected, excluded, results = outcome.selected, outcome.excluded, outcome.policy_results
     return {
         "experiment_id": exp.experiment_id,
@@ -242,9 +248,10 @@ async def select_round_clients(
     """Policy-aware client selection of a round of an experiment (default: the latest).
 
     A round that has been selected answers with its stored decision (``dry_run`` false); any other
-    round (by default the round in progress, else the next one) is a dry run of the same selection
-    over the clients as they are now, with the experiment's min_clients, client_fraction, seed and
-    trust threshold. ``policy_check=false`` leaves out ``policy_results``; the selection is the same.
+    round (by default the round in progress, else the next one) is a dry run of the workflow's own
+    selection pass over the clients as they are now: the experiment's min_clients, client_fraction,
+    seed, trust threshold, client_selection rules (at the current hour) and per-experiment trust.
+    ``policy_check=false`` leaves out ``policy_results``; the selection is the same.
     """
     if experiment_id is not None:
         valid_id(experiment_id, "experiment_id")
@@ -274,3 +281,35 @@ async def get_client_task(
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
     return await board.next_task(client_id, wait)
+
+
+def _revoke_keys(engine, client_id: str, rotate: bool) -> tuple[int, str | None]:  # type: ignore[no-untyped-def]
+    """Revoke every key of ``client_id`` and, to rotate, add a new one in the same transaction."""
+    with session_scope(engine) as s:
+        if s.get(Client, client_id) is None:
+            raise ClientNotRegistered("Client ID not found", f"The specified client ID '{client_id}' is not registered")
+        revoked = revoke_client_keys(s, client_id)
+        key = add_client_key(s, client_id) if rotate else None
+        emit_event(s, type="client_key_rotated" if rotate else "client_keys_revoked", client_id=client_id)
+    return revoked, key
+
+
+@router.post("/clients/{client_id}/revoke", responses=openapi.ok(openapi.REVOKE_RESPONSE, 400, 404))
+async def revoke_client(client_id: str, request: Request, engine: EngineDep, _: AdminDep) -> dict:
+    """Revoke every API key of a client (admin): it can call nothing until its key is rotated.
+
+    Other API processes stop accepting the keys within ``PRINCIPAL_TTL_S`` (5 s); this one at once.
+    """
+    valid_id(client_id, "client_id")
+    revoked, _key = await run_in_threadpool(_revoke_keys, engine, client_id, False)
+    principal_cache(request.app.state).forget_client(client_id)
+    return {"client_id": client_id, "revoked": True, "revoked_keys": revoked, "timestamp": iso(utcnow())}
+
+
+@router.post("/clients/{client_id}/rotate-key", responses=openapi.ok(openapi.ROTATE_RESPONSE, 400, 404))
+async def rotate_client_key(client_id: str, request: Request, engine: EngineDep, _: AdminDep) -> dict:
+    """Revoke a client's keys and issue a new one (admin); the answer carries the new ``api_key``, shown once."""
+    valid_id(client_id, "client_id")
+    revoked, key = await run_in_threadpool(_revoke_keys, engine, client_id, True)
+    principal_cache(request.app.state).forget_client(client_id)
+    return {"client_id": client_id, "api_key": key, "revoked_keys": revoked, "timestamp": iso(utcnow())}
