@@ -9,14 +9,26 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from temporalio.client import Client as TemporalClient
 from temporalio.service import RPCError
 
-from api import errors, openapi, ratelimit
+from api import errors, openapi, prometheus, ratelimit
 from api.auth import hash_key, load_or_create_admin_key
 from api.body_limits import BodyLimit
-from api.routes import clients, evaluations, events, experiments, lifecycle, metrics, models, status, training
+from api.routes import (
+    clients,
+    dashboard,
+    evaluations,
+    events,
+    experiments,
+    lifecycle,
+    metrics,
+    models,
+    status,
+    training,
+)
 from fedloom_core.settings import Settings
 from fedloom_core.storage.blobstore import open_blob_store
 from fedloom_core.storage.db import create_schema, make_engine
@@ -59,6 +71,14 @@ def _install_temporal_errors(app: FastAPI) -> None:
         return _temporal_down(request.app, "the Temporal server is not reachable")
 
 
+def uvicorn_options(settings: Settings) -> dict[str, object]:
+    """uvicorn's keyword arguments for these settings: HTTPS when a certificate is set, trusted proxies."""
+    options: dict[str, object] = {"proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips}
+    if settings.tls_certfile:
+        options |= {"ssl_certfile": settings.tls_certfile, "ssl_keyfile": settings.tls_keyfile}
+    return options
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (read from the environment when omitted)."""
     settings = settings or Settings()
@@ -97,12 +117,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.router,
         experiments.router,
         lifecycle.router,
+        dashboard.api_router,
     ):
         app.include_router(router, prefix=API_PREFIX, responses=openapi.COMMON_ERRORS)
     app.include_router(events.router)
+    # GET /metrics (admin key) and per-route request timings: api/prometheus.py.
+    prometheus.install(app)
+    app.include_router(dashboard.router)
     ratelimit.install(app, settings)
     # Added last, so it runs first: no body is read past its cap, whatever else the request needs.
     app.add_middleware(
         BodyLimit, json_limit=settings.max_json_kb * 1024, upload_limit=int(settings.max_upload_mb * 1e6)
     )
+    if settings.cors_origin_list:
+        # Outermost: preflights are answered before any limit, and every answer (a 413 or 429 too)
+        # carries the headers a page of an allowed origin needs to read it.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=[
+                "Retry-After",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+                "X-Model-SHA256",
+            ],
+            max_age=600,
+        )
     return app

@@ -1,7 +1,9 @@
-"""The ``fedloom`` command: serve, worker, api, client, demo, loadtest.
+"""The ``fedloom`` command: serve, worker, api, client, demo, loadtest, and the operator commands
+experiments, clients and models (:mod:`fedloom.cli_ops`).
 
 Each subcommand imports what it runs only when it runs, so the SDK stays light; one whose extra is
-not installed (``server`` for serve, api, worker and demo, ``torch`` for client) exits naming it.
+not installed (``server`` for serve, api, worker and demo, ``torch`` for client, ``cli`` for the
+operator commands) exits naming it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import sys
 
 from fedloom._extras import MissingExtraError, require_server, require_torch
+from fedloom.cli_ops import add_operator_commands
 
 # Packages of this project: a missing one is a broken install, not a missing extra.
 _OWN_PACKAGES = {"fedloom", "fedloom_tools", "fedloom_core", "api", "workers", "workflows", "activities"}
@@ -71,9 +74,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import create_app
+    from api.app import create_app, uvicorn_options
+    from fedloom_core.settings import Settings
 
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+    settings = Settings()
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", **uvicorn_options(settings))
     return 0
 
 
@@ -176,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=_cmd_api, require=require_server)
 
     client = sub.add_parser("client", help="join experiments as a training client")
-    client.add_argument("--server", default="http://127.0.0.1:8080")
+    client.add_argument("--server", default=os.environ.get("FEDLOOM_SERVER", "http://127.0.0.1:8080"))
     client.add_argument("--api-key", default=None, help="the client's own key, the admin key or an enrollment token")
     client.add_argument("--client-id", default=None, help="required unless the --app sets it")
     client.add_argument(
@@ -206,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     demo.set_defaults(func=_cmd_demo, require=require_server)
 
+    add_operator_commands(sub)
+
     # Its options are fedloom_tools.loadtest's own; main() hands them over unparsed.
     sub.add_parser("loadtest", help="hold a request rate on one endpoint and report latency (fedloom loadtest -h)")
     return parser
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         # A dependency of the extra beyond those require() looks for (boto3, rich, ...).
         if not exc.name or exc.name.partition(".")[0] in _OWN_PACKAGES:
             raise
-        extra = "torch" if args.require is require_torch else "server"
+        extra = getattr(args, "extra", None) or ("torch" if args.require is require_torch else "server")
         print(MissingExtraError(extra, exc.name, f"fedloom {args.command}"), file=sys.stderr)
         return 1
 

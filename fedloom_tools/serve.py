@@ -104,6 +104,7 @@ def serve(
     env["FEDLOOM_DATA_DIR"] = str(settings.data_dir)
     logs = settings.data_dir / "logs"
     logs.mkdir(exist_ok=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir(settings.data_dir))
 
     from api.auth import load_or_create_admin_key
 
@@ -137,6 +138,22 @@ def serve(
         return _supervise(children, env, lambda: stopping)
     finally:
         stop_all([child.proc for child in children])
+
+
+def _metrics_dir(data_dir: Path) -> Path:
+    """The children's shared prometheus-client directory, emptied: counters start again with serve."""
+    path = data_dir / "prometheus"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
+
+
+def _forget_metrics(env: dict[str, str], pid: int) -> None:
+    """Drop a dead child's live gauges (its open WebSockets); its counters stay in the totals."""
+    if env.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, env["PROMETHEUS_MULTIPROC_DIR"])
 
 
 @dataclass
@@ -181,7 +198,9 @@ def _announce(settings, host, port, address, ui_port, embedded, created) -> None
     """Print where the API, Temporal, the admin key and the logs are."""
     from api.auth import ADMIN_KEY_FILE
 
-    print(f"fedloom: API      http://{host}:{port}/api/v1  (docs: http://{host}:{port}/docs)", flush=True)
+    # The API child reads the same FEDLOOM_TLS_* settings from the environment and serves HTTPS with them.
+    base = f"{'https' if settings.tls_certfile else 'http'}://{host}:{port}"
+    print(f"fedloom: API      {base}/api/v1  (docs: {base}/docs)", flush=True)
     if embedded:
         ui = f"  (Web UI: http://127.0.0.1:{ui_port})" if ui_port else ""
         print(f"fedloom: Temporal {address}{ui}", flush=True)
@@ -213,6 +232,7 @@ def _supervise(children: list[_Child], env: dict[str, str], stopping: Callable[[
                 print(f"fedloom: {child.name} keeps exiting ({code}); stopping", file=sys.stderr, flush=True)
                 return 1
             print(f"fedloom: {child.name} exited with {code}; restarting it", file=sys.stderr, flush=True)
+            _forget_metrics(env, child.proc.pid)
             child.proc = spawn(child.cmd, env, child.log_path)
         time.sleep(0.3)
     return 0

@@ -1,0 +1,184 @@
+"""Temporal faults and transport security, against a real API process and a real Temporal dev server.
+
+The API is started with Temporal not yet running and serves HTTPS with a certificate made here; the
+dev server is then started, killed and started again, and the API follows without a restart.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fedloom_core.settings import Settings
+from fedloom_tools.launch import GENEROUS_LIMITS, free_port, memory_bytes, terminate
+from fedloom_tools.serve import _temporal_command, wait_for_port
+
+pytestmark = pytest.mark.e2e
+ADMIN = "temporal-faults-admin-key"
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made now (no download, no fixture file)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    keyfile.chmod(0o600)
+    return certfile, keyfile
+
+
+@dataclass
+class Api:
+    proc: subprocess.Popen
+    url: str
+    http: httpx.Client
+    temporal_port: int
+    data_dir: Path
+    temporal: subprocess.Popen | None = None
+
+    def start_temporal(self) -> None:
+        settings = Settings(_env_file=None, data_dir=self.data_dir)
+        cmd = _temporal_command(settings, self.temporal_port, free_port(), headless=True)
+        log = open(self.data_dir / "temporal.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.temporal = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port("127.0.0.1", self.temporal_port, 60, self.temporal)
+
+    def kill_temporal(self) -> None:
+        assert self.temporal is not None
+        self.temporal.kill()
+        self.temporal.wait()
+        self.temporal = None
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """``fedloom api`` over HTTPS, pointed at a Temporal port where nothing listens yet."""
+    root = tmp_path_factory.mktemp("temporal-faults")
+    data_dir = root / "data"
+    data_dir.mkdir()
+    certfile, keyfile = make_certificate(root)
+    port, temporal_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
+    env |= GENEROUS_LIMITS | {
+        "FEDLOOM_DATA_DIR": str(data_dir),
+        "FEDLOOM_ADMIN_API_KEY": ADMIN,
+        "FEDLOOM_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
+        "FEDLOOM_TLS_CERTFILE": str(certfile),
+        "FEDLOOM_TLS_KEYFILE": str(keyfile),
+    }
+    cmd = [sys.executable, "-m", "fedloom.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+    with open(root / "api.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"https://127.0.0.1:{port}"
+    trust = ssl.create_default_context(cafile=str(certfile))
+    http = httpx.Client(base_url=f"{url}/api/v1", verify=trust, headers={"Authorization": f"Bearer {ADMIN}"})
+    handle = Api(proc, url, http, temporal_port, data_dir)
+    try:
+        wait_for_port("127.0.0.1", port, 60, proc)
+        yield handle
+    finally:
+        http.close()
+        terminate(proc)
+        if handle.temporal is not None:
+            terminate(handle.temporal)
+
+
+def _stop(api: Api) -> tuple[httpx.Response, float]:
+    """POST /training/stop with nothing running: 409 when Temporal is reachable, 503 when it is not."""
+    started = time.monotonic()
+    resp = api.http.post("/training/stop", json={"reason": "probe"}, timeout=15)
+    return resp, time.monotonic() - started
+
+
+def _wait_for_stop_status(api: Api, status: int, bound_s: float) -> float:
+    """Seconds until /training/stop answers ``status``; fails past ``bound_s``."""
+    started = time.monotonic()
+    while True:
+        resp, took = _stop(api)
+        assert took < 1.0, f"answered in {took:.2f} s"
+        if resp.status_code == status:
+            return time.monotonic() - started
+        assert time.monotonic() - started < bound_s, f"still {resp.status_code} after {bound_s} s: {resp.text}"
+        time.sleep(0.25)
+
+
+def _assert_unavailable(resp: httpx.Response) -> None:
+    assert resp.status_code == 503, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "SERVICE_UNAVAILABLE" and error["message"] and "Temporal" in error["details"]
+    assert 1 <= int(resp.headers["Retry-After"]) <= 10
+
+
+def test_the_api_serves_https_with_the_configured_certificate(api: Api) -> None:
+    resp = api.http.get("/health")
+    assert resp.status_code in (200, 503) and resp.url.scheme == "https"
+    assert set(resp.json()["components"]) == {"database", "blob_store", "temporal"}
+    # A client that does not trust the self-signed certificate is refused the connection.
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{api.url}/api/v1/health", timeout=5)
+    # Plain HTTP on the HTTPS port gets no API answer.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(api.url.replace("https", "http") + "/api/v1/health", timeout=5).raise_for_status()
+
+
+def test_the_api_follows_temporal_going_away_and_coming_back_without_a_restart(api: Api) -> None:
+    pid, rss_before = api.proc.pid, memory_bytes(api.proc.pid)
+    # Temporal not yet running: routes that need it are 503 at once; the others serve.
+    resp, took = _stop(api)
+    _assert_unavailable(resp)
+    assert took < 1.0
+    health = api.http.get("/health")
+    assert health.status_code == 503 and health.json()["components"]["temporal"].startswith("down")
+    assert "Retry-After" in health.headers
+    assert api.http.get("/status").status_code == 200
+
+    api.start_temporal()
+    came_up = _wait_for_stop_status(api, 409, bound_s=30)
+    assert api.http.get("/health").json()["components"]["temporal"] == "up"
+
+    # Lost while the API runs: noticed by the periodic check (every 5 s, 3 s timeout) or on use.
+    api.kill_temporal()
+    noticed = _wait_for_stop_status(api, 503, bound_s=15)
+    _assert_unavailable(_stop(api)[0])
+
+    api.start_temporal()
+    back = _wait_for_stop_status(api, 409, bound_s=30)
+    assert api.http.get("/health").status_code == 200
+    assert api.proc.poll() is None and api.proc.pid == pid
+    growth = (memory_bytes(pid) or 0) - (rss_before or 0)
+    print(f"up after {came_up:.1f} s, loss noticed after {noticed:.1f} s, back after {back:.1f} s")
+    print(f"API RSS growth {growth / 1e6:+.1f} MB")
+    assert growth < 50e6
