@@ -96,6 +96,14 @@ class FLClient:
         """A client's status and scores."""
         return self._json("GET", f"/clients/{client_id}")
 
+    def revoke_client(self, client_id: str) -> dict[str, Any]:
+        """Revoke every API key of a client (admin key); the answer has ``client_id`` and ``revoked``."""
+        return self._json("POST", f"/clients/{client_id}/revoke")
+
+    def rotate_client_key(self, client_id: str) -> str:
+        """Revoke a client's keys and return its new API key (admin key); the server keeps only its hash."""
+        return str(self._json("POST", f"/clients/{client_id}/rotate-key")["api_key"])
+
     def get_task(self, client_id: str, wait: float = 0.0) -> dict[str, Any]:
         """What the client should do now: ``train``, ``evaluate``, ``wait``, ``idle`` or ``done``.
 

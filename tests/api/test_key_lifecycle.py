@@ -136,3 +136,22 @@ def test_an_unknown_key_is_answered_from_the_negative_cache(local_app, backend: 
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert len(lookups) == 1  # the first request asked the database, the repeats did not
+
+
+def test_the_sdk_rotates_and_revokes_keys(local_app) -> None:  # type: ignore[no-untyped-def]
+    from fedloom import FLAPIError, FLClient
+    from tests.conftest import LOCAL_ADMIN_KEY
+
+    admin = local_app()
+    sdk = FLClient("http://test", LOCAL_ADMIN_KEY, transport=admin._transport)
+    old = sdk.register_client("site-sdk")["api_key"]
+    new = sdk.rotate_client_key("site-sdk")
+    assert isinstance(new, str) and new != old
+    assert sdk.with_key(new).get_client("site-sdk")["client_id"] == "site-sdk"
+    with pytest.raises(FLAPIError) as refused:
+        sdk.with_key(old).get_client("site-sdk")
+    assert refused.value.status == 401
+    assert sdk.revoke_client("site-sdk")["revoked"] is True
+    with pytest.raises(FLAPIError) as refused:
+        sdk.with_key(new).get_client("site-sdk")
+    assert refused.value.status == 401
