@@ -22,6 +22,7 @@ from fedloom_core.learning.catalog import (
     builtin_dataset,
     canonical_dataset,
 )
+from fedloom_core.policy.defaults import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO, DEFAULT_TRUST_THRESHOLD
 from fedloom_core.policy.rules import validate_rules
 
 
@@ -141,7 +142,8 @@ class PolicyConfig(_Strict):
 
     min_clients: int | None = Field(default=None, ge=1, le=100_000)
     max_client_failures: int | None = Field(default=None, ge=0, le=100_000)
-    trust_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    # The default policy's bounds (fedloom_core.policy.defaults) apply unless set; null turns one off.
+    trust_threshold: float | None = Field(default=DEFAULT_TRUST_THRESHOLD, ge=0.0, le=1.0)
     rules: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("rules")
@@ -163,8 +165,10 @@ class PolicyConfig(_Strict):
     # max_update_norm, or exceeds max_norm_ratio x the round's median norm, or when its cosine
     # similarity to the mean of the other updates is below min_cosine_similarity.
     max_update_norm: float | None = Field(default=None, gt=0)
-    max_norm_ratio: float | None = Field(default=None, gt=1.0)
+    max_norm_ratio: float | None = Field(default=DEFAULT_MAX_NORM_RATIO, gt=1.0)
     min_cosine_similarity: float | None = Field(default=None, ge=-1.0, le=1.0)
+    # No accepted update's data_samples counts for more than this many times the round's median.
+    max_weight_ratio: float | None = Field(default=DEFAULT_MAX_WEIGHT_RATIO, ge=1.0)
     # Leave-one-out contribution scores: K extra evaluations a round (see docs/policies.md).
     contribution_scores: bool = True
 

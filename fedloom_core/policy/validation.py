@@ -166,6 +166,20 @@ class Verdict:
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Accepted client id -> the data_samples its update is aggregated with (capped by max_weight_ratio).
+    weights: dict[str, int] = field(default_factory=dict)
+
+
+def capped_weights(num_samples: Mapping[str, int], max_ratio: float | None) -> dict[str, int]:
+    """Each update's aggregation weight: its data_samples, at most ``max_ratio`` x their median (None: no cap).
+
+    The median is a robust reference: a client that claims a huge count cannot raise it unless it holds
+    half the updates. A capped weight is rounded down, and never below 1.
+    """
+    if max_ratio is None or not num_samples:
+        return dict(num_samples)
+    cap = max(1, math.floor(max_ratio * _median([float(n) for n in num_samples.values()])))
+    return {cid: min(n, cap) for cid, n in num_samples.items()}
 
 
 def judge_updates(
@@ -178,7 +192,10 @@ def judge_updates(
     hour_utc: int,
     weekday: int,
 ) -> Verdict:
-    """Accept or reject each measured update: norm bounds, then similarity, then update_validation rules."""
+    """Accept or reject each measured update: norm bounds, then similarity, then update_validation rules.
+
+    The accepted updates' aggregation weights are their data_samples capped by ``max_weight_ratio``.
+    """
     rules = validate_rules(policy.rules) if policy.rules else []
     verdict = Verdict()
     for cid in sorted(stats):
@@ -207,6 +224,7 @@ def judge_updates(
             verdict.accepted.append(cid)
         else:
             verdict.rejected[cid] = reason
+    verdict.weights = capped_weights({cid: num_samples[cid] for cid in verdict.accepted}, policy.max_weight_ratio)
     return verdict
 
 
