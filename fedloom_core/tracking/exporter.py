@@ -1,9 +1,10 @@
 """The tracking exporter: tails the database's round records and writes them to MLflow and TensorBoard.
 
-It runs in a thread of its own in the worker, never inside a round: an unreachable tracker is logged
-and retried with back-off while rounds go on. Export is idempotent: the last exported round of each
-experiment and sink is kept in ``<data dir>/tracking/state.json``, written after every round, so a
-restart resumes where it stopped. One exporter per data dir (a file lock); see docs/operations.md.
+Each sink has a thread of its own in the worker, never inside a round: an unreachable tracker is
+logged and retried with back-off while rounds (and the other sink) go on. Export is idempotent: the
+last exported round of each experiment is kept in ``<data dir>/tracking/<sink>.json``, written
+after every round, so a restart resumes where it stopped. One exporter per data dir (a file lock);
+see docs/operations.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fedloom_core.storage.db import (
 )
 
 log = logging.getLogger("fedloom.tracking")
+_held: list[Any] = []  # the exporter lock files this process holds, for its lifetime
 ENDED = ("completed", "stopped", "failed")
 MAX_BACKOFF_S = 60.0
 
@@ -94,17 +96,17 @@ def _client_scalars(session: Session, experiment_id: str, rnd: int) -> dict[str,
 
 
 class State:
-    """The last exported round per sink and experiment, kept in a JSON file (replaced atomically)."""
+    """One sink's last exported round per experiment, kept in a JSON file (replaced atomically)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.data: dict[str, dict[str, dict[str, Any]]] = json.loads(path.read_text())
+            self.data: dict[str, dict[str, Any]] = json.loads(path.read_text())
         except (OSError, ValueError):
             self.data = {}
 
-    def get(self, sink: str, experiment_id: str) -> dict[str, Any]:
-        return self.data.setdefault(sink, {}).setdefault(experiment_id, {"round": 0, "done": False, "run_id": None})
+    def get(self, experiment_id: str) -> dict[str, Any]:
+        return self.data.setdefault(experiment_id, {"round": 0, "done": False, "run_id": None})
 
     def save(self) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
@@ -114,31 +116,28 @@ class State:
 
 
 class Exporter:
-    """Exports every started experiment to each sink; ``export_once`` is one pass, ``run`` loops."""
+    """Exports every started experiment to one sink; ``export_once`` is one pass, ``run`` loops."""
 
-    def __init__(self, engine: Engine, blobs: BlobStore, sinks: list[Sink], state_dir: Path) -> None:
-        self.engine, self.blobs, self.sinks = engine, blobs, sinks
+    def __init__(self, engine: Engine, blobs: BlobStore, sink: Sink, state_dir: Path) -> None:
+        self.engine, self.blobs, self.sink = engine, blobs, sink
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.state_dir = state_dir
-        self.state = State(state_dir / "state.json")
+        self.state = State(state_dir / f"{sink.name}.json")
         self._stop = threading.Event()
 
     def export_once(self) -> bool:
-        """One pass over every sink; False if one failed (it is retried on the next pass)."""
-        with Session(self.engine) as s:
-            experiments = s.exec(select(Experiment).where(Experiment.started_at.is_not(None))).all()  # type: ignore[union-attr]
-        ok = True
-        for sink in self.sinks:
-            try:
-                for exp in experiments:
-                    self._export(sink, exp)
-            except Exception as exc:  # noqa: BLE001 - a tracker's failure never reaches a round
-                log.warning("exporting to %s failed (retrying): %s", sink.name, exc)
-                ok = False
-        return ok
+        """One pass; False if the sink failed (retried on a later pass, from the last exported round)."""
+        try:
+            with Session(self.engine) as s:
+                experiments = s.exec(select(Experiment).where(Experiment.started_at.is_not(None))).all()  # type: ignore[union-attr]
+            for exp in experiments:
+                self._export(self.sink, exp)
+        except Exception as exc:  # noqa: BLE001 - a tracker's failure never reaches a round
+            log.warning("exporting to %s failed (retrying): %s", self.sink.name, exc)
+            return False
+        return True
 
     def _export(self, sink: Sink, exp: Experiment) -> None:
-        st = self.state.get(sink.name, exp.experiment_id)
+        st = self.state.get(exp.experiment_id)
         if st["done"]:
             return
         with Session(self.engine) as s:
@@ -202,10 +201,10 @@ def build_sinks(settings: Settings) -> list[Sink]:
     return sinks
 
 
-def start_exporter(settings: Settings, engine: Engine | None = None, blobs: BlobStore | None = None) -> Exporter | None:
-    """Start the exporter thread when a tracker is configured and no other exporter holds this data dir."""
+def start_exporter(settings: Settings, engine: Engine | None = None, blobs: BlobStore | None = None) -> list[Exporter]:
+    """Start a thread per configured tracker, unless another process already exports this data dir."""
     if not (settings.mlflow_tracking_uri or settings.tensorboard_dir):
-        return None
+        return []
     state_dir = settings.data_dir / "tracking"
     state_dir.mkdir(parents=True, exist_ok=True)
     lock = open(state_dir / "exporter.lock", "w")  # noqa: SIM115 - held for the life of the process
@@ -214,21 +213,22 @@ def start_exporter(settings: Settings, engine: Engine | None = None, blobs: Blob
     except OSError:
         log.info("another process exports this data dir's experiments")
         lock.close()
-        return None
+        return []
+    _held.append(lock)
     if engine is None or blobs is None:
         from fedloom_core.storage.blobstore import open_blob_store
         from fedloom_core.storage.db import make_engine
 
         engine = engine or make_engine(settings.database_url)
         blobs = blobs or open_blob_store(settings.blob_url, settings.s3_endpoint_url)
-    sinks = build_sinks(settings)
-    if not sinks:
-        lock.close()
-        return None
-    exporter = Exporter(engine, blobs, sinks, state_dir)
-    exporter._lock = lock  # type: ignore[attr-defined]  # released when the process ends
-    threading.Thread(
-        target=exporter.run, args=(settings.tracking_poll_s,), name="fedloom-tracking", daemon=True
-    ).start()
-    log.info("exporting experiments to %s", ", ".join(s.name for s in sinks))
-    return exporter
+    try:
+        sinks = build_sinks(settings)
+    except Exception:  # noqa: BLE001 - a tracker that cannot even be set up must not stop the worker
+        log.exception("experiment tracking is off: its tracker could not be set up")
+        return []
+    exporters = [Exporter(engine, blobs, sink, state_dir) for sink in sinks]
+    for exporter in exporters:
+        name = f"fedloom-tracking-{exporter.sink.name}"
+        threading.Thread(target=exporter.run, args=(settings.tracking_poll_s,), name=name, daemon=True).start()
+        log.info("exporting experiments to %s", exporter.sink.name)
+    return exporters
