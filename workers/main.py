@@ -19,10 +19,14 @@ from fedloom_core.storage.blobstore import open_blob_store
 from fedloom_core.storage.db import create_schema, make_engine
 from fedloom_core.temporal import ensure_search_attributes
 from workers import metrics as worker_metrics
+from workers import watchdog
 from workflows.experiment import ExperimentWorkflow
 
 log = logging.getLogger("fedloom.worker")
 QUEUES = ("experiments", "aggregation")
+# Any exception in workflow code (a bug, a broken replay) fails the workflow with its message, which
+# ends the experiment as failed; by default Temporal would retry the workflow task forever.
+WORKFLOW_FAILURES: tuple[type[BaseException], ...] = (Exception,)
 
 
 def build_workers(
@@ -33,10 +37,12 @@ def build_workers(
     workflow_queue: str = WORKFLOW_TASK_QUEUE,
     aggregation_queue: str = AGGREGATION_TASK_QUEUE,
     interceptors: Sequence[Interceptor] = (),
+    workflow_failures: Sequence[type[BaseException]] = WORKFLOW_FAILURES,
 ) -> list[Worker]:
     """Workers for the named queues, sharing one database engine and blob store.
 
     ``interceptors`` wrap every activity and workflow call; the fault-injection tests pass theirs here.
+    ``workflow_failures``: exceptions in workflow code that fail the workflow instead of its task.
     """
     engine = make_engine(settings.database_url)
     create_schema(engine)
@@ -51,6 +57,7 @@ def build_workers(
                 client,
                 task_queue=workflow_queue,
                 workflows=[ExperimentWorkflow],
+                workflow_failure_exception_types=workflow_failures,
                 activities=acts.all(),
                 activity_executor=executor,
                 max_concurrent_activities=16,
@@ -119,4 +126,10 @@ async def run_workers(
     client, measured = await worker_metrics.instrument(client, settings)
     workers = build_workers(client, settings, queues, interceptors=[*interceptors, *measured])
     log.info("worker polling %s", ", ".join(w.task_queue for w in workers))
-    await asyncio.gather(*(w.run() for w in workers))
+    tasks = [w.run() for w in workers]
+    if "experiments" in queues:
+        # Experiments whose workflow is stuck or closed without an end are failed with the reason.
+        engine = make_engine(settings.database_url)
+        acts = ExperimentActivities(engine, open_blob_store(settings.blob_url, settings.s3_endpoint_url))
+        tasks.append(watchdog.watch(client, engine, acts.finish_experiment))
+    await asyncio.gather(*tasks)

@@ -43,8 +43,8 @@ with workflow.unsafe.imports_passed_through():
         ValidationOutcome,
     )
     from fedloom_core.schemas import federated_evaluation
-    from fedloom_core.temporal import CURRENT_ROUND, EXPERIMENT_ID, EXPERIMENT_STATUS, STRATEGY
-    from workflows import inputs
+    from fedloom_core.temporal import BEST_ACCURACY, CURRENT_ROUND, EXPERIMENT_ID, EXPERIMENT_STATUS, STRATEGY
+    from workflows import failures, inputs
 
 WORKFLOW_NAME = "ExperimentWorkflow"
 # Histories recorded before the workflow kept its search attributes up to date replay without them.
@@ -57,6 +57,8 @@ LOCAL_STEPS_PATCH = "local-steps-v1"
 FUSED_ROUND_PATCH = "fused-round-v1"
 # Runs started before rounds had a federated evaluation phase replay without it.
 FEDERATED_EVALUATION_PATCH = "federated-evaluation-v1"
+# Runs started before the BestAccuracy search attribute existed replay without upserting it.
+BEST_ACCURACY_PATCH = "best-accuracy-v1"
 
 # The database steps, as local activities on new runs and as normal activities on older ones.
 _DB_STEP = dict(
@@ -67,7 +69,7 @@ _HEAVY = dict(
     start_to_close_timeout=timedelta(hours=1),
     # The heavy activities heartbeat every 2 s from a background thread: a dead worker is noticed in 10 s.
     heartbeat_timeout=timedelta(seconds=10),
-    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+    retry_policy=failures.HEAVY_RETRY,
 )
 
 
@@ -89,6 +91,7 @@ class ExperimentWorkflow:
         self._global_model_id: str | None = None
         self._local_steps = False
         self._fused_round = False
+        self._best_accuracy = False
         self._evaluators: list[str] = []
         self._evaluated: set[str] = set()
 
@@ -99,6 +102,7 @@ class ExperimentWorkflow:
         # Decided once per run, before the first command, so a run takes one path throughout.
         self._local_steps = workflow.patched(LOCAL_STEPS_PATCH)
         self._fused_round = workflow.patched(FUSED_ROUND_PATCH)
+        self._best_accuracy = workflow.patched(BEST_ACCURACY_PATCH)
         try:
             if state.global_model is None:
                 state.global_model = await self._init_model(inp)
@@ -112,14 +116,19 @@ class ExperimentWorkflow:
             return self._result(inp, state, "completed")
         except (asyncio.CancelledError, ActivityError, ApplicationError) as exc:
             if not is_cancelled_exception(exc):
-                code = exc.type if isinstance(exc, ApplicationError) and exc.type else "INTERNAL_ERROR"
-                await self._fail(inp, state.next_round - 1, state.global_model, code, str(exc))
+                await self._fail(inp, state.next_round - 1, state.global_model, *failures.failure_reason(exc))
                 raise
             self._status = "stopped"
             self._publish(inp, "stopped", self._round)
             reason = self._stop_reason or "cancelled"
             await self._finish(inp, "stopped", state.next_round - 1, state.global_model, reason=reason)
             return self._result(inp, state, "stopped", reason)
+        except Exception as exc:
+            # A bug in workflow code: the experiment fails with it (the worker fails the workflow, see
+            # workers/main.py), instead of Temporal retrying the workflow task forever.
+            if not isinstance(exc, workflow.NondeterminismError):  # replay is broken: the watchdog records it
+                await self._fail(inp, state.next_round - 1, state.global_model, *failures.failure_reason(exc))
+            raise
 
     def _result(self, inp: ExperimentInput, state: ExperimentState, status: str, reason: str | None = None):  # type: ignore[no-untyped-def]
         return ExperimentResult(
@@ -197,6 +206,7 @@ class ExperimentWorkflow:
         state.strategy_state_key = done.aggregated.state_key
         self._last = {"accuracy": done.evaluation.accuracy, "loss": done.evaluation.loss}
         federated = await self._federated_evaluation(inp, rnd, done)
+        self._publish_best()
         duration = (workflow.now() - round_started).total_seconds()
         await self._db_step(
             ExperimentActivities.complete_round,
@@ -392,6 +402,17 @@ class ExperimentWorkflow:
                 STRATEGY.value_set(inp.config.aggregation_config.strategy),
             ]
         workflow.upsert_search_attributes(updates)
+
+    def _publish_best(self) -> None:
+        """Raise the BestAccuracy search attribute when the round's accuracy (central, else federated) beats it."""
+        accuracy = self._last.get("accuracy")
+        if accuracy is None:
+            accuracy = self._last.get("federated_accuracy")
+        # Search attributes survive continue-as-new, so the best so far is read back from them.
+        best = workflow.info().typed_search_attributes.get(BEST_ACCURACY)
+        if not self._best_accuracy or accuracy is None or (best is not None and accuracy <= best):
+            return
+        workflow.upsert_search_attributes([BEST_ACCURACY.value_set(float(accuracy))])
 
     @workflow.signal
     def update_received(self, notice: UpdateNotice) -> None:

@@ -6,22 +6,46 @@ dev server is then started, killed and started again, and the API follows withou
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import select
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import (
+    ExecuteWorkflowInput,
+    Interceptor,
+    StartLocalActivityInput,
+    WorkflowInboundInterceptor,
+    WorkflowInterceptorClassInput,
+    WorkflowOutboundInterceptor,
+)
 
+from activities.experiment import ExperimentActivities
+from fedloom_core.messages import ExperimentInput
+from fedloom_core.schemas import StartRequest
 from fedloom_core.settings import Settings
+from fedloom_core.storage.blobstore import LocalBlobStore
+from fedloom_core.storage.db import Event, Experiment, create_schema, make_engine
+from fedloom_core.storage.repo import session_scope
 from fedloom_tools.launch import GENEROUS_LIMITS, free_port, memory_bytes, terminate
 from fedloom_tools.serve import _temporal_command, wait_for_port
+from tests.conftest import start_dev_server
+from workers import watchdog
+from workers.main import WORKFLOW_FAILURES, build_workers
+from workflows.experiment import ExperimentWorkflow, workflow_id
 
 pytestmark = pytest.mark.e2e
 ADMIN = "temporal-faults-admin-key"
@@ -182,3 +206,121 @@ def test_the_api_follows_temporal_going_away_and_coming_back_without_a_restart(a
     print(f"up after {came_up:.1f} s, loss noticed after {noticed:.1f} s, back after {back:.1f} s")
     print(f"API RSS growth {growth / 1e6:+.1f} MB")
     assert growth < 50e6
+
+
+# --- workflow-task failures: a real dev server, the real workers, a fault brought by the test ------------------
+
+
+class _RaiseBeforeRun(WorkflowInboundInterceptor):
+    """Fails every workflow task of the run before the workflow's own code runs (no cleanup possible)."""
+
+    async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
+        raise RuntimeError("injected fault: the workflow cannot start")
+
+
+class _FailInitStep(WorkflowOutboundInterceptor):
+    def start_local_activity(self, input: StartLocalActivityInput) -> Any:
+        if input.activity == "init_experiment":
+            raise RuntimeError("injected fault: a bug in workflow code")
+        return super().start_local_activity(input)
+
+
+class _RaiseInRun(WorkflowInboundInterceptor):
+    """Makes the workflow's code raise where it starts its first step, as a bug in it would."""
+
+    def init(self, outbound: WorkflowOutboundInterceptor) -> None:
+        super().init(_FailInitStep(outbound))
+
+
+class Fault(Interceptor):
+    def __init__(self, inbound: type[WorkflowInboundInterceptor]) -> None:
+        self.inbound = inbound
+
+    def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput) -> type[WorkflowInboundInterceptor]:
+        return self.inbound
+
+
+@pytest.fixture(scope="module")
+async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await start_dev_server("--log-level", "error")
+    yield env
+    await env.shutdown()
+
+
+def _experiment(engine: Any, exp_id: str) -> ExperimentInput:
+    req = StartRequest.model_validate(
+        {
+            "experiment_config": {"experiment_id": exp_id, "rounds": 1, "min_clients": 1, "model_architecture": "MLP"},
+            "training_config": {},
+            "aggregation_config": {},
+        }
+    )
+    with session_scope(engine) as s:
+        s.add(Experiment(experiment_id=exp_id, status="running", total_rounds=1, config=req.model_dump(mode="json")))
+    return ExperimentInput(
+        experiment_id=exp_id, config=req, input_shape=[64], num_classes=10, round_timeout_s=30, selection_timeout_s=30
+    )
+
+
+@pytest.mark.parametrize(
+    ("fault", "workflow_failures", "code", "closed_as"),
+    [
+        # An exception in workflow code fails the workflow; the workflow records why.
+        (_RaiseInRun, WORKFLOW_FAILURES, "WORKFLOW_ERROR", WorkflowExecutionStatus.FAILED),
+        # One outside it (here: before it runs) fails the workflow too; the watchdog records why.
+        (_RaiseBeforeRun, WORKFLOW_FAILURES, watchdog.WORKFLOW_CLOSED, WorkflowExecutionStatus.FAILED),
+        # A workflow task that keeps failing whatever the worker's settings (as a payload over the server's
+        # limit does), here a worker without failure types: the watchdog terminates it and records why.
+        (_RaiseBeforeRun, (), watchdog.WORKFLOW_TASK_FAILED, WorkflowExecutionStatus.TERMINATED),
+    ],
+    ids=["in-workflow-code", "before-workflow-code", "task-keeps-failing"],
+)
+async def test_a_workflow_that_cannot_proceed_fails_its_experiment_with_the_reason(
+    dev_env: WorkflowEnvironment,
+    tmp_path: Path,
+    fault: type[WorkflowInboundInterceptor],
+    workflow_failures: tuple,
+    code: str,
+    closed_as: WorkflowExecutionStatus,
+) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path)
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    acts = ExperimentActivities(engine, LocalBlobStore(tmp_path / "blobs"))
+    exp_id = f"wf-fault-{uuid.uuid4().hex[:8]}"
+    queue = f"q-{exp_id}"
+    workers = build_workers(
+        dev_env.client,
+        settings,
+        ("experiments",),
+        workflow_queue=queue,
+        aggregation_queue=f"agg-{exp_id}",
+        interceptors=[Fault(fault)],
+        workflow_failures=workflow_failures,
+    )
+    started = time.monotonic()
+    async with workers[0]:
+        handle = await dev_env.client.start_workflow(
+            ExperimentWorkflow.run, _experiment(engine, exp_id), id=workflow_id(exp_id), task_queue=queue
+        )
+        while True:
+            # What the worker's watchdog does every 10 s, here every half second.
+            await watchdog.check_all(dev_env.client, engine, acts.finish_experiment)
+            with session_scope(engine) as s:
+                exp = s.get(Experiment, exp_id)
+                assert exp is not None
+                if exp.status != "running":
+                    break
+            assert time.monotonic() - started < 30, "the experiment still runs 30 s after its workflow broke"
+            await asyncio.sleep(0.5)
+        took = time.monotonic() - started
+        desc = await handle.describe()
+    assert exp.status == "failed" and exp.error_code == code, (exp.status, exp.error_code, exp.error)
+    assert "injected fault" in (exp.error or ""), exp.error
+    assert desc.status == closed_as
+    with session_scope(engine) as s:
+        events = s.exec(select(Event).where(Event.experiment_id == exp_id)).all()
+    assert any(e.type == "training_failed" and "injected fault" in str(e.payload) for e in events)
+    # Once failed, the watchdog leaves it alone.
+    assert await watchdog.check_all(dev_env.client, engine, acts.finish_experiment) == {}
+    print(f"{code}: failed {took:.1f} s after the start")
