@@ -25,17 +25,20 @@ EXPERIMENT_ID = SearchAttributeKey.for_keyword("ExperimentId")
 EXPERIMENT_STATUS = SearchAttributeKey.for_keyword("ExperimentStatus")
 CURRENT_ROUND = SearchAttributeKey.for_int("CurrentRound")
 STRATEGY = SearchAttributeKey.for_keyword("Strategy")
-SEARCH_ATTRIBUTES = (EXPERIMENT_ID, EXPERIMENT_STATUS, CURRENT_ROUND, STRATEGY)
+# The best central (else federated) accuracy the experiment's rounds have reached.
+BEST_ACCURACY = SearchAttributeKey.for_float("BestAccuracy")
+SEARCH_ATTRIBUTES = (EXPERIMENT_ID, EXPERIMENT_STATUS, CURRENT_ROUND, STRATEGY, BEST_ACCURACY)
 
 _INDEXED = {
     "KEYWORD": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
     "INT": IndexedValueType.INDEXED_VALUE_TYPE_INT,
+    "DOUBLE": IndexedValueType.INDEXED_VALUE_TYPE_DOUBLE,
 }
 
 
 def dev_server_flags() -> list[str]:
     """``temporal server start-dev`` flags that register the search attributes at start-up."""
-    names = {"KEYWORD": "Keyword", "INT": "Int"}
+    names = {"KEYWORD": "Keyword", "INT": "Int", "DOUBLE": "Double"}
     flags: list[str] = []
     for key in SEARCH_ATTRIBUTES:
         flags += ["--search-attribute", f"{key.name}={names[key.indexed_value_type.name]}"]
@@ -210,8 +213,8 @@ def start_search_attributes(experiment_id: str, strategy: str) -> TypedSearchAtt
     )
 
 
-def experiment_memo(experiment_id: str, req: StartRequest) -> dict[str, object]:
-    """What the Web UI shows in an experiment's memo: its name and a one-line config summary."""
+def experiment_memo(experiment_id: str, req: StartRequest, name: str | None = None) -> dict[str, object]:
+    """What the Web UI shows in an experiment's memo: its given name (else its id) and a one-line summary."""
     ec, tc, ac = req.experiment_config, req.training_config, req.aggregation_config
     summary = (
         f"{ec.dataset} / {ec.model_architecture}, {ac.strategy}, {ec.rounds} rounds, "
@@ -219,7 +222,8 @@ def experiment_memo(experiment_id: str, req: StartRequest) -> dict[str, object]:
         f"{tc.local_epochs} local epoch(s), lr {tc.learning_rate}, batch {tc.batch_size}, seed {ec.seed}"
     )
     return {
-        "name": experiment_id,
+        "name": name or experiment_id,
+        "experiment_id": experiment_id,
         "summary": summary,
         "dataset": ec.dataset,
         "model_architecture": ec.model_architecture,
