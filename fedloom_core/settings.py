@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(default=512.0, gt=0)
     # Largest JSON request body (policy rules are the largest legitimate ones).
     max_json_kb: int = Field(default=4096, ge=1)
+    # An upload whose body sends nothing for this long is dropped (408) and its spool file removed.
+    upload_read_timeout_s: float = Field(default=30.0, gt=0)
+    # After that grace, an upload must keep up this average rate (kB/s; 0 turns the floor off).
+    upload_min_rate_kbps: float = Field(default=16.0, ge=0)
     # Self-registration: clients presenting this token may register themselves (off when unset).
     enrollment_token: str | None = None
     # Rate limits per key, fixed windows: (requests, window seconds). "memory" or "database".
