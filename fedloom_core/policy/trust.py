@@ -23,11 +23,11 @@ Anomaly (in [0, 1], from the update's measurements; a missing measurement contri
         direction part = clip((COSINE_TAU - cosine_similarity) / (COSINE_TAU + 1), 0, 1)
         anomaly        = max(norm part, direction part)
 
-    with NORM_RATIO_TOLERANCE = 1.5, bound = NORM_RATIO_BOUND = 3.0 (or the policy's
-    ``max_norm_ratio``) and COSINE_TAU = 0.0: updates up to 1.5x the round's median norm and
-    pointing the same way as the others (cosine >= 0) are not anomalous at all; 3x the median, or
-    the opposite direction (cosine -1, a sign-flipping attacker), is fully anomalous. A norm ratio
-    that is NaN or infinite is fully anomalous.
+    with NORM_RATIO_TOLERANCE = 1.5, bound = the policy's ``max_norm_ratio`` (5 unless the policy
+    sets it), or NORM_RATIO_BOUND = 3.0 when that is null, and COSINE_TAU = 0.0: updates up to 1.5x
+    the round's median norm and pointing the same way as the others (cosine >= 0) are not anomalous
+    at all; ``bound`` x the median, or the opposite direction (cosine -1, a sign-flipping attacker),
+    is fully anomalous. A norm ratio that is NaN or infinite is fully anomalous.
 
 Reliability
     on-time deliveries / selections, or None when the client was never selected.
