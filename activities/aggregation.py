@@ -18,7 +18,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -34,9 +33,7 @@ from fedloom_core.messages import (
     ValidateInput,
     ValidationOutcome,
 )
-from fedloom_core.policy.selection import Candidate
 from fedloom_core.storage.blobstore import BlobStore
-from fedloom_core.storage.db import Client, ExperimentClient
 from fedloom_core.storage.keys import model_id_for, model_key, state_key
 from fedloom_core.storage.repo import session_scope
 
@@ -159,45 +156,27 @@ class AggregationActivities:
         return self._evaluate(inp)
 
     def _validate(self, inp: ValidateInput) -> ValidationOutcome:
-        """Check the round's updates (norm bounds, similarity, rules); rejected ones stay out of aggregation."""
-        from fedloom_core.policy.validation import judge_updates, measure_round
+        """Check the round's updates (readable, norm bounds, similarity, rules); rejected ones stay out of aggregation.
 
-        with self.blobs.open_local(inp.global_model.blob_key) as global_path:
-            stats = measure_round(global_path, self._files(inp.updates), self._opener(inp.updates), inp.policy)
-        verdict = judge_updates(
-            stats,
-            {u.client_id: u.num_samples for u in inp.updates},
-            inp.policy,
-            self._standing(inp.experiment_id) if inp.policy.rules else {},
+        The validate dry run calls the same ``judge_round``. An update whose blob is missing or corrupt
+        is rejected (UPDATE_UNREADABLE) rather than failing the activity, so the round completes.
+        """
+        from fedloom_core.storage.round_validation import judge_round
+
+        verdict = judge_round(
+            self.engine,
+            self.blobs,
+            experiment_id=inp.experiment_id,
             round=inp.round,
+            global_key=inp.global_model.blob_key,
+            updates=inp.updates,
+            policy=inp.policy,
             hour_utc=inp.hour_utc,
             weekday=inp.weekday,
         )
         by_client = {u.client_id: u for u in inp.updates}
         accepted = [by_client[cid] for cid in verdict.accepted]
         return ValidationOutcome(accepted=accepted, rejected=verdict.rejected, stats=verdict.stats)
-
-    def _standing(self, experiment_id: str) -> dict[str, Candidate]:
-        """Every client's status and its trust in this experiment, for update_validation rules."""
-        with session_scope(self.engine) as s:
-            clients = s.exec(select(Client)).all()
-            own = {
-                e.client_id: e
-                for e in s.exec(select(ExperimentClient).where(ExperimentClient.experiment_id == experiment_id))
-            }
-        standing = {}
-        for c in clients:
-            e = own.get(c.client_id)
-            standing[c.client_id] = Candidate(
-                c.client_id,
-                c.status,
-                e.trust_score if e else c.trust_score,
-                capabilities=c.capabilities,
-                location=c.location,
-                reliability=(e.deliveries / e.selections) if e and e.selections else None,
-                recent_failures=e.failures if e else 0,
-            )
-        return standing
 
     def _aggregate(self, inp: AggregateInput) -> AggregateOutput:
         """Aggregate the round's accepted updates with the experiment's strategy, streaming the updates."""
