@@ -1,27 +1,45 @@
-"""Receiving an upload's multipart/form-data body: the model file spooled to disk as it streams in."""
+"""Receiving an upload's multipart/form-data body: the model file spooled to disk as it streams in.
+
+Nothing in the body is held beyond a stated bound: the number of parts, each part's headers, the
+other fields together, the file, and the body's total size. A body that stalls, or arrives slower
+than a floor rate, is dropped (408) and its spool file removed.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from fedloom_core.errors import InvalidRequest, PayloadTooLarge
+from api.body_limits import FORM_OVERHEAD
+from fedloom_core.errors import FedloomError, InvalidRequest, PayloadTooLarge
 
 # Largest non-file form field we keep (the metrics JSON is a few hundred bytes).
 MAX_FIELD_BYTES = 1 << 20
+# All non-file fields together.
+MAX_FIELDS_BYTES = 1 << 20
+# Parts in one form: the model file, the metrics and room for a few a client may add.
+MAX_PARTS = 16
+# Header names and values of one part together.
+MAX_PART_HEADER_BYTES = 16 << 10
 FILE_FIELD = "model_file"
 
 
 def _malformed(details: str) -> InvalidRequest:
     return InvalidRequest("Malformed request body or parameters", details)
+
+
+def _timed_out(details: str) -> FedloomError:
+    return FedloomError("Upload timed out", details, code="INVALID_REQUEST", status=408)
 
 
 @dataclass
@@ -57,7 +75,10 @@ class _FormReceiver:
         self.directory, self.limit = directory, limit
         self.form = ReceivedForm()
         self._headers: dict[bytes, bytes] = {}
-        self._field, self._value = b"", b""
+        self._field, self._value = bytearray(), bytearray()
+        self._header_bytes = 0
+        self._parts = 0
+        self._fields_bytes = 0
         self._name: str | None = None
         self._file = None
         self._digest = hashlib.sha256()
@@ -71,30 +92,39 @@ class _FormReceiver:
     def callbacks(self) -> dict[str, Any]:
         return {
             "on_part_begin": self._part_begin,
-            "on_header_field": lambda data, start, end: self._extend("_field", data[start:end]),
-            "on_header_value": lambda data, start, end: self._extend("_value", data[start:end]),
+            "on_header_field": lambda data, start, end: self._extend(self._field, data, start, end),
+            "on_header_value": lambda data, start, end: self._extend(self._value, data, start, end),
             "on_header_end": self._header_end,
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
         }
 
-    def _extend(self, attr: str, data: bytes) -> None:
-        setattr(self, attr, getattr(self, attr) + data)
+    def _extend(self, target: bytearray, data: bytes, start: int, end: int) -> None:
+        self._header_bytes += end - start
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise _malformed(f"a part's headers exceed {MAX_PART_HEADER_BYTES} bytes")
+        target += data[start:end]
 
     def _part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > MAX_PARTS:
+            raise _malformed(f"the form has more than {MAX_PARTS} parts")
         self._headers, self._name = {}, None
+        self._header_bytes = 0
         self._buffer = bytearray()
 
     def _header_end(self) -> None:
-        self._headers[self._field.lower()] = self._value
-        self._field, self._value = b"", b""
+        self._headers[bytes(self._field).lower()] = bytes(self._value)
+        self._field, self._value = bytearray(), bytearray()
 
     def _headers_finished(self) -> None:
         _kind, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
         self._name = name
-        if name == FILE_FIELD and self.form.path is None and self._file is None:
+        if name == FILE_FIELD:
+            if self.form.path is not None:
+                raise _malformed(f"the form has more than one {FILE_FIELD!r} part")
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, spool = tempfile.mkstemp(prefix="upload-", dir=self.directory)
             self.form.path = Path(spool)
@@ -108,10 +138,13 @@ class _FormReceiver:
                 raise PayloadTooLarge("Model file too large", f"the upload exceeds {self.limit} bytes")
             self._file.write(piece)
             self._digest.update(piece)
-        elif len(self._buffer) + len(piece) <= MAX_FIELD_BYTES:
-            self._buffer += piece
-        else:
+            return
+        if len(self._buffer) + len(piece) > MAX_FIELD_BYTES:
             raise _malformed(f"form field {self._name!r} is too large")
+        self._fields_bytes += len(piece)
+        if self._fields_bytes > MAX_FIELDS_BYTES:
+            raise _malformed(f"the form's fields other than {FILE_FIELD!r} exceed {MAX_FIELDS_BYTES} bytes")
+        self._buffer += piece
 
     def _part_end(self) -> None:
         if self._file is not None and self._name == FILE_FIELD:
@@ -123,6 +156,7 @@ class _FormReceiver:
                 self.form.fields[self._name] = self._buffer.decode("utf-8")
             except UnicodeDecodeError:
                 raise _malformed(f"form field {self._name!r} is not UTF-8 text") from None
+        self._buffer = bytearray()
 
     def abort(self) -> None:
         """Close and remove the spool file: the body was refused."""
@@ -132,22 +166,60 @@ class _FormReceiver:
         self.form.discard()
 
 
+async def paced(chunks: AsyncIterator[bytes], idle_s: float, min_rate: float) -> AsyncIterator[bytes]:
+    """``chunks`` as they come, or 408 once none arrives for ``idle_s`` seconds.
+
+    With ``min_rate`` (bytes/s, 0 for none) the body must also keep up with that rate after a grace
+    of ``idle_s``: n bytes may take at most ``idle_s + n / min_rate`` seconds, so a client cannot
+    hold a spool file open by sending a byte now and then.
+    """
+    started = time.monotonic()
+    received = 0
+    stream = aiter(chunks)
+    while True:
+        wait, why = idle_s, f"no part of the body arrived for {idle_s:g} s"
+        if min_rate > 0:
+            behind = started + idle_s + received / min_rate - time.monotonic()
+            if behind < wait:
+                wait, why = behind, f"the body arrived slower than {min_rate / 1000:g} kB/s"
+        try:
+            with anyio.fail_after(max(wait, 0.0)):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _timed_out(why) from None
+        received += len(chunk)
+        yield chunk
+
+
 async def receive_form(
-    chunks: AsyncIterator[bytes], content_type: str | None, directory: Path, limit: int
+    chunks: AsyncIterator[bytes],
+    content_type: str | None,
+    directory: Path,
+    limit: int,
+    *,
+    idle_s: float = 30.0,
+    min_rate: float = 0.0,
 ) -> ReceivedForm:
     """Read a multipart/form-data body, spooling its ``model_file`` part to ``directory`` as it arrives.
 
-    Bad bodies raise INVALID_REQUEST, a file over ``limit`` bytes PAYLOAD_TOO_LARGE; on any error
-    nothing is left on disk. The caller discards the form when done with it.
+    Bad bodies raise INVALID_REQUEST, a file over ``limit`` bytes (or a body over it plus the form's
+    room) PAYLOAD_TOO_LARGE, a stalled or too slow body a 408 (see ``paced``); on any error nothing is
+    left on disk. The caller discards the form when done with it.
     """
     kind, options = parse_options_header(content_type or "")
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         raise _malformed("the body must be multipart/form-data with a boundary")
     receiver = _FormReceiver(directory, limit)
+    total, cap = 0, limit + FORM_OVERHEAD
     try:
         parser = MultipartParser(boundary, receiver.callbacks())
-        async for chunk in chunks:
+        async for chunk in paced(chunks, idle_s, min_rate):
+            total += len(chunk)
+            if total > cap:
+                raise PayloadTooLarge("Request body too large", f"the request body exceeds {cap} bytes")
             parser.write(chunk)
         parser.finalize()
         if receiver.in_file:

@@ -152,8 +152,10 @@ async def download_model(
     fmt = _check_format(format)
     model = await run_in_threadpool(_find_model, engine, model_id)
     if fmt == "safetensors":
+        # Opening the blob (an S3 GET) blocks, so it runs in a thread, as does each chunk's read.
+        chunks = await run_in_threadpool(blobs.iter_bytes, model.blob_key, chunk_size=DOWNLOAD_CHUNK)
         return StreamingResponse(
-            blobs.iter_bytes(model.blob_key, chunk_size=DOWNLOAD_CHUNK),
+            chunks,
             media_type="application/octet-stream",
             headers={
                 "Content-Length": str(model.size_bytes),
@@ -189,7 +191,12 @@ async def _receive(
 ) -> ReceivedForm:
     """Stream the multipart body: the model file goes to ``<data dir>/tmp`` (beside the blobs) while it is hashed."""
     form = await receive_form(
-        body, request.headers.get("content-type"), settings.data_dir / "tmp", int(settings.max_upload_mb * 1e6)
+        body,
+        request.headers.get("content-type"),
+        settings.data_dir / "tmp",
+        int(settings.max_upload_mb * 1e6),
+        idle_s=settings.upload_read_timeout_s,
+        min_rate=settings.upload_min_rate_kbps * 1000,
     )
     try:
         form.require(*required)
@@ -217,6 +224,8 @@ async def upload_update(
     """Receive a client's locally trained model; it is validated before aggregation."""
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
+    # Registered, selected, round open: known before a byte of the body is read.
+    target = await run_in_threadpool(uploads.find_target, engine, client_id)
     form = await _receive(body, request, settings, ("model_file", "metrics"))
     assert form.path is not None
     try:
@@ -229,6 +238,7 @@ async def upload_update(
             upload_path=form.path,
             metrics=parsed,
             upload_sha256=form.sha256,
+            experiment_id=target.experiment_id,
         )
     finally:
         form.discard()
@@ -293,6 +303,8 @@ async def validate_update(
     """Run an upload's checks as a dry run that stores nothing."""
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
+    # An unregistered client is refused before a byte of the body is read.
+    target = await run_in_threadpool(uploads.dry_run_target, engine, client_id)
     form = await _receive(body, request, settings, ("model_file",))
     assert form.path is not None
     try:
@@ -300,7 +312,7 @@ async def validate_update(
             uploads.dry_run,
             engine,
             blobs,
-            client_id=client_id,
+            target=target,
             upload_path=form.path,
             raw_metrics=form.fields.get("metrics"),
         )

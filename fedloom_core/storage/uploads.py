@@ -25,11 +25,14 @@ from fedloom_core.errors import (
     RoundNotActive,
 )
 from fedloom_core.learning import weights
+from fedloom_core.messages import UpdateRef
 from fedloom_core.policy.validation import FileCheck, check_update_file
+from fedloom_core.schemas import PolicyConfig
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import Client, Experiment, GlobalModel, Round, Update, utcnow
 from fedloom_core.storage.keys import update_key
 from fedloom_core.storage.repo import emit_event, running_first, session_scope
+from fedloom_core.storage.round_validation import judge_round
 
 _structure_cache: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
 
@@ -282,29 +285,96 @@ def _repeat(existing: Update, digest: str) -> StoredUpdate:
     return StoredUpdate(existing, False)
 
 
-def dry_run(
-    engine: Engine, blobs: BlobStore, *, client_id: str, upload_path: Path, raw_metrics: str | None
-) -> list[FileCheck]:
-    """Every check an upload goes through, run without storing anything; an unknown client still raises."""
-    checks: list[FileCheck] = []
-    expected = None
+@dataclass(frozen=True)
+class DryRunTarget:
+    """Where a validate dry run's file would go: the open round, or why there is none."""
+
+    client_id: str
+    target: Target | None
+    round_check: FileCheck
+
+
+def dry_run_target(engine: Engine, client_id: str) -> DryRunTarget:
+    """The dry run's round check, made before its body is read; an unknown client raises."""
     try:
         target = find_target(engine, client_id)
-        checks.append(FileCheck("round_active", True, f"round {target.round} of '{target.experiment_id}' is open"))
-        expected = expected_structure(engine, blobs, target.global_model_id)
-    except ClientNotRegistered:
-        raise
     except (ExperimentNotActive, RoundNotActive) as exc:
-        checks.append(FileCheck("round_active", False, exc.details))
+        return DryRunTarget(client_id, None, FileCheck("round_active", False, exc.details))
+    return DryRunTarget(
+        client_id, target, FileCheck("round_active", True, f"round {target.round} of '{target.experiment_id}' is open")
+    )
+
+
+def dry_run(
+    engine: Engine, blobs: BlobStore, *, target: DryRunTarget, upload_path: Path, raw_metrics: str | None
+) -> list[FileCheck]:
+    """Every check an upload goes through, and the round's policy as it stands, without storing anything.
+
+    The policy check runs the workflow's own ``judge_round`` over the round's stored updates and this
+    file (in place of the client's own earlier update, if any), so it gives the workflow's reason.
+    """
+    checks = [target.round_check]
+    expected = None
+    if target.target is not None:
+        try:
+            expected = expected_structure(engine, blobs, target.target.global_model_id)
+        except RoundNotActive as exc:
+            checks[0] = FileCheck("round_active", False, exc.details)
+    samples = 1
     if raw_metrics is not None:
         try:
-            parse_metrics(raw_metrics)
+            samples = int(parse_metrics(raw_metrics)["data_samples"])
             checks.append(FileCheck("metrics", True, "metrics are a JSON object with data_samples > 0"))
         except InvalidRequest as exc:
             checks.append(FileCheck("metrics", False, exc.details))
     with tempfile.TemporaryDirectory(prefix="fedloom-validate-", dir=upload_path.parent) as tmp:
-        checks += check_update_file(upload_path, Path(tmp) / "update.safetensors", expected).checks
+        normalized = Path(tmp) / "update.safetensors"
+        report = check_update_file(upload_path, normalized, expected)
+        checks += report.checks
+        if target.target is not None and expected is not None and report.problem is None:
+            checks.append(_policy_check(engine, blobs, target.target, target.client_id, normalized, samples))
     return checks
+
+
+def _policy_check(
+    engine: Engine, blobs: BlobStore, target: Target, client_id: str, path: Path, samples: int
+) -> FileCheck:
+    """The round's verdict on this file beside the round's stored updates (``round_validation.judge_round``)."""
+    with session_scope(engine) as s:
+        exp = s.get(Experiment, target.experiment_id)
+        started = s.exec(
+            select(Round.started_at).where(Round.experiment_id == target.experiment_id, Round.round == target.round)
+        ).first()
+        stored = s.exec(
+            select(Update).where(Update.experiment_id == target.experiment_id, Update.round == target.round)
+        ).all()
+        model = s.get(GlobalModel, target.global_model_id)
+    if exp is None or started is None or model is None:
+        return FileCheck("policy", False, f"round {target.round} of '{target.experiment_id}' is gone")
+    refs = [
+        UpdateRef(update_id=u.update_id, client_id=u.client_id, blob_key=u.blob_key, num_samples=u.num_samples)
+        for u in stored
+        if u.client_id != client_id
+    ]
+    refs.append(UpdateRef(update_id="dry-run", client_id=client_id, blob_key="dry-run", num_samples=samples))
+    verdict = judge_round(
+        engine,
+        blobs,
+        experiment_id=target.experiment_id,
+        round=target.round,
+        global_key=model.blob_key,
+        updates=refs,
+        policy=PolicyConfig.model_validate(exp.policy_config or {}),
+        hour_utc=started.hour,
+        weekday=started.weekday(),
+        local={client_id: path},
+    )
+    reason = verdict.rejected.get(client_id)
+    if reason is not None:
+        return FileCheck("policy", False, reason)
+    measured = verdict.stats.get(client_id, {})
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in measured.items() if k != "anomaly")
+    return FileCheck("policy", True, f"within the round's policy ({summary or 'nothing measured'})")
 
 
 def get_update(engine: Engine, update_id: str) -> Update:
