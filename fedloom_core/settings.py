@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     upload_min_rate_kbps: float = Field(default=16.0, ge=0)
     # Self-registration: clients presenting this token may register themselves (off when unset).
     enrollment_token: str | None = None
+    # Origins (comma-separated, e.g. "https://ops.example.com") whose pages may call the API; none by default.
+    cors_origins: str = ""
     # Rate limits per key, fixed windows: (requests, window seconds). "memory" or "database".
     rate_limit_backend: str = Field(default="memory", pattern="^(memory|database)$")
     rate_limit_general: int = Field(default=100, ge=1)
@@ -86,6 +88,11 @@ class Settings(BaseSettings):
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ValueError("FEDLOOM_TLS_CERTFILE and FEDLOOM_TLS_KEYFILE must be set together")
         return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``cors_origins`` split at commas, without blanks and trailing slashes."""
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
 
 @lru_cache(maxsize=1)
