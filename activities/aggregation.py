@@ -175,7 +175,11 @@ class AggregationActivities:
             weekday=inp.weekday,
         )
         by_client = {u.client_id: u for u in inp.updates}
-        accepted = [by_client[cid] for cid in verdict.accepted]
+        # Accepted updates are aggregated with their weights as the policy caps them (max_weight_ratio).
+        accepted = [
+            by_client[cid].model_copy(update={"num_samples": verdict.weights.get(cid, by_client[cid].num_samples)})
+            for cid in verdict.accepted
+        ]
         return ValidationOutcome(accepted=accepted, rejected=verdict.rejected, stats=verdict.stats)
 
     def _aggregate(self, inp: AggregateInput) -> AggregateOutput:
