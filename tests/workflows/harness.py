@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from sqlmodel import select
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Interceptor
 
 from fedloom_core.errors import ModelValidationFailed
 from fedloom_core.learning.attacks import Attack, poison_data, poison_update
@@ -82,11 +84,13 @@ async def run_experiment(
     selection_timeout_s: float = 30,
     continue_as_new_every: int | None = None,
     aggregation_queue: str | None = None,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Outcome:
     """Run one experiment to its end and return per-round accuracy and the database.
 
     With ``aggregation_queue``, validation, aggregation and evaluation are left to whatever workers
     poll that queue (e.g. separate worker processes); otherwise an in-process worker does them.
+    ``interceptors`` go to the in-process workers (fault injection).
     """
     settings = Settings(data_dir=tmp)
     engine = make_engine(settings.database_url)
@@ -151,7 +155,12 @@ async def run_experiment(
     }
     queues = ("experiments",) if aggregation_queue else ("experiments", "aggregation")
     workers = build_workers(
-        env.client, settings, queues, workflow_queue=f"exp-{suffix}", aggregation_queue=f"agg-{suffix}"
+        env.client,
+        settings,
+        queues,
+        workflow_queue=f"exp-{suffix}",
+        aggregation_queue=f"agg-{suffix}",
+        interceptors=interceptors,
     )
     # Clients answer at once: no deadline may be skipped while they train.
     with env.auto_time_skipping_disabled():
