@@ -1,7 +1,8 @@
 """Attackers against the real workflow: 10 clients on digits, 3 of them uploading sign-flipped, 10x updates.
 
-Three runs of 15 rounds each, with the same seed and data: clean FedAvg, attacked FedAvg, and attacked
-with the defences on (update validation + trust threshold + FedTrimmedAvg).
+Three runs of 15 rounds each, with the same seed and data: clean FedAvg and attacked FedAvg, both without
+the default policy's bounds, and attacked with the defences on (update validation + trust threshold +
+FedTrimmedAvg).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from sqlmodel import select
 from temporalio.testing import WorkflowEnvironment
 
 from fedloom_core.learning.attacks import parse_attack
+from fedloom_core.policy.defaults import DEFAULT_BOUNDS_OFF
 from fedloom_core.storage.db import ClientRoundScore, ExperimentClient
 from fedloom_core.storage.repo import session_scope
 from tests.workflows.harness import SimClient, run_experiment
@@ -42,7 +44,7 @@ async def _run(env: WorkflowEnvironment, tmp: Path, attacked: bool, defended: bo
         rounds=ROUNDS,
         strategy="FedTrimmedAvg" if defended else "FedAvg",
         params={"trim_fraction": 0.3} if defended else {},
-        policy=DEFENDED_POLICY if defended else {},
+        policy=DEFENDED_POLICY if defended else DEFAULT_BOUNDS_OFF,
         min_clients=5,
         local_epochs=2,
     )
