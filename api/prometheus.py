@@ -28,6 +28,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import openapi
 from api.deps import AdminDep
 from fedloom_core.storage.db import Event, Experiment, RoundMetrics, Update
 
@@ -172,7 +173,17 @@ def render(engine: Engine) -> bytes:
     return generate_latest(registry) + generate_latest(REGISTRY)
 
 
-@router.get("/metrics", include_in_schema=True, response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **openapi.COMMON_ERRORS,
+    },
+)
 async def metrics(request: Request, _admin: AdminDep) -> Response:
     """Prometheus metrics in the text exposition format (admin key)."""
     body = await run_in_threadpool(render, request.app.state.engine)
@@ -182,6 +193,21 @@ async def metrics(request: Request, _admin: AdminDep) -> Response:
 # A path that no route matched is reported under one label, so unknown URLs cannot grow the series.
 _UNMATCHED = "<unmatched>"
 _SAFE = re.compile(r"[^\w{}/.:-]")
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template with its router prefix (``/api/v1/clients/{client_id}``)."""
+    template = getattr(scope.get("route"), "path_format", None)
+    if not template:
+        return _UNMATCHED
+    # An included router's route knows its own path only; the prefix is what the path has before it.
+    rendered = template
+    for key, value in (scope.get("path_params") or {}).items():
+        rendered = rendered.replace("{" + key + "}", str(value))
+    path = scope.get("path", "")
+    if path != rendered and path.endswith(rendered):
+        template = path[: len(path) - len(rendered)] + template
+    return _SAFE.sub("_", template)
 
 
 class RequestMetrics:
@@ -209,9 +235,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path_format", None) or getattr(route, "path", None) or _UNMATCHED
-            HTTP_SECONDS.labels(_SAFE.sub("_", template), scope["method"], str(status)).observe(
+            HTTP_SECONDS.labels(route_template(scope), scope["method"], str(status)).observe(
                 time.perf_counter() - started
             )
 

@@ -254,7 +254,7 @@ async def launch_experiment(  # type: ignore[no-untyped-def]
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE
             if state is not None
             else WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            memo=experiment_memo(exp.experiment_id, req),
+            memo=experiment_memo(exp.experiment_id, req, name=exp.name),
             search_attributes=start_search_attributes(exp.experiment_id, req.aggregation_config.strategy),
         )
     except Exception as exc:
