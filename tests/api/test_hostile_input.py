@@ -150,10 +150,14 @@ def _complete(answer: bytes) -> bool:
 
 
 def test_malformed_multipart_bodies_are_clear_400s(http: httpx.Client) -> None:
+    """Sent to the validate dry run, which reads the body of a registered client with no open round."""
     cases = {
         "no model_file part": {"data": {"metrics": "{}"}},
-        "metrics not JSON": {"files": {"model_file": ("m", b"x")}, "data": {"metrics": "{oops"}},
-        "metrics not an object": {"files": {"model_file": ("m", b"x")}, "data": {"metrics": "[1, 2]"}},
+        "two model_file parts": {
+            "content": b'--b\r\nContent-Disposition: form-data; name="model_file"; filename="m"\r\n\r\nabc\r\n' * 2
+            + b"--b--\r\n",
+            "headers": {"Content-Type": "multipart/form-data; boundary=b"},
+        },
         "not multipart": {"content": b"raw bytes", "headers": {"Content-Type": "application/octet-stream"}},
         "no boundary": {"content": b"--x\r\n", "headers": {"Content-Type": "multipart/form-data"}},
         "cut short": {
@@ -162,9 +166,16 @@ def test_malformed_multipart_bodies_are_clear_400s(http: httpx.Client) -> None:
         },
     }
     for name, kwargs in cases.items():
-        resp = http.post("/model/update/alpha", **kwargs)
+        resp = http.post("/model/validate/alpha", **kwargs)
         assert resp.status_code == 400, f"{name}: {resp.status_code} {resp.text[:200]}"
         assert resp.json()["error"]["code"] == "INVALID_REQUEST", name
+    for raw in ("{oops", "[1, 2]"):
+        body = http.post("/model/validate/alpha", files={"model_file": ("m", b"x")}, data={"metrics": raw}).json()
+        failed = [c["name"] for c in body["checks"] if not c["passed"]]
+        assert body["valid"] is False and "metrics" in failed, raw
+    # An upload for a client with no open round is refused before its body is read.
+    resp = http.post("/model/update/alpha", content=b"raw bytes", headers={"Content-Type": "text/plain"})
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "EXPERIMENT_NOT_ACTIVE"
 
 
 def test_keys_are_compared_in_constant_time(local_app, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

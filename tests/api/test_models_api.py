@@ -44,7 +44,8 @@ def test_validate_dry_run_update_status_and_onnx_export(http: httpx.Client) -> N
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["valid"] is True
-    assert {c["name"] for c in body["checks"]} == {"round_active", "metrics", "format", "structure", "finite_values"}
+    names = {c["name"] for c in body["checks"]}
+    assert names == {"round_active", "metrics", "format", "structure", "finite_values", "policy"}
     assert all(c["passed"] and isinstance(c["details"], str) for c in body["checks"])
     # A dry run stores nothing: the client still has to train.
     assert wait_task(http, "m1")["status"] == "train"
