@@ -31,6 +31,7 @@ SLOW_FIRST = (
     "tests/workflows/test_policy_and_noniid.py",
     "tests/e2e/test_resume.py",
     "tests/e2e/test_stragglers.py",
+    "tests/observability/test_metrics_run.py",
     "tests/sdk/test_acceptance.py",
     "tests/examples/",
     "tests/storage/test_migrations.py",
