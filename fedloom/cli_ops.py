@@ -222,7 +222,7 @@ def clients_revoke(api: FLClient, args: argparse.Namespace) -> int:
     client_id = check_id(args.client_id, "client id")
     if not _confirm(f"revoke the key of client {client_id}? It can no longer call the API.", args.yes):
         return fail("fedloom clients revoke", "not confirmed; nothing changed", EXIT_USAGE)
-    body = api.revoke_client(client_id)  # type: ignore[attr-defined]
+    body = api.revoke_client(client_id)
     show(body, args.json, f"revoked {client_id}")
     return 0
 
@@ -231,13 +231,12 @@ def clients_rotate_key(api: FLClient, args: argparse.Namespace) -> int:
     client_id = check_id(args.client_id, "client id")
     if not _confirm(f"replace the key of client {client_id}? Its current key stops working.", args.yes):
         return fail("fedloom clients rotate-key", "not confirmed; nothing changed", EXIT_USAGE)
-    body = api.rotate_client_key(client_id)  # type: ignore[attr-defined]
+    key = api.rotate_client_key(client_id)
     if args.json:
-        print_json(body)
+        print_json({"client_id": client_id, "api_key": key})
         return 0
-    show({k: v for k, v in body.items() if k != "api_key"}, False, f"new key for {client_id}")
     # The key is shown this once: the server keeps only its hash.
-    print(f"new API key of {client_id} (shown once, store it now): {body['api_key']}")
+    print(f"new API key of {client_id} (shown once, store it now): {key}")
     return 0
 
 
