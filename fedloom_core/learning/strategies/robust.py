@@ -1,71 +1,98 @@
 """Coordinate-wise robust rules: FedMedian and FedTrimmedAvg (Yin et al., 2018).
 
 Both look at each coordinate's K values at once, so they cannot fold one update at a time.
-Instead they walk every tensor in chunks of ``chunk_elems`` coordinates: the chunk is gathered
-from all K updates into one ``chunk x K`` buffer (client-id order), each row is sorted in place,
-and the row's median or trimmed mean is written into the output tensor. Memory is about
-``K x chunk_elems`` values (float32, or float64 for float64 tensors) plus one output model,
-whatever the model size. Integer tensors are the first update's, as in FedAvg.
+Instead they walk the model's floating-point coordinates in blocks: the block's K rows (one per
+update, client-id order) are read from the memory-mapped update files, and a comparator network
+(``networks.selection_plan``) brings the wanted order statistics of every coordinate onto a few
+rows with elementwise minimum and maximum, which are then added up. Every step is exact but the
+final sum, whose order is fixed by K, so the result is the same for any block size, thread count
+or arrival order. Memory is the output model, ``(2K + 2) x block`` scratch values per thread and
+at most about ``K x chunk_elems`` mapped values (``blocks.MappedFile``), whatever the model size.
+Integer tensors are the first update's, as in FedAvg.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
+from fedloom_core.learning.strategies.blocks import FlatSpace, MappedFile, flat_spaces, open_mapped, run_blocks
+from fedloom_core.learning.strategies.networks import Plan, run_plan, selection_plan
 from fedloom_core.learning.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
-from fedloom_core.learning.strategies.streaming import (
-    canonical,
-    floor_fraction,
-    is_float,
-    open_all,
-    ranges,
-    torch_dtype,
-    work_dtype,
-)
+from fedloom_core.learning.strategies.streaming import canonical, floor_fraction, is_float, torch_dtype
 from fedloom_core.learning.weights import save_state, structure
+
+# Scratch bytes per thread for one block's K + 2 network rows: about a core's L2 cache, so that a
+# network's passes over the block stay in cache.
+CACHE_BYTES = 1 << 20
+MIN_BLOCK = 1 << 10
+
+
+def block_size(count: int, itemsize: int, window: int) -> int:
+    """Coordinates per block for ``count`` updates: a power of two fitting CACHE_BYTES, within the window."""
+    fit = CACHE_BYTES // ((count + 2) * itemsize)
+    return max(1, min(window, max(MIN_BLOCK, 1 << max(0, fit.bit_length() - 1))))
 
 
 class CoordinateWise(ConfiguredStrategy):
-    """Base of the rules that reduce each coordinate's sorted K values to one value."""
+    """Base of the rules that reduce each coordinate's K values to a scaled sum of sorted positions."""
 
-    def reduce(self, rows: torch.Tensor) -> torch.Tensor:
-        """One value per row of ``rows`` (shape ``n x K``, each row sorted ascending)."""
+    def positions(self, count: int) -> tuple[int, int]:
+        """The sorted positions ``[lo, hi)`` whose values are added up, given ``count`` updates."""
+        raise NotImplementedError
+
+    def finish(self, total: np.ndarray, count: int) -> None:
+        """Turn the sum of the positions' values into the result, in place."""
         raise NotImplementedError
 
     def round_info(self, count: int) -> dict[str, Any]:
         """Facts about this round worth recording, given the number of updates."""
         return {}
 
+    def _reduce(self, space: FlatSpace, files: Sequence[MappedFile], plan: Plan, window: int) -> torch.Tensor:
+        """The result over ``space``'s coordinates, as one flat tensor of its work dtype."""
+        count = len(files)
+        flat = torch.empty(space.total, dtype=space.work)
+        out_all = flat.numpy()
+        dtype = space.numpy_dtype
+        block = min(block_size(count, np.dtype(dtype).itemsize, window), space.total)
+
+        def scratch() -> tuple[np.ndarray, np.ndarray]:
+            return np.empty((count, block), dtype), np.empty((count + 2, block), dtype)
+
+        def kernel(start: int, stop: int, own: tuple[np.ndarray, np.ndarray]) -> None:
+            staging, spare = own
+            n = stop - start
+            pieces = list(space.pieces(start, stop))
+            rows = [f.block(pieces, staging[i, :n]) for i, f in enumerate(files)]
+            out = out_all[start:stop]
+            run_plan(plan, rows, spare[:, :n], out)
+            self.finish(out, count)
+
+        run_blocks(space.total, block, window, kernel, scratch, files, space)
+        return flat
+
     def aggregate(self, ctx: AggregationContext) -> AggregateResult:
-        """Write the coordinate-wise reduction of the updates, one chunk of coordinates at a time."""
+        """Write the coordinate-wise reduction of the updates, one block of coordinates at a time."""
         ordered = canonical(ctx.updates)
         count = len(ordered)
         expected = structure(ctx.global_path)
-        chunk = self.params["chunk_elems"]
+        plan = selection_plan(count, *self.positions(count))
+        window = self.params["chunk_elems"]
         result: dict[str, torch.Tensor] = {}
-        with open_all(ordered, ctx.opener, expected, chunk) as slices:
+        with open_mapped(ordered, ctx.opener, expected) as files:
             for name, (dtype_text, shape) in expected.items():
                 if not is_float(dtype_text):
-                    result[name] = slices.whole(0, name)
-                    continue
-                dtype = torch_dtype(dtype_text)
-                out = torch.empty(shape, dtype=dtype)
-                flat = out.view(-1)
-                if flat.numel() == 0:
-                    result[name] = out
-                    continue
-                buffer = torch.empty((min(chunk, flat.numel()), count), dtype=work_dtype(dtype))
-                for start, stop in ranges(flat.numel(), chunk):
-                    rows = buffer[: stop - start]
-                    # rows.T[i] is column i: update i's values for these coordinates.
-                    slices.gather(name, start, stop, rows.T)
-                    rows.numpy().sort(axis=1)  # in place, no index tensor (torch.sort would add K x chunk int64)
-                    flat[start:stop].copy_(self.reduce(rows))
-                result[name] = out
-                del buffer
+                    result[name] = files[0].whole(name)
+                elif math.prod(shape) == 0:
+                    result[name] = torch.empty(shape, dtype=torch_dtype(dtype_text))
+            for space in flat_spaces(expected):
+                result.update(space.unflatten(self._reduce(space, files, plan, window), expected))
         save_state(result, ctx.out_path)
         return AggregateResult(info=self.round_info(count))
 
@@ -76,12 +103,15 @@ class FedMedian(CoordinateWise):
     name = "FedMedian"
     PARAMS = (CHUNK_ELEMS,)
 
-    def reduce(self, rows: torch.Tensor) -> torch.Tensor:
-        """The middle value of each sorted row (mean of the two middle ones for even K)."""
-        k = rows.shape[1]
-        if k % 2:
-            return rows[:, k // 2]
-        return (rows[:, k // 2 - 1] + rows[:, k // 2]) * 0.5
+    def positions(self, count: int) -> tuple[int, int]:
+        """The middle value, or the two middle values for an even count."""
+        half = count // 2
+        return (half, half + 1) if count % 2 else (half - 1, half + 1)
+
+    def finish(self, total: np.ndarray, count: int) -> None:
+        """Half the sum of the two middle values for an even count."""
+        if count % 2 == 0:
+            np.multiply(total, 0.5, out=total)
 
 
 class FedTrimmedAvg(CoordinateWise):
@@ -105,11 +135,16 @@ class FedTrimmedAvg(CoordinateWise):
         """How many values are dropped at each end when there are ``count`` updates."""
         return floor_fraction(self.params["trim_fraction"], count)
 
-    def reduce(self, rows: torch.Tensor) -> torch.Tensor:
-        """The mean of the middle ``K - 2 floor(beta K)`` values of each sorted row."""
-        k = rows.shape[1]
-        t = self.trimmed(k)
-        return rows[:, t : k - t].sum(dim=1) / (k - 2 * t)
+    def positions(self, count: int) -> tuple[int, int]:
+        """The middle ``K - 2 floor(beta K)`` values."""
+        t = self.trimmed(count)
+        return t, count - t
+
+    def finish(self, total: np.ndarray, count: int) -> None:
+        """The mean of the kept values."""
+        kept = count - 2 * self.trimmed(count)
+        if kept > 1:
+            np.divide(total, kept, out=total)
 
     def round_info(self, count: int) -> dict[str, Any]:
         """How many values were dropped at each end."""
