@@ -22,6 +22,9 @@ from fedloom.cli_output import EXIT_ERROR, cell, console, fail, print_rounds
 # How a watched run ended, as the command's exit code.
 EXIT_CODES = {"completed": 0, "failed": 3, "stopped": 4}
 IDLE_CHECK_S = 5.0
+# Once the record says the run ended, events still on their way (a replay, the end event) are read
+# until the stream has been quiet this long.
+END_GRACE_S = 2.0
 RECV_S = 0.5
 # Events are small; a message past this is refused by the WebSocket client.
 MAX_MESSAGE_BYTES = 1 << 20
@@ -49,6 +52,8 @@ class RunView:
     accuracy: float | None = None
     loss: float | None = None
     last_event_id: int = 0
+    seen_live: bool = False  # the run was seen before it ended, so its last events may be on their way
+    end_seen: bool = False  # this experiment's training_completed / _failed / _stopped event arrived
 
     @property
     def ended(self) -> bool:
@@ -58,6 +63,7 @@ class RunView:
         """Take in ``GET /experiments/{id}``; counts only move forward (events may be newer)."""
         self.name = record.get("name") or self.name
         self.status = record["status"]
+        self.seen_live = self.seen_live or not self.ended
         self.total_rounds = record.get("total_rounds") or self.total_rounds
         self.rounds_completed = max(self.rounds_completed, record.get("rounds_completed") or 0)
         if record["status"] == "running" and (record.get("current_round") or 0) > self.round:
@@ -103,6 +109,7 @@ class RunView:
             return None  # repeats round_completed
         if isinstance(kind, str) and kind.startswith("training_"):
             self.status = str(event.get("status") or kind.removeprefix("training_"))
+            self.end_seen = self.seen_live = True
             self.rounds_completed = max(self.rounds_completed, event.get("rounds_completed") or 0)
             reason = f" ({event['reason']})" if event.get("reason") else ""
             return f"experiment {self.experiment_id} {self.status} after {self.rounds_completed} rounds{reason}"
@@ -115,6 +122,8 @@ class RunView:
         """The line beside the progress bar: the round, its uploads and the latest accuracy."""
         if self.status in ("created", "unknown"):
             return "waiting for the experiment to start"
+        if self.ended:
+            return self.status + (f" · accuracy {cell(self.accuracy)}" if self.accuracy is not None else "")
         parts = [f"round {self.round}" if self.round else "starting", f"uploads {self._uploads()}"]
         if self.rejected:
             parts.append(f"rejected {self.rejected}")
@@ -163,7 +172,8 @@ class Follower:
                 with self._connect() as ws:
                     failed_since, attempt = None, 0
                     self.sync()
-                    self._read(ws, deadline)
+                    if not (self.view.ended and not self.view.seen_live and not self.view.last_event_id):
+                        self._read(ws, deadline)  # (a run that ended before we came has nothing more to send)
                     return
             except ConnectionClosed as exc:
                 closed = exc.rcvd.code if exc.rcvd is not None else None
@@ -194,14 +204,17 @@ class Follower:
             yield ws
 
     def _read(self, ws: Any, deadline: float | None) -> None:
-        checked = time.monotonic()
-        while not self.view.ended:
+        """Read events until this run's end event, or ``END_GRACE_S`` of quiet after the record said it ended."""
+        checked = time.monotonic()  # the last record read or event of this run
+        while not self.view.end_seen:
+            if self.view.ended and time.monotonic() - checked >= END_GRACE_S:
+                return
             if deadline is not None and time.monotonic() > deadline:
                 raise TimedOut
             try:
                 text = ws.recv(timeout=RECV_S)
             except TimeoutError:
-                if time.monotonic() - checked >= IDLE_CHECK_S:
+                if not self.view.ended and time.monotonic() - checked >= IDLE_CHECK_S:
                     self.sync()
                     checked = time.monotonic()
                 continue
