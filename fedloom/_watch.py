@@ -23,8 +23,10 @@ from fedloom.cli_output import EXIT_ERROR, cell, console, fail, print_rounds
 EXIT_CODES = {"completed": 0, "failed": 3, "stopped": 4}
 IDLE_CHECK_S = 5.0
 # Once the record says the run ended, events still on their way (a replay, the end event) are read
-# until the stream has been quiet this long.
+# until the stream has been quiet this long; for a run that had ended before the watch began, only
+# what is already at hand is read.
 END_GRACE_S = 2.0
+ENDED_BEFORE_GRACE_S = 0.3
 RECV_S = 0.5
 # Events are small; a message past this is refused by the WebSocket client.
 MAX_MESSAGE_BYTES = 1 << 20
@@ -172,8 +174,8 @@ class Follower:
                 with self._connect() as ws:
                     failed_since, attempt = None, 0
                     self.sync()
-                    if not (self.view.ended and not self.view.seen_live and not self.view.last_event_id):
-                        self._read(ws, deadline)  # (a run that ended before we came has nothing more to send)
+                    ended_before = self.view.ended and not self.view.seen_live and not self.view.last_event_id
+                    self._read(ws, deadline, ENDED_BEFORE_GRACE_S if ended_before else END_GRACE_S)
                     return
             except ConnectionClosed as exc:
                 closed = exc.rcvd.code if exc.rcvd is not None else None
@@ -203,16 +205,16 @@ class Follower:
         with connect(url, additional_headers=headers, max_size=MAX_MESSAGE_BYTES, open_timeout=15) as ws:
             yield ws
 
-    def _read(self, ws: Any, deadline: float | None) -> None:
-        """Read events until this run's end event, or ``END_GRACE_S`` of quiet after the record said it ended."""
+    def _read(self, ws: Any, deadline: float | None, grace: float) -> None:
+        """Read events until this run's end event, or ``grace`` seconds of quiet after the record said it ended."""
         checked = time.monotonic()  # the last record read or event of this run
         while not self.view.end_seen:
-            if self.view.ended and time.monotonic() - checked >= END_GRACE_S:
+            if self.view.ended and time.monotonic() - checked >= grace:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise TimedOut
             try:
-                text = ws.recv(timeout=RECV_S)
+                text = ws.recv(timeout=min(RECV_S, grace) if self.view.ended else RECV_S)
             except TimeoutError:
                 if not self.view.ended and time.monotonic() - checked >= IDLE_CHECK_S:
                     self.sync()
