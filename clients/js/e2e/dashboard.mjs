@@ -37,20 +37,22 @@ try {
   process.stdout.write(`${JSON.stringify({ ready: true })}\n`);
 
   // During the run: the experiment appears and a round is plotted while it is still running.
-  let during = null;
-  try {
-    await page.waitForFunction(
-      () => {
-        const s = window.__fedloomDashboard;
-        return s.experiment?.status === 'running' && (s.plotted.accuracy?.rounds.length ?? 0) >= 1;
-      },
-      { timeout: TIMEOUT_MS, polling: 100 },
-    );
-    during = await page.evaluate(() => structuredClone(window.__fedloomDashboard.plotted));
-    if (shots) await page.screenshot({ path: join(shots, 'dashboard-live.png'), fullPage: true });
-  } catch {
-    during = null; // the run ended before the page refreshed mid-run; the final state is still checked
-  }
+  // If the run ends before the page refreshed mid-run, `during` stays null; the final state is checked anyway.
+  const started = Date.now();
+  await page.waitForFunction(
+    () => {
+      const s = window.__fedloomDashboard;
+      const running = s.experiment?.status === 'running' && (s.plotted.accuracy?.rounds.length ?? 0) >= 1;
+      return running || ['completed', 'stopped', 'failed'].includes(s.experiment?.status);
+    },
+    { timeout: TIMEOUT_MS, polling: 100 },
+  );
+  const during = await page.evaluate(() => {
+    const s = window.__fedloomDashboard;
+    return s.experiment.status === 'running' ? structuredClone(s.plotted) : null;
+  });
+  if (during && shots) await page.screenshot({ path: join(shots, 'dashboard-live.png'), fullPage: true });
+  const secondsToDuring = (Date.now() - started) / 1000;
 
   await page.waitForFunction(
     (n) => {
@@ -60,6 +62,7 @@ try {
     { timeout: TIMEOUT_MS, polling: 200 },
     rounds,
   );
+  const secondsToFinal = (Date.now() - started) / 1000;
   const final = await page.evaluate(() => {
     const s = window.__fedloomDashboard;
     // Coloured pixels on each chart's canvas (axes and grid are grey): the series' lines were drawn.
@@ -105,7 +108,7 @@ try {
   const sent = requested.map((u) => u.split('#')[0]);
   const keyInRequests = sent.filter((u) => u.includes(encodeURIComponent(key)) || u.includes(key));
   process.stdout.write(
-    `${JSON.stringify({ csp, addressAfterLoad, during, final, loginError, keyInRequests, requested: [...new Set(sent.map((u) => new URL(u).origin))], problems })}\n`,
+    `${JSON.stringify({ csp, addressAfterLoad, during, secondsToDuring, secondsToFinal, final, loginError, keyInRequests, requested: [...new Set(sent.map((u) => new URL(u).origin))], problems })}\n`,
   );
 } finally {
   await browser.close();
