@@ -44,5 +44,10 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[server,dev,bench]"
 	$(BIN)/python benchmarks/run_all.py
 
+# The JS client's npm packages (clients/js), and the dashboard's copies of the client and uPlot refreshed.
+.PHONY: js
+js:
+	cd clients/js && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund && npm run vendor
+
 clean:
 	rm -rf $(VENV) .fedloom
