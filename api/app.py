@@ -32,7 +32,7 @@ from api.routes import (
 from fedloom_core.settings import Settings
 from fedloom_core.storage.blobstore import open_blob_store
 from fedloom_core.storage.db import create_schema, make_engine
-from fedloom_core.temporal import TemporalLink, TemporalUnavailable, connect, is_unreachable
+from fedloom_core.temporal import API_RPC_RETRY, TemporalLink, TemporalUnavailable, connect, is_unreachable
 
 log = logging.getLogger("fedloom.api")
 API_PREFIX = "/api/v1"
@@ -41,7 +41,7 @@ VERSION = "1.0.0"
 
 async def _connect_temporal(settings: Settings) -> TemporalClient | None:
     """One attempt at the process's Temporal client (the link retries in the background)."""
-    return await connect(settings.temporal_address or "127.0.0.1:7233", settings.temporal_namespace)
+    return await connect(settings.temporal_address or "127.0.0.1:7233", settings.temporal_namespace, API_RPC_RETRY)
 
 
 def _temporal_down(app: FastAPI, details: str) -> JSONResponse:

@@ -13,7 +13,7 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSe
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from fedloom_core.errors import ServiceUnavailable
 from fedloom_core.schemas import StartRequest
@@ -77,9 +77,16 @@ async def ensure_search_attributes(client: Client, namespace: str = "default") -
     return sorted(missing)
 
 
-async def connect(address: str, namespace: str = "default") -> Client:
+# The API's RPCs give up on an unreachable server after about 2 s (the SDK's default is 10 s), so a
+# request fails fast with 503 and the link starts reconnecting; workers keep the patient default.
+API_RPC_RETRY = RetryConfig(max_interval_millis=1000, max_elapsed_time_millis=2000, max_retries=6)
+
+
+async def connect(address: str, namespace: str = "default", retry: RetryConfig | None = None) -> Client:
     """A Temporal client that (de)serialises pydantic models."""
-    return await Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter)
+    return await Client.connect(
+        address, namespace=namespace, data_converter=pydantic_data_converter, retry_config=retry
+    )
 
 
 async def connect_with_retry(address: str, namespace: str = "default", attempts: int = 60) -> Client:

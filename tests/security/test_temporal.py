@@ -203,6 +203,18 @@ def test_the_api_follows_temporal_going_away_and_coming_back_without_a_restart(a
     assert api.http.get("/health").status_code == 200
     assert api.proc.poll() is None and api.proc.pid == pid
     growth = (memory_bytes(pid) or 0) - (rss_before or 0)
+
+    # Lost again, found by a request's own RPC before the periodic check runs: a running experiment
+    # makes stop ask Temporal about its workflow.
+    engine = make_engine(Settings(_env_file=None, data_dir=api.data_dir).database_url)
+    with session_scope(engine) as s:
+        s.add(Experiment(experiment_id="probe-running", status="running", total_rounds=1, config={}))
+    engine.dispose()
+    api.kill_temporal()
+    resp, on_use = _stop(api)
+    _assert_unavailable(resp)
+    assert on_use < 3.0, f"a request on a lost Temporal took {on_use:.1f} s"
+    print(f"lost Temporal found on use in {on_use:.2f} s")
     print(f"up after {came_up:.1f} s, loss noticed after {noticed:.1f} s, back after {back:.1f} s")
     print(f"API RSS growth {growth / 1e6:+.1f} MB")
     assert growth < 50e6
