@@ -12,7 +12,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from tests.workflows.harness import SimClient, run_experiment
-from workflows.experiment import FUSED_ROUND_PATCH, ExperimentWorkflow
+from workflows.experiment import BEST_ACCURACY_PATCH, ExperimentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -45,7 +45,7 @@ async def test_continue_as_new_keeps_rounds_strategy_state_and_metrics(
     if os.environ.get("FEDLOOM_RECORD_HISTORIES"):
         # One file per workflow version: older files stay, so CI keeps replaying every version.
         # Named after the newest patch the workflow carries.
-        (HISTORIES / f"fedadam-continue-as-new-{FUSED_ROUND_PATCH}.json").write_text(out.history.to_json())
+        (HISTORIES / f"fedadam-continue-as-new-{BEST_ACCURACY_PATCH}.json").write_text(out.history.to_json())
 
 
 async def test_recorded_histories_replay_without_nondeterminism() -> None:
@@ -65,3 +65,6 @@ async def test_recorded_histories_replay_without_nondeterminism() -> None:
     # And both sides of the fused-round patch: three heavy activities a round, and one.
     assert any('"name": "aggregate_round"' in t for t in texts)
     assert any('"name": "process_round"' in t for t in texts)
+    # And both sides of the best-accuracy patch: runs that never set BestAccuracy, and one that does.
+    assert any("BestAccuracy" not in t for t in texts)
+    assert any("BestAccuracy" in t for t in texts)
