@@ -219,20 +219,24 @@ def test_errors_print_the_spec_code_and_exit_non_zero(
     assert done.returncode == 1 and "UNAUTHORIZED" in done.stderr, done.stderr
 
 
-def test_watch_exits_non_zero_when_the_run_is_stopped(run: dict[str, Any], server: LiveServer, tmp_path: Path) -> None:
+def test_start_watch_exits_non_zero_when_the_run_is_stopped(
+    run: dict[str, Any], server: LiveServer, http: httpx.Client, tmp_path: Path
+) -> None:
     # The clients have left after the first run; the round opens and waits for them until stopped.
     (tmp_path / "create.json").write_text(json.dumps(create_body("cli-stopped", rounds=5)))
     created = run_cli(server, "experiments", "create", "--file", str(tmp_path / "create.json"), "--json")
     exp_id = json.loads(created.stdout)["experiment_id"]
-    started = run_cli(server, "experiments", "start", exp_id)
-    assert started.returncode == 0 and exp_id in started.stdout, started.stderr
-    cmd = [sys.executable, "-m", "fedloom.cli", "experiments", "watch", exp_id, "--timeout", "120"]
+    cmd = [sys.executable, "-m", "fedloom.cli", "experiments", "start", exp_id, "--watch", "--timeout", "120"]
     watcher = subprocess.Popen(cmd, env=cli_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while http.get(f"/experiments/{exp_id}").json()["status"] != "running":
+        assert time.monotonic() < deadline and watcher.poll() is None, watcher.communicate()
+        time.sleep(0.2)
     stopped = run_cli(server, "experiments", "stop", exp_id, "--reason", "operator_test", "--json")
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["experiment_id"] == exp_id, stopped.stderr
     out, err = watcher.communicate(timeout=150)
     assert watcher.returncode == 4, (out, err)
+    assert "selected_clients" in out, out  # the start table, then the watch
     assert f"experiment {exp_id} stopped" in out and "operator_test" in out, out
 
 
