@@ -13,9 +13,20 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.runtime import (
@@ -91,8 +102,12 @@ _NAME = re.compile(r"[^a-zA-Z0-9_]")
 _SDK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0, 1800.0)
 
 
-class SdkMetricMirror:
-    """Copies the Temporal SDK's buffered metric updates into prometheus-client metrics."""
+class SdkMetricMirror(Collector):
+    """Copies the Temporal SDK's buffered metric updates into prometheus-client metrics.
+
+    Under a multiprocess directory the copies are written there; otherwise the mirror is itself
+    the collector that reports them.
+    """
 
     def __init__(self, buffer: MetricBuffer) -> None:
         self.buffer = buffer
@@ -112,6 +127,17 @@ class SdkMetricMirror:
                 metric = Histogram(*args, registry=None, buckets=_SDK_BUCKETS)
             self._metrics[key] = metric
         return metric
+
+    def collect(self) -> Iterator[Metric]:
+        """The copied metrics, one family per name (an SDK metric may carry several label sets)."""
+        merged: dict[str, Metric] = {}
+        for metric in list(self._metrics.values()):
+            for family in metric.collect():
+                if family.name in merged:
+                    merged[family.name].samples.extend(family.samples)
+                else:
+                    merged[family.name] = family
+        yield from merged.values()
 
     def drain(self) -> int:
         """Apply every buffered update; return how many there were."""
@@ -142,17 +168,16 @@ class SdkMetricMirror:
             await asyncio.sleep(every_s)
 
 
-def _serve_port(address: str) -> None:
+def serve_metrics(address: str) -> Any:
+    """Serve this worker's metrics (every process's, under a multiprocess directory) on ``host:port``."""
     host, _, port = address.rpartition(":")
-    registry = None
+    registry = REGISTRY
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    if registry is None:
-        start_http_server(int(port), addr=host or "127.0.0.1")
-    else:
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
     log.info("worker metrics on http://%s/metrics", address)
+    return server
 
 
 async def instrument(client: Client, settings: Settings) -> tuple[Client, list[Interceptor]]:
@@ -167,7 +192,7 @@ async def instrument(client: Client, settings: Settings) -> tuple[Client, list[I
     if not (os.environ.get(MULTIPROC_ENV) or settings.worker_metrics_address):
         return client, [ActivityTimings()]
     if settings.worker_metrics_address:
-        _serve_port(settings.worker_metrics_address)
+        serve_metrics(settings.worker_metrics_address)
     buffer = MetricBuffer(100_000, duration_format=MetricBufferDurationFormat.SECONDS)
     runtime = Runtime(telemetry=TelemetryConfig(metrics=buffer))
     config = client.config()
@@ -178,6 +203,8 @@ async def instrument(client: Client, settings: Settings) -> tuple[Client, list[I
         runtime=runtime,
     )
     mirror = SdkMetricMirror(buffer)
+    if not os.environ.get(MULTIPROC_ENV):
+        REGISTRY.register(mirror)
     task = asyncio.get_running_loop().create_task(mirror.run(), name="fedloom-sdk-metrics")
     metered._fedloom_metrics_task = task  # type: ignore[attr-defined]  # kept alive with the client
     return metered, [ActivityTimings()]

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import httpx
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from temporalio.runtime import MetricBuffer, MetricBufferDurationFormat, Runtime, TelemetryConfig
 
 from fedloom_core.messages import Evaluation, ProcessRoundOutput, ValidationOutcome
-from workers.metrics import SdkMetricMirror, record_result
+from fedloom_tools.launch import free_port
+from workers.metrics import SdkMetricMirror, record_result, serve_metrics
 
 pytestmark = pytest.mark.unit
 
@@ -44,6 +47,18 @@ def test_the_runtimes_buffered_metrics_become_prometheus_series() -> None:
     assert got[("temporal_fl_test_latency_sum", base)] == pytest.approx(3.25)  # seconds, not milliseconds
     assert got[("temporal_fl_test_latency_bucket", (("le", "0.5"), *base))] == 1
     assert mirror.drain() == 0  # drained once
+    # Outside a multiprocess directory the mirror reports them itself, one family per name.
+    meter.create_counter("fl_test_polls", "polls").add(1, {"task_queue": "q2"})
+    mirror.drain()
+    registry = CollectorRegistry()
+    registry.register(mirror)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    polls = [
+        (s.labels["task_queue"], s.value)
+        for s in families["temporal_fl_test_polls"].samples
+        if s.name.endswith("_total")
+    ]
+    assert sorted(polls) == [("q1", 5.0), ("q2", 1.0)]
 
 
 def _count(name: str) -> float:
@@ -69,3 +84,15 @@ def test_round_activities_report_aggregation_and_evaluation_seconds() -> None:
     assert _count("fedloom_evaluation_seconds") - before["fedloom_evaluation_seconds"] == 2
     agg_after = REGISTRY.get_sample_value("fedloom_aggregation_seconds_sum")
     assert agg_after - agg_sum == pytest.approx(1.25 + 0.7)
+
+
+def test_a_worker_serves_its_metrics_on_its_own_port() -> None:
+    record_result("aggregate_round", object(), elapsed=0.2)
+    port = free_port()
+    server = serve_metrics(f"127.0.0.1:{port}")
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "fedloom_aggregation_seconds_count" in text and "fedloom_activity_duration_seconds" in text
