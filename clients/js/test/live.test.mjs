@@ -113,3 +113,16 @@ test('errors are FLAPIError with the spec fields, Retry-After on 429', { skip },
   });
   assert.equal(code, 4401);
 });
+
+test('rotateClientKey and revokeClient (the run is over; its clients have left)', { skip }, async () => {
+  const admin = new FLAPIClient(url, key);
+  const rotated = await admin.rotateClientKey('c1');
+  const site = new FLAPIClient(url, rotated.api_key);
+  assert.equal((await site.getClient('c1')).client_id, 'c1');
+  const revoked = await admin.revokeClient('c1');
+  assert.equal(revoked.client_id, 'c1');
+  assert.equal(revoked.revoked, true);
+  assert.equal(revoked.revoked_keys, 1);
+  await assert.rejects(site.getClient('c1'), { name: 'FLAPIError', status: 401, code: 'UNAUTHORIZED' });
+  await assert.rejects(admin.revokeClient('nobody'), (error) => error.status === 404);
+});
