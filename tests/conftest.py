@@ -33,6 +33,7 @@ SLOW_FIRST = (
     "tests/e2e/test_stragglers.py",
     "tests/observability/test_metrics_run.py",
     "tests/sdk/test_acceptance.py",
+    "tests/clients/test_js_client.py",
     "tests/examples/",
     "tests/storage/test_migrations.py",
     "tests/benchmarks/",
