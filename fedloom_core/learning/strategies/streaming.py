@@ -1,28 +1,20 @@
-"""Shared building blocks of the strategies: canonical order, structure checks and bounded-memory reads.
+"""Shared building blocks of the strategies: canonical order, structure checks, dtypes and norms.
 
-Two ways of reading updates keep memory bounded:
-
-* one update at a time, as zero-copy memory maps (``mapped_tensors``): its pages are released
-  when its map closes, before the next update is opened;
-* K updates at once, a slice of coordinates at a time (``UpdateSlices``), for coordinate-wise
-  rules such as the median. These use positioned reads (``os.preadv``) into one staging buffer
-  rather than K memory maps: every page read through a live map stays resident and counts in the
-  process's RSS until the map closes, so reading K maps to the end would cost K models of RSS.
+Updates are read one at a time as zero-copy memory maps (``mapped_tensors``), whose pages are
+released when the map closes, or K at a time one window of coordinates at a time
+(``blocks.MappedFile``), for the coordinate-wise rules and Krum's distances.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fedloom_core.learning.kernels import Opener, UpdateFile
-from fedloom_core.learning.weights import TensorSpec, compare_structure, dtype_name, read_header, structure
+from fedloom_core.learning.kernels import UpdateFile
+from fedloom_core.learning.weights import compare_structure, dtype_name, structure
 
 Structure = dict[str, tuple[str, tuple[int, ...]]]
 
@@ -95,102 +87,6 @@ def floor_fraction(fraction: float, count: int) -> int:
 def generator_for(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed`` taken modulo 2**64, so any Python int is accepted."""
     return torch.Generator().manual_seed(seed % (1 << 64))
-
-
-class _PositionedFile:
-    """One safetensors file, read a slice of a tensor at a time."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.specs: dict[str, TensorSpec] = read_header(path)
-        self._fd = os.open(path, os.O_RDONLY)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def read(self, name: str, start: int, stop: int, staging: memoryview) -> int:
-        """Read elements ``[start, stop)`` of tensor ``name`` (flattened) into ``staging``; return bytes read."""
-        spec = self.specs[name]
-        size = torch.empty((), dtype=_DTYPES[spec.dtype]).element_size()
-        offset, nbytes = spec.begin + start * size, (stop - start) * size
-        got = 0
-        while got < nbytes:
-            if hasattr(os, "preadv"):
-                n = os.preadv(self._fd, [staging[got:nbytes]], offset + got)
-            else:  # pragma: no cover - platforms without preadv
-                data = os.pread(self._fd, nbytes - got, offset + got)
-                staging[got : got + len(data)] = data
-                n = len(data)
-            if n == 0:
-                raise ValueError(f"tensor {name!r} is cut short in its file")
-            got += n
-        return nbytes
-
-
-class UpdateSlices:
-    """K update files open at once, from which the same coordinates of a tensor are gathered together."""
-
-    def __init__(self, files: Sequence[_PositionedFile], max_chunk: int) -> None:
-        self._files = files
-        # Room for max_chunk elements of the widest dtype (8 bytes).
-        self._staging = torch.empty(max_chunk * 8, dtype=torch.uint8)
-        self._view = memoryview(self._staging.numpy())
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def gather(self, name: str, start: int, stop: int, rows: torch.Tensor) -> None:
-        """Write elements ``[start, stop)`` of tensor ``name`` of update ``i`` into ``rows[i]`` (any dtype)."""
-        for i in range(len(self._files)):
-            self.gather_one(i, name, start, stop, rows[i])
-
-    def whole(self, index: int, name: str) -> torch.Tensor:
-        """The whole tensor ``name`` of update ``index`` (for the small integer tensors)."""
-        spec = self._files[index].specs[name]
-        out = torch.empty(spec.shape, dtype=_DTYPES[spec.dtype])
-        flat = out.view(-1)
-        for start, stop in ranges(flat.numel(), self._staging.numel() // 8):
-            self.gather_one(index, name, start, stop, flat[start:stop])
-        return out
-
-    def gather_one(self, index: int, name: str, start: int, stop: int, out: torch.Tensor) -> None:
-        """Write elements ``[start, stop)`` of tensor ``name`` of update ``index`` into ``out``."""
-        file = self._files[index]
-        nbytes = file.read(name, start, stop, self._view)
-        dtype = _DTYPES[file.specs[name].dtype]
-        raw = self._staging[:nbytes]
-        if torch.bfloat16 in (dtype, out.dtype):
-            out.copy_(raw.view(dtype))
-        else:
-            # numpy's single-threaded copy: torch's copy_ into a strided column runs a parallel region
-            # per call, which stalls badly when the cores are busy with other work.
-            np.copyto(out.numpy(), raw.numpy().view(_NUMPY[dtype]), casting="unsafe")
-
-
-@contextmanager
-def open_all(
-    ordered: Sequence[UpdateFile],
-    opener: Opener,
-    expected: Structure,
-    max_chunk: int,
-    reference: str | Path | None = None,
-) -> Iterator[UpdateSlices]:
-    """Open every update (in the given order) for gathering, after checking each against ``expected``.
-
-    ``reference`` (a local file, e.g. the global model) is opened after the updates, as row K.
-    Each update stays materialised by ``opener`` (for example downloaded) while the block runs,
-    so this needs K files of disk, but only ``max_chunk`` elements of staging memory.
-    """
-    with ExitStack() as stack:
-        files = []
-        sources = [(u.client_id, stack.enter_context(opener(u))) for u in ordered]
-        if reference is not None:
-            sources.append(("the reference model", reference))
-        for client_id, path in sources:
-            check_structure(client_id, path, expected)
-            file = _PositionedFile(path)
-            stack.callback(file.close)
-            files.append(file)
-        yield UpdateSlices(files, max_chunk)
 
 
 def delta_sq_norm(update: dict[str, torch.Tensor], global_tensors: dict[str, torch.Tensor]) -> float:
