@@ -71,8 +71,18 @@ class AuthFailureGuard:
             return 0
         return max(1, math.ceil(until - now))
 
-    def block(self, address: str, until: float) -> None:
-        """Refuse ``address``'s untrusted requests until ``until`` (Unix seconds)."""
+    def block(self, address: str, until: float, count: int) -> None:
+        """Refuse ``address``'s untrusted requests until ``until`` (Unix seconds); log when it starts."""
+        if address not in self._blocked:
+            log.warning(
+                "authentication failures: %s is over its budget (%d in the current %g s window, limit %d); "
+                "its requests without a verified key are refused for %d s",
+                address,
+                count,
+                self.window_s,
+                self.limit,
+                max(1, math.ceil(until - time.time())),
+            )
         if address not in self._blocked and len(self._blocked) >= TRACKED_MAX:
             now = time.time()
             for stale in [a for a, end in self._blocked.items() if end <= now] or [next(iter(self._blocked))]:

@@ -332,7 +332,7 @@ class RateLimitMiddleware:
             log.warning("rate limiter unavailable, authentication failure not counted: %s", exc)
             return
         if not decision.allowed:
-            self.guard.block(address, decision.usage.reset)
+            self.guard.block(address, decision.usage.reset, decision.usage.count)
         self.guard.note(address, scope.get("path", ""), decision.usage.count, refused=False)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, decision: Decision, headers: dict) -> bool:
