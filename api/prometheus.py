@@ -193,6 +193,8 @@ async def metrics(request: Request, _admin: AdminDep) -> Response:
 # A path that no route matched is reported under one label, so unknown URLs cannot grow the series.
 _UNMATCHED = "<unmatched>"
 _SAFE = re.compile(r"[^\w{}/.:-]")
+# Any other method a client sends is counted as OTHER: the label's values stay bounded.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def route_template(scope: Scope) -> str:
@@ -235,9 +237,8 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            HTTP_SECONDS.labels(route_template(scope), scope["method"], str(status)).observe(
-                time.perf_counter() - started
-            )
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            HTTP_SECONDS.labels(route_template(scope), method, str(status)).observe(time.perf_counter() - started)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         accepted = False

@@ -118,6 +118,7 @@ def test_requests_are_timed_by_route_template(http) -> None:  # type: ignore[no-
     for cid in ("zz1", "zz2", "zz3"):
         assert http.get(f"/api/v1/clients/{cid}").status_code == 404
     assert http.get("/no/such/path/42").status_code == 404
+    assert http.request("BREW", "/api/v1/status").status_code == 405
     after = scrape(http)
     name = "fedloom_http_request_duration_seconds_count"
     assert (
@@ -128,7 +129,10 @@ def test_requests_are_timed_by_route_template(http) -> None:  # type: ignore[no-
     assert at(after, name, route="<unmatched>", method="GET", status="404") > at(
         before, name, route="<unmatched>", method="GET", status="404"
     )
-    assert not [labels for (_n, labels) in after if any("zz1" in v or "/42" in v for _k, v in labels)]
+    assert not [labels for (_n, labels) in after if any("zz1" in v or "/42" in v or v == "BREW" for _k, v in labels)]
+    assert at(after, name, route="/api/v1/status", method="OTHER", status="405") == 1 + at(
+        before, name, route="/api/v1/status", method="OTHER", status="405"
+    )
 
 
 def test_open_websockets_are_counted(http) -> None:  # type: ignore[no-untyped-def]
@@ -136,7 +140,7 @@ def test_open_websockets_are_counted(http) -> None:  # type: ignore[no-untyped-d
     with http.websocket_connect(f"/ws/events?api_key={LOCAL_ADMIN_KEY}"):
         assert at(scrape(http), "fedloom_websocket_listeners") == before + 1
     assert at(scrape(http), "fedloom_websocket_listeners") == before
-    # A refused connection (no key) is accepted only to be closed with 4401, and not left counted.
-    with http.websocket_connect("/ws/events") as ws:
+    # A refused connection (unknown key) is accepted only to be closed with 4401, and not left counted.
+    with http.websocket_connect("/ws/events", headers={"Authorization": "Bearer fl_unknown"}) as ws:
         assert ws.receive()["code"] == 4401
     assert at(scrape(http), "fedloom_websocket_listeners") == before
