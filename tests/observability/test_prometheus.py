@@ -144,3 +144,16 @@ def test_open_websockets_are_counted(http) -> None:  # type: ignore[no-untyped-d
     with http.websocket_connect("/ws/events", headers={"Authorization": "Bearer fl_unknown"}) as ws:
         assert ws.receive()["code"] == 4401
     assert at(scrape(http), "fedloom_websocket_listeners") == before
+
+
+def test_replicas_on_one_database_report_the_same_database_series(local_app) -> None:  # type: ignore[no-untyped-def]
+    first, second = local_app(), local_app()
+    for client in (first, second):
+        client.base_url = client.base_url.copy_with(path="/")
+    with session_scope(first.app.state.engine) as s:
+        s.add(
+            RoundMetrics(experiment_id="e9", round=1, participating_clients=1, round_duration=2.0, aggregation_time=0)
+        )
+    shared = ("fedloom_rounds_completed_total", "fedloom_round_duration_seconds_count", "fedloom_upload_bytes_total")
+    views = [{key: v for key, v in scrape(c).items() if key[0] in shared} for c in (first, second)]
+    assert views[0] == views[1] and at(views[1], "fedloom_rounds_completed_total", experiment_id="e9") == 1
