@@ -153,8 +153,15 @@ class TimedOut(Exception):
 class Follower:
     """Feeds ``view`` from the socket and the REST record, calling ``show(event or None, line)`` as it goes."""
 
-    def __init__(self, api: FLClient, view: RunView, show: Callable[[dict | None, str | None], None]) -> None:
+    def __init__(
+        self,
+        api: FLClient,
+        view: RunView,
+        show: Callable[[dict | None, str | None], None],
+        first: Callable[[], str | None] | None = None,
+    ) -> None:
         self.api, self.view, self.show = api, view, show
+        self.first = first  # run once the stream is first open (e.g. the start): none of its events are missed
 
     def sync(self) -> None:
         """Re-read the experiment's record (retrying 429s and outages within ``REST_RETRY``)."""
@@ -173,6 +180,9 @@ class Follower:
             try:
                 with self._connect() as ws:
                     failed_since, attempt = None, 0
+                    if self.first is not None:
+                        first, self.first = self.first, None
+                        self.show(None, first())
                     self.sync()
                     ended_before = self.view.ended and not self.view.seen_live and not self.view.last_event_id
                     self._read(ws, deadline, ENDED_BEFORE_GRACE_S if ended_before else END_GRACE_S)
@@ -234,16 +244,26 @@ class Follower:
             checked = time.monotonic()
 
 
-def watch(api: FLClient, experiment_id: str, as_json: bool = False, timeout: float | None = None) -> int:
-    """Follow ``experiment_id`` until it ends; exit code 0 completed, 3 failed, 4 stopped, 1 on errors."""
+def watch(
+    api: FLClient,
+    experiment_id: str,
+    as_json: bool = False,
+    timeout: float | None = None,
+    first: Callable[[], str | None] | None = None,
+) -> int:
+    """Follow ``experiment_id`` until it ends; exit code 0 completed, 3 failed, 4 stopped, 1 on errors.
+
+    ``first`` runs once the event stream is open (``experiments start --watch`` starts the run there);
+    the line it returns is logged.
+    """
     view = RunView(experiment_id)
     deadline = time.monotonic() + timeout if timeout else None
     name = "fedloom experiments watch"
     try:
         if as_json:
-            Follower(api, view, _print_event).run(deadline)
+            Follower(api, view, _print_event, first).run(deadline)
         else:
-            _follow_live(api, view, deadline)
+            _follow_live(api, view, deadline, first)
     except TimedOut:
         return fail(name, f"gave up after {timeout:g}s; experiment {experiment_id} is {view.status}")
     except ConnectionError as exc:
@@ -261,7 +281,7 @@ def _print_event(event: dict | None, _line: str | None) -> None:
         print(json.dumps(event), flush=True)
 
 
-def _follow_live(api: FLClient, view: RunView, deadline: float | None) -> None:
+def _follow_live(api: FLClient, view: RunView, deadline: float | None, first: Callable[[], str | None] | None) -> None:
     """The rich view: a log line per event above a progress bar of rounds."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.text import Text
@@ -281,7 +301,7 @@ def _follow_live(api: FLClient, view: RunView, deadline: float | None) -> None:
             total = view.total_rounds or None
             progress.update(task, total=total, completed=view.rounds_completed, info=view.summary())
 
-        Follower(api, view, show).run(deadline)
+        Follower(api, view, show, first).run(deadline)
 
 
 def _print_end(api: FLClient, record: dict[str, Any]) -> None:

@@ -161,13 +161,20 @@ def start_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def experiments_start(api: FLClient, args: argparse.Namespace) -> int:
-    started = api.start_training(start_body(args))
+    body = start_body(args)
     fields = ["experiment_id", "status", "total_rounds", "current_round", "selected_clients", "estimated_duration"]
-    if not (args.watch and args.json):  # watch --json prints JSON lines only
-        show(started, args.json, "started", fields)
-    if args.watch:
-        return experiments_watch(api, args)
-    return 0
+    if not args.watch:
+        show(api.start_training(body), args.json, "started", fields)
+        return 0
+
+    def start() -> str:
+        started = api.start_training(body)
+        return f"started: {started['total_rounds']} rounds, estimated {started.get('estimated_duration')}"
+
+    from fedloom._watch import watch
+
+    # The start happens once the event stream is open, so the watch sees the run from its first event.
+    return watch(api, body["experiment_config"]["experiment_id"], as_json=args.json, timeout=args.timeout, first=start)
 
 
 def experiments_stop(api: FLClient, args: argparse.Namespace) -> int:

@@ -236,7 +236,7 @@ def test_start_watch_exits_non_zero_when_the_run_is_stopped(
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["experiment_id"] == exp_id, stopped.stderr
     out, err = watcher.communicate(timeout=150)
     assert watcher.returncode == 4, (out, err)
-    assert "selected_clients" in out, out  # the start table, then the watch
+    assert "started: 5 rounds" in out and "round 1 started: 2 clients selected (cli1, cli2)" in out, out
     assert f"experiment {exp_id} stopped" in out and "operator_test" in out, out
 
 
