@@ -62,12 +62,21 @@ class Settings(BaseSettings):
     rate_limit_training_start: int = Field(default=5, ge=1)
     rate_limit_training_start_window_s: float = Field(default=3600.0, gt=0)
     rate_limit_websockets: int = Field(default=1, ge=1)
+    # Experiment tracking, off the rounds' path (fedloom_core/tracking): an MLflow tracking URI and a
+    # TensorBoard log dir; the worker exports each experiment's rounds there when set.
+    mlflow_tracking_uri: str | None = None
+    tensorboard_dir: Path | None = None
+    tracking_poll_s: float = Field(default=5.0, gt=0)
+    # host:port where a worker serves its own Prometheus metrics (unauthenticated: an internal network only).
+    worker_metrics_address: str | None = None
     # Per client address: requests answered 401 (no key, a bad or unknown key) per window; past it the
     # address is refused 429 before any key lookup, except for keys this process has verified.
     rate_limit_auth_failures: int = Field(default=20, ge=1)
     rate_limit_auth_failures_window_s: float = Field(default=60.0, gt=0)
 
-    @field_validator("temporal_address", "enrollment_token", "admin_api_key")
+    @field_validator(
+        "temporal_address", "enrollment_token", "admin_api_key", "mlflow_tracking_uri", "worker_metrics_address"
+    )
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
