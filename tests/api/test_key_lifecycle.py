@@ -155,3 +155,26 @@ def test_the_sdk_rotates_and_revokes_keys(local_app) -> None:  # type: ignore[no
     with pytest.raises(FLAPIError) as refused:
         sdk.with_key(new).get_client("site-sdk")
     assert refused.value.status == 401
+
+
+def test_the_principal_cache_is_bounded_and_forgets_unknown_keys_after_their_ttl(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import api.deps as deps
+
+    clock = [1000.0]
+    monkeypatch.setattr(deps.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(deps, "PRINCIPAL_CACHE_MAX", 3)
+    cache = deps.PrincipalCache(engine=None)  # type: ignore[arg-type]
+    for i in range(5):
+        cache.put_unknown(f"d{i}")
+    assert [cache.is_unknown(f"d{i}") for i in range(5)] == [False, False, True, True, True]  # oldest dropped
+    clock[0] += deps.UNKNOWN_KEY_TTL_S + 0.1
+    assert not cache.is_unknown("d4")
+
+    site = auth_module.Principal("client", "site-1")
+    cache.put("k1", site)
+    cache.put("k2", auth_module.Principal("client", "site-2"))
+    assert cache.get("k1") == site and cache.verified("k1")
+    clock[0] += deps.PRINCIPAL_TTL_S + 0.1
+    assert cache.get("k1") is None and cache.verified("k1")  # re-checked with the database, still exempt
+    cache.forget_client("site-1")
+    assert not cache.verified("k1") and cache.verified("k2")
