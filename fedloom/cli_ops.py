@@ -98,6 +98,7 @@ def read_json_file(path: str, what: str) -> dict[str, Any]:
 
 
 def _get(api: FLClient, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A GET that FLClient has no method for (the admin's lists), without the unset ``params``."""
     return api._json("GET", path, params={k: v for k, v in (params or {}).items() if v is not None})
 
 
@@ -288,9 +289,15 @@ def _options() -> argparse.ArgumentParser:
     return common
 
 
-def _leaf(group: Any, name: str, run: Callable[[FLClient, argparse.Namespace], int], help: str, **kw: Any) -> Any:
+def _leaf(
+    group: Any,
+    name: str,
+    run: Callable[[FLClient, argparse.Namespace], int],
+    help: str,
+    require: Callable[[str], None] = require_cli,
+) -> Any:
     parser = group.add_parser(name, help=help, description=help, parents=[_options()])
-    parser.set_defaults(func=run_operator(run), require=kw.pop("require", require_cli), extra="cli")
+    parser.set_defaults(func=run_operator(run), require=require, extra="cli")
     return parser
 
 
@@ -312,7 +319,7 @@ def add_operator_commands(sub: Any) -> None:
     p.add_argument("--file", default=None, help="JSON file with a POST /training/start body that overrides the stored")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--watch", action="store_true", help="then follow it as experiments watch does")
-    p.add_argument("--timeout", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=None, help="with --watch: give up (exit 1) after this many seconds")
     p = _leaf(exp, "stop", experiments_stop, "stop a running experiment; it keeps its last global model")
     p.add_argument("experiment_id")
     p.add_argument("--reason", default="manual_stop")
@@ -362,6 +369,8 @@ def run_operator(run: Callable[[FLClient, argparse.Namespace], int]) -> Callable
             return fail(name, exc)
         except httpx.TransportError as exc:
             return fail(name, f"cannot reach {api.server_url}: {exc or type(exc).__name__}")
+        except OSError as exc:  # e.g. models download into a directory that does not exist
+            return fail(name, exc)
         except KeyboardInterrupt:
             return 130
 
