@@ -21,7 +21,7 @@ from websockets.sync.server import Server, ServerConnection, serve
 
 from fedloom import FLAPIError, FLClient, _watch, cli_ops
 from fedloom._watch import RunView, events_url, watch
-from tests.test_packaging import _run_blocked
+from tests.test_packaging import _names, _project, _run_blocked
 
 pytestmark = pytest.mark.unit
 EXP = "exp_w"
@@ -221,3 +221,9 @@ def test_the_operator_commands_name_the_cli_extra_when_rich_is_missing() -> None
     assert done.returncode == 1, done.stderr
     assert "pip install 'fedloom[cli]'" in done.stderr and "fedloom experiments" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_cli_extra_brings_rich_and_websockets_and_the_server_extra_both() -> None:
+    extras = _project()["optional-dependencies"]
+    assert _names(extras["cli"]) == {"rich", "websockets"}
+    assert _names(extras["cli"]) <= _names(extras["server"])
