@@ -46,6 +46,7 @@ class Sink(Protocol):
     def open(self, experiment_id: str, name: str, params: dict[str, Any], run_id: str | None) -> str: ...
     def log(self, run_id: str, step: int, scalars: dict[str, float]) -> None: ...
     def finish(self, run_id: str, status: str, model: Path | None) -> None: ...
+    def reopen(self, run_id: str) -> None: ...
 
 
 def _put(out: dict[str, float], key: str, value: object) -> None:
@@ -139,7 +140,12 @@ class Exporter:
     def _export(self, sink: Sink, exp: Experiment) -> None:
         st = self.state.get(exp.experiment_id)
         if st["done"]:
-            return
+            if exp.status in ENDED:
+                return
+            # Continued after it ended (POST /experiments/{id}/continue): the same run goes on.
+            sink.reopen(st["run_id"])
+            st["done"] = False
+            self.state.save()
         with Session(self.engine) as s:
             points = round_scalars(s, exp.experiment_id, st["round"])
         ended = exp.status in ENDED

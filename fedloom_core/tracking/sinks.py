@@ -86,6 +86,9 @@ class MlflowSink:
         state = {"completed": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
         self.client.set_terminated(run_id, state)
 
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
 
 class TensorBoardSink:
     """Event files under ``<dir>/<experiment id>/``, one scalar per metric and round."""
@@ -109,6 +112,9 @@ class TensorBoardSink:
         writer = self._writers.pop(run_id, None)
         if writer is not None:
             writer.close()
+
+    def reopen(self, run_id: str) -> None:
+        """Nothing to do: a new writer appends to the same directory."""
 
     def _get(self, run_id: str) -> Any:
         writer = self._writers.get(run_id)

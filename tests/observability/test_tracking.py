@@ -141,6 +141,38 @@ def test_rounds_reach_mlflow_and_tensorboard_once_each(world) -> None:  # type: 
     assert [e.step for e in acc.Scalars("federated_loss")] == [1, 2, 3]
 
 
+def test_a_continued_experiment_goes_on_in_the_same_run(world) -> None:  # type: ignore[no-untyped-def]
+    engine, blobs, tmp = world
+    uri = f"file://{tmp / 'mlruns'}"
+    mlflow = Exporter(engine, blobs, MlflowSink(uri), tmp / "state")
+    board = Exporter(engine, blobs, TensorBoardSink(tmp / "tb"), tmp / "state")
+    for rnd in (1, 2):
+        record_round(engine, blobs, tmp, rnd, final=rnd == 2)
+    assert mlflow.export_once() and board.export_once()
+    assert _mlflow_run(uri)[1].info.status == "FINISHED"
+    with session_scope(engine) as s:  # POST /experiments/{id}/continue sets it running again
+        exp = s.get(Experiment, EXP)
+        exp.status = "running"
+        s.add(exp)
+    record_round(engine, blobs, tmp, 3)
+    assert mlflow.export_once() and board.export_once()
+    client, run = _mlflow_run(uri)
+    assert run.info.status == "RUNNING"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "accuracy")) == [1, 2, 3]
+    with session_scope(engine) as s:
+        exp = s.get(Experiment, EXP)
+        exp.status, exp.final_model_id = "completed", f"model_{EXP}_round_3"
+        s.add(exp)
+    assert mlflow.export_once() and board.export_once()
+    client, run = _mlflow_run(uri)
+    assert run.info.status == "FINISHED"
+    paths = sorted(a.path for a in client.list_artifacts(run.info.run_id, "model"))
+    assert paths == [f"model/model_{EXP}_round_2.safetensors", f"model/model_{EXP}_round_3.safetensors"]
+    acc = EventAccumulator(str(tmp / "tb" / EXP))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("accuracy")] == [1, 2, 3]
+
+
 def test_an_unreachable_tracker_fails_the_pass_only_and_is_caught_up_later(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     engine, blobs, tmp = world
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
