@@ -71,14 +71,6 @@ def _install_temporal_errors(app: FastAPI) -> None:
         return _temporal_down(request.app, "the Temporal server is not reachable")
 
 
-def uvicorn_options(settings: Settings) -> dict[str, object]:
-    """uvicorn's keyword arguments for these settings: HTTPS when a certificate is set, trusted proxies."""
-    options: dict[str, object] = {"proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips}
-    if settings.tls_certfile:
-        options |= {"ssl_certfile": settings.tls_certfile, "ssl_keyfile": settings.tls_keyfile}
-    return options
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (read from the environment when omitted)."""
     settings = settings or Settings()

@@ -74,8 +74,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import create_app, uvicorn_options
+    from api.app import create_app
     from fedloom_core.settings import Settings
+    from fedloom_tools.serve import uvicorn_options
 
     settings = Settings()
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", **uvicorn_options(settings))

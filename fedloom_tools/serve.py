@@ -18,9 +18,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedloom_core.temporal import dev_server_flags
 from fedloom_tools.launch import terminate
+
+if TYPE_CHECKING:
+    from fedloom_core.settings import Settings
 
 PR_SET_PDEATHSIG = 1
 
@@ -69,6 +73,14 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
     """SIGTERM children in reverse start order, then SIGKILL what is left."""
     for proc in reversed(procs):
         terminate(proc, timeout)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, object]:
+    """uvicorn's keyword arguments for the API: HTTPS when a certificate is set, the trusted proxies."""
+    options: dict[str, object] = {"proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips}
+    if settings.tls_certfile:
+        options |= {"ssl_certfile": settings.tls_certfile, "ssl_keyfile": settings.tls_keyfile}
+    return options
 
 
 def default_command(role: str) -> list[str]:

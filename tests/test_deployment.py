@@ -147,3 +147,30 @@ def test_fedloom_roles_wait_for_a_healthy_temporal() -> None:
         for dep, spec in depends.items():
             if spec["condition"] == "service_healthy":
                 assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no healthcheck"
+
+
+def test_tls_settings_reach_uvicorn(tmp_path: Path) -> None:
+    import pydantic
+
+    from fedloom_tools.serve import uvicorn_options
+
+    plain = uvicorn_options(Settings(_env_file=None, data_dir=tmp_path))
+    assert "ssl_certfile" not in plain and plain["forwarded_allow_ips"] == "127.0.0.1"
+    tls = uvicorn_options(
+        Settings(
+            _env_file=None,
+            data_dir=tmp_path,
+            tls_certfile="/c.pem",
+            tls_keyfile="/k.pem",
+            forwarded_allow_ips="10.0.0.2",
+        )
+    )
+    assert (
+        tls["ssl_certfile"] == "/c.pem" and tls["ssl_keyfile"] == "/k.pem" and tls["forwarded_allow_ips"] == "10.0.0.2"
+    )
+    try:
+        Settings(_env_file=None, data_dir=tmp_path, tls_certfile="/c.pem")
+    except pydantic.ValidationError as exc:
+        assert "FEDLOOM_TLS_KEYFILE" in str(exc)
+    else:
+        raise AssertionError("a certificate without its key was accepted")
