@@ -153,7 +153,11 @@ def bearer_key(authorization: str | None) -> str | None:
 
 async def get_principal(request: Request, authorization: AuthorizationHeader = None) -> auth.Principal:
     """Who is calling: the admin or a client, from the bearer key (cached), or UNAUTHORIZED."""
-    state = _state(request)
+    return await resolve_principal(_state(request), authorization)
+
+
+async def resolve_principal(state, authorization: str | None) -> auth.Principal:  # type: ignore[no-untyped-def]
+    """The principal of an Authorization header: from the cache, else the database (then cached)."""
     key = bearer_key(authorization)
     if key is None:
         return auth.resolve(state.engine, state.admin_key_hash, authorization)  # raises UNAUTHORIZED

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import hash_key
 from api.auth_failures import AuthFailureGuard, address_of
+from api.auth_first import AuthFirst
 from api.errors import error_response
 from fedloom_core.settings import Settings
 
@@ -406,5 +407,10 @@ def make_store_factory(settings: Settings) -> Callable[[Engine], CounterStore]:
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Add the rate-limiting middleware to ``app``; the database store uses ``app.state.engine``."""
+    """Add the rate-limiting middleware to ``app``; the database store uses ``app.state.engine``.
+
+    Inside it, :class:`api.auth_first.AuthFirst` authenticates body-carrying requests before their
+    body is read, so its 401s count toward the address's auth-failure budget.
+    """
+    app.add_middleware(AuthFirst)
     app.add_middleware(RateLimitMiddleware, settings=settings, store_factory=make_store_factory(settings))

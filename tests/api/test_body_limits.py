@@ -30,14 +30,17 @@ def test_a_declared_json_body_over_the_cap_is_refused_unread(local_app) -> None:
 
 
 def test_a_streamed_json_body_is_cut_off_at_the_cap(local_app) -> None:  # type: ignore[no-untyped-def]
-    """No Content-Length (chunked): the cap is counted as the body arrives, also before authentication."""
+    """No Content-Length (chunked): the cap is counted as the body arrives (with a wrong key, none of
+    it is read: 401 first, see tests/security/test_auth.py)."""
     http = local_app(max_json_kb=64)
+    resp = http.post("/clients/register", content=_chunks(1_000_000), headers={"Content-Type": "application/json"})
+    assert_error(resp, 413, "INVALID_REQUEST")
     resp = http.post(
         "/clients/register",
         content=_chunks(1_000_000),
         headers={"Content-Type": "application/json", "Authorization": "Bearer wrong"},
     )
-    assert_error(resp, 413, "INVALID_REQUEST")
+    assert_error(resp, 401, "UNAUTHORIZED")
 
 
 def test_an_upload_declared_over_the_upload_limit_is_refused_unread(local_app) -> None:  # type: ignore[no-untyped-def]

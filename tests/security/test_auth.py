@@ -127,3 +127,30 @@ def test_the_database_counters_share_one_address_budget_between_api_processes(lo
     assert second.get("/clients/nat-site", headers=_bearer(key)).status_code == 200  # verified there
     assert caplog.records and all("fl_bad" not in r.getMessage() for r in caplog.records)
     assert all("fl_other" not in r.getMessage() for r in caplog.records)
+
+
+def test_a_body_is_never_read_before_its_request_is_authenticated(local_app) -> None:  # type: ignore[no-untyped-def]
+    admin = local_app()
+    key = admin.post("/clients/register", json={"client_id": "site-1"}).json()["api_key"]
+    pulled: list[str] = []
+
+    def body(path: str) -> Iterator[bytes]:
+        pulled.append(path)
+        yield b'{"client_id": "site-2"}'
+
+    for method, path in [
+        ("POST", "/clients/register"),
+        ("POST", "/training/start"),
+        ("POST", "/experiments"),
+        ("POST", "/model/update/site-1"),
+        ("PUT", "/experiments/exp-1/initial_model"),
+    ]:
+        for headers in ({"Authorization": ""}, _bearer("fl_made-up"), {"Authorization": "Basic abc"}):
+            r = admin.request(method, path, content=body(path), headers={**headers, "Content-Type": "application/json"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHORIZED", (path, r.text)
+    assert pulled == []
+    # With a key, the body is read and the route decides (a client key may not register: 403).
+    r = admin.post(
+        "/clients/register", content=body("ok"), headers={**_bearer(key), "Content-Type": "application/json"}
+    )
+    assert r.status_code == 403 and pulled == ["ok"]
