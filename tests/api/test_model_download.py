@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -14,7 +15,9 @@ from fedloom_core.storage.blobstore import LocalBlobStore
 from fedloom_core.storage.db import GlobalModel
 from fedloom_core.storage.repo import session_scope
 
-DELAY_S = 1.5
+DELAY_S = 3.0
+# It times another request against the blob store's delay.
+pytestmark = pytest.mark.serial
 
 
 class SlowToOpen(LocalBlobStore):
@@ -52,6 +55,6 @@ def test_a_slow_blob_read_does_not_block_the_event_loop(local_app, tmp_path: Pat
         assert not download.done(), "the download should still be waiting on the blob store"
         got = download.result(timeout=30)
     assert meta.status_code == 200 and meta.json()["model_id"] == "model_e_round_0"
-    assert took < DELAY_S / 3, f"another request waited {took:.2f} s behind the blob read"
+    assert took < DELAY_S / 2, f"another request waited {took:.2f} s behind the blob read"
     assert got.status_code == 200 and got.content == path.read_bytes()
     assert got.headers["X-Model-SHA256"] == info.sha256

@@ -25,7 +25,8 @@ from safetensors.torch import save as st_save
 from fedloom_tools.launch import memory_bytes
 from tests.conftest import LiveServer, start_serve, stop_serve
 
-pytestmark = pytest.mark.e2e
+# The answers are timed (within 1 s, the read timeout), so the module runs with the machine to itself.
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 READ_TIMEOUT_S = 2
 MIN_RATE_KBPS = 16
@@ -149,7 +150,7 @@ def test_a_stalled_upload_is_dropped_with_408_and_its_spool_file_removed(server:
         took = time.monotonic() - started
     _assert_spec_error(status, body, 408, "INVALID_REQUEST")
     assert "no part of the body arrived" in body["error"]["details"]
-    assert READ_TIMEOUT_S - 0.5 < took < READ_TIMEOUT_S + 1.0
+    assert READ_TIMEOUT_S - 0.5 < took < READ_TIMEOUT_S + 1.5
     assert _spool(server) == []
 
 
