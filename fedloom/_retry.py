@@ -36,9 +36,10 @@ class Backoff:
 
 
 def transient(exc: BaseException) -> bool:
-    """Whether retrying the same call may succeed: no connection, a timeout, a 5xx or a 429."""
+    """Whether retrying the same call may succeed: no connection, a timeout, a 5xx, a 429, or a 408 (the
+    server dropped an upload whose body stalled)."""
     if isinstance(exc, FLAPIError):
-        return exc.status >= 500 or exc.status == 429
+        return exc.status >= 500 or exc.status in (408, 429)
     return isinstance(exc, (httpx.TransportError, ConnectionError))
 
 

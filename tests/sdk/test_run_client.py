@@ -193,6 +193,7 @@ def test_connection_errors_retry_within_the_time_budget(monkeypatch: pytest.Monk
     backoff = _retry.Backoff(base_s=1, cap_s=8)
     assert all(0 <= backoff.delay(a, OSError()) <= min(8, 2**a) for a in range(10) for _ in range(20))
     assert not _retry.transient(app.FLAPIError(400, "INVALID_REQUEST", "")) and _retry.transient(ConnectionError())
+    assert _retry.transient(app.FLAPIError(408, "INVALID_REQUEST", "Upload timed out"))
 
 
 def test_client_app_runs_with_its_own_client_id(fake: FakeServer) -> None:
