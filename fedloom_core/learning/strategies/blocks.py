@@ -201,6 +201,27 @@ def open_mapped(
         yield files
 
 
+# Scratch bytes per thread for one block's rows. Larger blocks spread each ufunc call's fixed cost and
+# its GIL hand-off over more coordinates; past a few MiB the rows fall out of the shared L3 cache.
+# Measured for FedMedian at K = 10 x 44 MB on 2 threads: 1 MiB 357 ms, 4 MiB 157-198 ms, 16 MiB 186 ms.
+CACHE_BYTES = 4 << 20
+
+
+def block_size(rows: int, itemsize: int, window: int, minimum: int = 1 << 10) -> int:
+    """Coordinates per block: a power of two (at least ``minimum``) whose ``rows`` rows fit CACHE_BYTES,
+    and a multiple of ``minimum`` within ``window`` (``minimum`` itself for a smaller window)."""
+    fit = CACHE_BYTES // (rows * itemsize)
+    size = max(minimum, 1 << max(0, fit.bit_length() - 1))
+    return minimum if window < minimum else min(size, window - window % minimum)
+
+
+def budget_window(chunk: int, block: int, count: int, scratch_rows: int, mapped: int | None = None) -> int:
+    """Coordinates per window such that ``mapped`` (default K) mapped rows plus every thread's
+    ``scratch_rows`` block rows stay within ``K x chunk`` values (at least one block)."""
+    window = (count * chunk - worker_count() * scratch_rows * block) // (mapped or count)
+    return max(block, window - window % block)
+
+
 def worker_count() -> int:
     """Threads for the block kernels: torch's intra-op thread count (``OMP_NUM_THREADS``), at least one."""
     return max(1, torch.get_num_threads())
@@ -215,10 +236,11 @@ def run_blocks(
     files: Sequence[MappedFile],
     space: FlatSpace,
     done: Callable[[int, int], None] | None = None,
+    begin: int = 0,
     threads: int | None = None,
 ) -> None:
     """Call ``kernel(start, stop, scratch)`` for blocks of at most ``block`` coordinates covering
-    ``range(total)``, a window of about ``window`` coordinates at a time: each window is mapped in
+    ``range(begin, total)``, a window of about ``window`` coordinates at a time: each window is mapped in
     every file first (``MappedFile.enter``), and ``done(start, stop)`` runs after its last block.
     Each thread has its own ``scratch()`` and takes the window's next block whenever it is free;
     blocks never overlap, so which thread runs which block does not matter."""
@@ -234,7 +256,7 @@ def run_blocks(
             kernel(starts[index], min(starts[index] + block, stop_at), own)
 
     try:
-        for w_start in range(0, total, span):
+        for w_start in range(begin, total, span):
             w_stop = min(w_start + span, total)
             for f in files:
                 f.enter(space, w_start, w_stop)

@@ -1,59 +1,76 @@
 """Krum and Multi-Krum (Blanchard et al., 2017): keep the updates closest to their nearest neighbours.
 
 The squared L2 distance between every pair of updates (all floating-point tensors together) comes
-from Gram matrices: the model's coordinates are walked in fixed blocks of ``BLOCK``; each block's
-K rows are read from the memory-mapped update files minus the global model's (the deltas, much
-smaller than the weights, so little is lost to cancellation), and one batched float32 matrix
-product gives the block's K x K Gram matrix, ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``, as partial
-sums over ``PIECE`` coordinates that are added up in float64 (float64 products would cost twice
-as much; float32 sums over whole blocks would lose about 100 times more to rounding). The blocks'
-Gram matrices are added up in float64, in block order, so the distances do not depend on
-``chunk_elems`` (which only bounds how much of the mapped files stays resident, about
-``K x chunk_elems`` values), nor on the thread count. Memory beyond that is ``(2K + 1) x BLOCK``
-values per thread, and, for the output, FedAvg's one model.
+from Gram matrices: the model's coordinates are walked in cache-sized blocks; each block's K rows
+are read from the memory-mapped update files minus the global model's (the deltas, much smaller
+than the weights, so little is lost to cancellation), and one batched float32 matrix product gives
+the K x K Gram matrix of every piece of ``PIECE`` coordinates, ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``.
+The pieces' matrices are added up in float64, in piece order (float64 products would cost twice as
+much; float32 sums over long blocks would lose about 100 times more to rounding), so the distances
+do not depend on the block size, ``chunk_elems`` (which only bounds how much of the mapped files
+stays resident, about ``K x chunk_elems`` values) or the thread count. Memory beyond that is
+``2 (K + 1)`` block rows per thread and the output model.
 
 ``score_i`` is the sum of the ``K - f - 2`` smallest distances from update i to the others.
-Krum outputs the update with the lowest score; Multi-Krum averages the ``m`` lowest-scored.
+Krum outputs the update with the lowest score; Multi-Krum averages the ``m`` lowest-scored
+(``weighted_mean``, FedAvg's mean read a window at a time like the distances).
 Ties go to the smaller client id. Both need ``K > 2f + 2``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedloom_core.learning.kernels import Opener, UpdateFile, fedavg
+from fedloom_core.learning.kernels import Opener, UpdateFile, fedavg_weights
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.learning.strategies.blocks import FlatSpace, MappedFile, flat_spaces, open_mapped, run_blocks
+from fedloom_core.learning.strategies.blocks import (
+    FlatSpace,
+    MappedFile,
+    block_size,
+    budget_window,
+    flat_spaces,
+    open_mapped,
+    run_blocks,
+)
 from fedloom_core.learning.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
-from fedloom_core.learning.strategies.streaming import canonical
-from fedloom_core.learning.weights import structure
+from fedloom_core.learning.strategies.streaming import canonical, is_float, torch_dtype
+from fedloom_core.learning.weights import save_state, structure
 
 NUM_BYZANTINE = Param("num_byzantine", int, 0, "Number f of Byzantine updates to tolerate.", minimum=0)
-# Coordinates per block: fixed, so the partial sums are the same for any chunk_elems.
-BLOCK = 1 << 16
-# Coordinates per float32 dot product inside a block (longer float32 sums lose more to rounding:
-# a relative error of about 2e-4 over 65536 coordinates, 3e-6 over 1024, measured).
+# Coordinates per float32 dot product (longer float32 sums lose more to rounding: a relative error
+# of about 2e-4 over 65536 coordinates, 3e-6 over 1024, measured). Blocks are whole pieces.
 PIECE = 1 << 10
 
 
 def block_gram(rows: torch.Tensor) -> np.ndarray:
-    """The K x K Gram matrix of ``rows`` (K x n): float32 products summed over PIECE coordinates at a
-    time (one batched matrix product), the pieces' sums then added in float64, in order."""
+    """The Gram matrices of ``rows`` (K x n) over each piece of PIECE coordinates (the last one shorter),
+    as a (pieces, K, K) float64 array: float32 products and sums, one batched matrix product."""
     count, n = rows.shape
     whole = n - n % PIECE
-    total = np.zeros((count, count), dtype=np.float64)
+    grams = []
     if whole:
         batched = rows[:, :whole].reshape(count, whole // PIECE, PIECE).permute(1, 0, 2)
-        np.add.reduce(torch.bmm(batched, batched.transpose(1, 2)).numpy(), axis=0, dtype=np.float64, out=total)
+        grams.append(torch.bmm(batched, batched.transpose(1, 2)).numpy())
     if whole < n:
         rest = rows[:, whole:]
-        np.add(total, torch.mm(rest, rest.T).numpy(), out=total)
-    return total
+        grams.append(torch.mm(rest, rest.T).numpy()[None])
+    return np.concatenate(grams).astype(np.float64)
+
+
+def distances_from_gram(gram: np.ndarray) -> list[list[float]]:
+    """Squared distances from a Gram matrix, symmetric bit for bit (from its upper triangle), zero diagonal."""
+    upper = np.triu(gram)
+    sym = upper + np.triu(upper, 1).T
+    sq = np.diagonal(sym)
+    dist = np.clip(sq[:, None] + sq[None, :] - 2.0 * sym, 0.0, None)
+    np.fill_diagonal(dist, 0.0)
+    return dist.tolist()
 
 
 def pairwise_sq_distances(
@@ -64,48 +81,99 @@ def pairwise_sq_distances(
     Blocks run on ``blocks.run_blocks``'s threads, but every sum is taken in a fixed order (within a
     block, then block by block), so the same files give the same distances on every run.
     """
-    count = len(ordered)
     expected = structure(global_path)
-    gram = np.zeros((count, count), dtype=np.float64)
+    gram = np.zeros((len(ordered), len(ordered)), dtype=np.float64)
     with open_mapped(ordered, opener, expected, reference=global_path) as files:
         for space in flat_spaces(expected):
-            _add_gram(space, files, chunk, gram)
-    upper = np.triu(gram)
-    sym = upper + np.triu(upper, 1).T  # the upper triangle mirrored: d(i, j) == d(j, i) bit for bit
-    sq = np.diagonal(sym)
-    dist = np.clip(sq[:, None] + sq[None, :] - 2.0 * sym, 0.0, None)
-    np.fill_diagonal(dist, 0.0)
-    return dist.tolist()
+            _Walk(space, files, chunk).run(gram)
+    return distances_from_gram(gram)
 
 
-def _add_gram(space: FlatSpace, files: Sequence[MappedFile], chunk: int, gram: np.ndarray) -> None:
-    """Add the Gram matrix of the updates' deltas (``files[:K]`` minus ``files[K]``) over ``space`` to ``gram``."""
-    count = len(files) - 1
-    block = min(BLOCK, space.total)
-    window = max(block, chunk - chunk % block)
-    parts = np.zeros((math.ceil(window / block), count, count), dtype=np.float64)
+@dataclass
+class _Mean:
+    """A selection (indices into the updates, client-id order) whose weighted mean is being written."""
 
-    def scratch() -> tuple[np.ndarray, np.ndarray]:
+    indices: list[int]
+    weights: list[float]
+
+
+class _Walk:
+    """Passes over one flat space of the K updates (``files[:K]``, the global model ``files[K]``): the Gram
+    matrix of the deltas, and, once a selection is known, its weighted mean into ``out``.
+
+    The mean of a block adds ``w_i * x_i`` in client-id order (a single update is copied), the same
+    operations whichever pass computes it, so the result never depends on when it was computed.
+    """
+
+    def __init__(self, space: FlatSpace, files: Sequence[MappedFile], chunk: int) -> None:
+        self.space, self.files, self.count = space, files, len(files) - 1
+        itemsize = torch.empty((), dtype=space.work).element_size()
+        self.block = min(block_size(2 * (self.count + 1), itemsize, chunk, minimum=PIECE), space.total)
+        self.window = budget_window(chunk, self.block, self.count, 2 * (self.count + 1), mapped=self.count + 1)
+        self.out = torch.empty(0, dtype=space.work)
+        self.mean: _Mean | None = None
+        self.covered: list[tuple[int, int]] = []  # windows whose mean is written
+
+    def scratch(self) -> tuple[np.ndarray, np.ndarray]:
         # torch's allocator aligns to 64 bytes, so every matrix handed to BLAS is aligned the same
         # way on every run (BLAS kernels may sum differently for differently aligned data).
-        staging = torch.empty((count + 1, block), dtype=space.work).numpy()
-        return staging, torch.empty((count, block), dtype=space.work).numpy()
+        shape, work = (self.count + 1, self.block), self.space.work
+        return torch.empty(shape, dtype=work).numpy(), torch.empty(shape, dtype=work).numpy()
 
-    def kernel(start: int, stop: int, own: tuple[np.ndarray, np.ndarray]) -> None:
-        staging, deltas = own
-        n = stop - start
-        pieces = list(space.pieces(start, stop))
-        reference = files[count].block(pieces, staging[count, :n])
-        rows = deltas[:, :n]
-        for i in range(count):
-            np.subtract(files[i].block(pieces, staging[i, :n]), reference, out=rows[i])
-        parts[(start % window) // block] = block_gram(torch.from_numpy(rows))
+    def add_mean(self, start: int, stop: int, rows: Sequence[np.ndarray], scaled: np.ndarray, mean: _Mean) -> None:
+        acc = self.out.numpy()[start:stop]
+        if len(mean.indices) == 1:
+            np.copyto(acc, rows[mean.indices[0]])
+            return
+        for position, (index, weight) in enumerate(zip(mean.indices, mean.weights, strict=True)):
+            if position == 0:
+                np.multiply(rows[index], weight, out=acc)
+            else:
+                np.add(acc, np.multiply(rows[index], weight, out=scaled), out=acc)
 
-    def done(start: int, stop: int) -> None:
-        for part in parts[: math.ceil((stop - start) / block)]:
-            np.add(gram, part, out=gram)
+    def run(
+        self, gram: np.ndarray | None, guess: Callable[[], _Mean | None] | None = None, begin: int = 0, end: int = 0
+    ) -> None:
+        """Walk coordinates ``[begin, end or total)``: add the Gram matrix to ``gram`` (unless None), and the
+        mean of ``self.mean`` where one is set; ``guess()`` may set it after each window."""
+        count, block, window = self.count, self.block, self.window
+        parts: list[np.ndarray] = [np.empty(0)] * math.ceil(window / block)
+        active = [self.mean]
 
-    run_blocks(space.total, block, window, kernel, scratch, files, space, done)
+        def kernel(start: int, stop: int, own: tuple[np.ndarray, np.ndarray]) -> None:
+            staging, deltas = own
+            n, mean = stop - start, active[0]
+            pieces = list(self.space.pieces(start, stop))
+            wanted = range(count + 1) if gram is not None else (mean.indices if mean else ())
+            rows: dict[int, np.ndarray] = {i: self.files[i].block(pieces, staging[i, :n]) for i in wanted}
+            if gram is not None:
+                for i in range(count):
+                    np.subtract(rows[i], rows[count], out=deltas[i, :n])
+                parts[(start % window) // block] = block_gram(torch.from_numpy(deltas[:count, :n]))
+            if mean is not None:
+                self.add_mean(start, stop, rows, deltas[count, :n], mean)
+
+        def done(start: int, stop: int) -> None:
+            if gram is not None:  # every piece's Gram matrix added in piece order, whatever the blocks
+                pieces = [gram[None], *parts[: math.ceil((stop - start) / block)]]
+                np.add.reduce(np.concatenate(pieces), axis=0, out=gram)
+            if active[0] is not None:
+                self.covered.append((start, stop))
+            if guess is not None and self.mean is None:
+                self.mean = guess()
+            active[0] = self.mean
+
+        run_blocks(
+            end or self.space.total, block, window, kernel, self.scratch, self.files, self.space, done, begin=begin
+        )
+
+    def fill(self) -> None:
+        """Write the mean of ``self.mean`` over every window not yet covered."""
+        done_at, position = sorted(self.covered), 0
+        for start, stop in [*done_at, (self.space.total, self.space.total)]:
+            if position < start:
+                self.run(None, begin=position, end=start)
+            position = max(position, stop)
 
 
 def krum_scores(ordered: Sequence[UpdateFile], dist: list[list[float]], num_byzantine: int) -> dict[str, float]:
@@ -147,7 +215,12 @@ class MultiKrum(ConfiguredStrategy):
         return count - self.params["num_byzantine"] if chosen is None else chosen
 
     def aggregate(self, ctx: AggregationContext) -> AggregateResult:
-        """Score the updates, then average the best ``num_selected`` of them with ``aggregation.fedavg``."""
+        """Score the updates, then write FedAvg's mean of the best ``num_selected`` of them.
+
+        One pass computes the distances; the selection the first window's distances point to is
+        averaged in the same pass, while the rows are in cache. When the final selection is that one,
+        only the first window is read again; otherwise a second pass writes the final selection's mean.
+        """
         ordered = canonical(ctx.updates)
         count, f = len(ordered), self.params["num_byzantine"]
         if count <= 2 * f + 2:
@@ -157,12 +230,46 @@ class MultiKrum(ConfiguredStrategy):
         chosen = self.selected_count(count)
         if chosen > count:
             raise ValueError(f"{self.name}: num_selected={chosen} is more than the {count} updates of the round")
-        dist = pairwise_sq_distances(ordered, ctx.opener, Path(ctx.global_path), self.params["chunk_elems"])
-        scores = krum_scores(ordered, dist, f)
-        ranking = sorted(ordered, key=lambda u: (scores[u.client_id], u.client_id))
-        selected = ranking[:chosen]
-        fedavg(selected, ctx.out_path, weighted=self.params.get("weighted", False), opener=ctx.opener)
-        return AggregateResult(info={"selected": [u.client_id for u in selected], "scores": scores})
+        weighted = self.params.get("weighted", False)
+        expected = structure(ctx.global_path)
+        gram = np.zeros((count, count), dtype=np.float64)
+
+        def select() -> tuple[list[int], dict[str, float]]:
+            scores = krum_scores(ordered, distances_from_gram(gram), f)
+            ranking = sorted(range(count), key=lambda i: (scores[ordered[i].client_id], ordered[i].client_id))
+            return ranking[:chosen], scores
+
+        def mean_of(indices: list[int]) -> _Mean:
+            ids = sorted(indices)  # client-id order, as FedAvg folds
+            return _Mean(ids, fedavg_weights([ordered[i] for i in ids], weighted))
+
+        guesses: list[_Mean] = []
+
+        def guess() -> _Mean:
+            guesses.append(mean_of(select()[0]))
+            return guesses[0]
+
+        result: dict[str, torch.Tensor] = {}
+        with open_mapped(ordered, ctx.opener, expected, reference=ctx.global_path) as files:
+            walks = [_Walk(space, files, self.params["chunk_elems"]) for space in flat_spaces(expected)]
+            for walk in walks:
+                walk.out = torch.empty(walk.space.total, dtype=walk.space.work)
+                walk.mean = guesses[0] if guesses else None
+                walk.run(gram, None if guesses else guess)
+            ranked, scores = select()
+            final = mean_of(ranked)
+            for walk in walks:
+                if walk.mean is None or walk.mean.indices != final.indices:
+                    walk.mean, walk.covered = final, []
+                walk.fill()
+                result.update(walk.space.unflatten(walk.out, expected))
+            for name, (dtype_text, shape) in expected.items():
+                if not is_float(dtype_text):
+                    result[name] = files[final.indices[0]].whole(name)
+                elif math.prod(shape) == 0:
+                    result[name] = torch.empty(shape, dtype=torch_dtype(dtype_text))
+        save_state(result, ctx.out_path)
+        return AggregateResult(info={"selected": [ordered[i].client_id for i in ranked], "scores": scores})
 
 
 class Krum(MultiKrum):

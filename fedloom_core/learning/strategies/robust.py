@@ -21,22 +21,19 @@ import numpy as np
 import torch
 
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.learning.strategies.blocks import FlatSpace, MappedFile, flat_spaces, open_mapped, run_blocks
+from fedloom_core.learning.strategies.blocks import (
+    FlatSpace,
+    MappedFile,
+    block_size,
+    budget_window,
+    flat_spaces,
+    open_mapped,
+    run_blocks,
+)
 from fedloom_core.learning.strategies.networks import Plan, run_plan, selection_plan
 from fedloom_core.learning.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
 from fedloom_core.learning.strategies.streaming import canonical, floor_fraction, is_float, torch_dtype
 from fedloom_core.learning.weights import save_state, structure
-
-# Scratch bytes per thread for one block's K + 2 network rows: about a core's L2 cache, so that a
-# network's passes over the block stay in cache.
-CACHE_BYTES = 1 << 20
-MIN_BLOCK = 1 << 10
-
-
-def block_size(count: int, itemsize: int, window: int) -> int:
-    """Coordinates per block for ``count`` updates: a power of two fitting CACHE_BYTES, within the window."""
-    fit = CACHE_BYTES // ((count + 2) * itemsize)
-    return max(1, min(window, max(MIN_BLOCK, 1 << max(0, fit.bit_length() - 1))))
 
 
 class CoordinateWise(ConfiguredStrategy):
@@ -60,7 +57,8 @@ class CoordinateWise(ConfiguredStrategy):
         flat = torch.empty(space.total, dtype=space.work)
         out_all = flat.numpy()
         dtype = space.numpy_dtype
-        block = min(block_size(count, np.dtype(dtype).itemsize, window), space.total)
+        block = min(block_size(count + 2, np.dtype(dtype).itemsize, window, minimum=1), space.total)
+        window = budget_window(window, block, count, 2 * count + 2)
 
         def scratch() -> tuple[np.ndarray, np.ndarray]:
             return np.empty((count, block), dtype), np.empty((count + 2, block), dtype)
