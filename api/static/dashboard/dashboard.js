@@ -4,7 +4,10 @@ import { FLAPIClient, FLAPIError } from './fedloom-client.js';
 import uPlot from './vendor/uPlot.esm.js';
 
 const KEY_STORE = 'fedloom_api_key';
-const REFRESH_DELAY_MS = 1200;
+// Events trigger a refresh from the REST API at most every `refresh_s` seconds (fragment option, default
+// 5): about six requests each, plus each client's reliability once a minute, against the key's rate limit.
+const DEFAULT_REFRESH_S = 5;
+const RELIABILITY_TTL_MS = 60_000;
 const MAX_EVENT_LINES = 200;
 const MAX_CLIENT_ROWS = 100;
 // Whole rounds only on the x axis.
@@ -24,12 +27,18 @@ const state = {
   lastEventId: null,
   connected: false,
   refreshes: 0,
+  shown: null,
 };
 window.__fedloomDashboard = state;
 
 let api = null;
 const charts = {};
 let refreshTimer = null;
+let refreshEveryMs = DEFAULT_REFRESH_S * 1000;
+let lastRefreshAt = 0;
+let notBefore = 0; // after a 429: not before Retry-After has passed
+const reliability = new Map(); // client id -> {value, at}
+let reliabilityStatus = null;
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -61,6 +70,8 @@ function showError(where, error) {
 
 function keyFromFragment() {
   const params = new URLSearchParams(location.hash.replace(/^#/, ''));
+  const every = Number(params.get('refresh_s'));
+  if (every >= 1) refreshEveryMs = every * 1000;
   const key = params.get('api_key');
   if (key) history.replaceState(null, '', location.pathname + location.search);
   return key;
@@ -150,15 +161,23 @@ function addEventLine(event) {
 
 function scheduleRefresh() {
   if (refreshTimer) return;
+  const wait = Math.max(300, lastRefreshAt + refreshEveryMs - Date.now(), notBefore - Date.now());
   refreshTimer = setTimeout(() => {
     refreshTimer = null;
-    refresh().catch((error) => showError($('#form-result'), error));
-  }, REFRESH_DELAY_MS);
+    refresh().catch((error) => {
+      if (error instanceof FLAPIError && error.status === 429) {
+        notBefore = Date.now() + (error.retryAfter ?? 10) * 1000;
+        scheduleRefresh();
+      }
+      showError($('#form-result'), error);
+    });
+  }, wait);
 }
 
 // Loading and drawing.
 
 async function refresh() {
+  lastRefreshAt = Date.now();
   const list = await api.listExperiments({ limit: 50 });
   state.experiments = list.experiments;
   if (!state.experimentId || !list.experiments.some((e) => e.experiment_id === state.experimentId)) {
@@ -166,7 +185,14 @@ async function refresh() {
     state.experimentId = (running || list.experiments[0] || {}).experiment_id ?? null;
   }
   drawExperiments();
-  await Promise.all([state.experimentId ? loadExperiment(state.experimentId) : null, loadClients()]);
+  if (state.experimentId) await loadExperiment(state.experimentId);
+  // Reliability moves with completed rounds: fetched again once a minute and whenever the status changes.
+  const status = `${state.experiment?.experiment_id}:${state.experiment?.status}`;
+  if (status !== reliabilityStatus) reliability.clear();
+  reliabilityStatus = status;
+  await loadClients();
+  // Everything on the page is from this refresh now.
+  state.shown = { experimentId: state.experimentId, status: state.experiment?.status ?? null };
   state.refreshes += 1;
   document.body.dataset.refreshes = String(state.refreshes);
 }
@@ -282,8 +308,15 @@ function plot(name, x, named) {
 async function loadClients() {
   const list = await api.listClients();
   const clients = list.clients.slice(0, MAX_CLIENT_ROWS);
-  const stats = await Promise.all(clients.map((c) => api.getClientMetrics(c.client_id).catch(() => null)));
-  state.clients = clients.map((c, i) => ({ ...c, reliability_score: stats[i]?.statistics?.reliability_score ?? null }));
+  const now = Date.now();
+  const stale = clients.filter((c) => !(now - (reliability.get(c.client_id)?.at ?? 0) < RELIABILITY_TTL_MS));
+  await Promise.all(
+    stale.map(async (c) => {
+      const stats = await api.getClientMetrics(c.client_id).catch(() => null);
+      reliability.set(c.client_id, { value: stats?.statistics?.reliability_score ?? null, at: now });
+    }),
+  );
+  state.clients = clients.map((c) => ({ ...c, reliability_score: reliability.get(c.client_id)?.value ?? null }));
   const body = $('#clients tbody');
   body.replaceChildren();
   for (const c of state.clients) {

@@ -28,7 +28,7 @@ try {
   const requested = [];
   page.on('request', (request) => requested.push(request.url()));
 
-  const response = await page.goto(`${url}/dashboard#api_key=${encodeURIComponent(key)}`, { waitUntil: 'load' });
+  const response = await page.goto(`${url}/dashboard#api_key=${encodeURIComponent(key)}&refresh_s=1`, { waitUntil: 'load' });
   const csp = response.headers()['content-security-policy'] ?? '';
   await page.waitForFunction(() => window.__fedloomDashboard?.connected && window.__fedloomDashboard.refreshes > 0, {
     timeout: 30_000,
@@ -57,7 +57,8 @@ try {
   await page.waitForFunction(
     (n) => {
       const s = window.__fedloomDashboard;
-      return s.experiment?.status === 'completed' && s.plotted.accuracy?.rounds.length === n && s.plotted.trust?.rounds.length === n;
+      const done = s.shown?.status === 'completed' && s.experiment?.status === 'completed';
+      return done && s.plotted.accuracy?.rounds.length === n && s.plotted.trust?.rounds.length === n;
     },
     { timeout: TIMEOUT_MS, polling: 200 },
     rounds,
