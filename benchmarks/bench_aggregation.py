@@ -737,7 +737,7 @@ process, `VmHWM` reset just before the call.
 - Target: each rule at least 0.25 of the in-run reference. With torch's {res["threads"]} threads on both sides
   the lowest is **{worst:.2f}** (**{"met" if worst >= 0.25 else "not met"}**); with one thread on both sides
   **{worst_1t:.2f}** (**{"met" if worst_1t >= 0.25 else "not met"}**). System load average at the end of the
-  run: {load} on {res["threads"]} cores. On a busy machine the multi-threaded reference, a parallel region that
+  run: {load}. On a busy machine the multi-threaded reference, a parallel region that
   waits for a core another process holds, slows down far more than the rules, whose threads take the next
   block when free; the one-thread columns are the fairer comparison then.
 - Memory: the four rules grew by at most {worst_peak / 1e6:.0f} MB, against a bound of
