@@ -173,7 +173,7 @@ def test_dashboard_follows_a_run_live_and_plots_its_rounds(run: Run, tmp_path: P
         seen = out["during"]["accuracy"]["rounds"]
         assert 1 <= len(seen) < ROUNDS + 1 and seen == list(range(1, len(seen) + 1))
 
-    assert [row[0] for row in final["experiments"]] == [EXPERIMENT]
+    assert [row[:4] for row in final["experiments"]] == [[EXPERIMENT, EXPERIMENT, "completed", "100%"]]
     clients = {row[0]: row for row in final["clients"]}
     assert sorted(clients) == ["c1", "c2"]
     for cid, (_, status, reliability, last_round, _trust) in clients.items():

@@ -184,8 +184,13 @@ async function refresh() {
     const running = list.experiments.find((e) => e.status === 'running');
     state.experimentId = (running || list.experiments[0] || {}).experiment_id ?? null;
   }
+  if (state.experimentId) {
+    await loadExperiment(state.experimentId);
+    // The detail was read after the list: its status and progress are the newer ones.
+    const listed = state.experiments.find((e) => e.experiment_id === state.experiment?.experiment_id);
+    if (listed) Object.assign(listed, { status: state.experiment.status, progress: state.experiment.progress });
+  }
   drawExperiments();
-  if (state.experimentId) await loadExperiment(state.experimentId);
   // Reliability moves with completed rounds: fetched again once a minute and whenever the status changes.
   const status = `${state.experiment?.experiment_id}:${state.experiment?.status}`;
   if (status !== reliabilityStatus) reliability.clear();
