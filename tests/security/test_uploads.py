@@ -21,7 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from sqlmodel import select as sql_select
 
+from fedloom_core.storage.db import Event, make_engine
+from fedloom_core.storage.repo import session_scope
 from fedloom_tools.launch import memory_bytes
 from tests.conftest import LiveServer, start_serve, stop_serve
 
@@ -370,4 +373,9 @@ def test_a_corrupt_or_missing_update_blob_is_rejected_and_the_run_finishes(
     missing = http.get(f"/model/update/{ids[order[0]]}").json()
     assert missing["validation_status"] == "rejected" and missing["reason"].startswith("UPDATE_UNREADABLE"), missing
     assert all(http.get(f"/model/update/{ids[c]}").json()["validation_status"] == "accepted" for c in order[1:])
+    # Each is announced like any other rejection, with its reason.
+    with session_scope(make_engine(f"sqlite:///{server.data_dir / 'fedloom.db'}")) as s:
+        events = s.exec(sql_select(Event).where(Event.type == "update_rejected", Event.experiment_id == exp_id)).all()
+    unreadable = sorted((e.payload["round"], e.client_id) for e in events if "UPDATE_UNREADABLE" in e.payload["reason"])
+    assert unreadable == [(1, "u1"), (2, order[0])], [(e.client_id, e.payload) for e in events]
     assert http.get("/health").status_code == 200
