@@ -418,7 +418,8 @@ def test_select_dry_run_of_a_created_experiment(http: httpx.Client, run: dict[st
     eligible = [c["client_id"] for c in http.get("/clients").json()["clients"] if c["status"] != "inactive"]
     assert body["selected_clients"] == sorted(eligible) and body["eligible_count"] == len(eligible)
     assert body["excluded_clients"] == [] and set(body["policy_results"]) == set(eligible)
-    assert all(r["policies_applied"] == ["client_status"] for r in body["policy_results"].values())
+    # The default policy's trust threshold applies to a policy that does not set one.
+    assert all(r["policies_applied"] == ["client_status", "trust_threshold"] for r in body["policy_results"].values())
     # Without experiment_id: the experiment that ran last (a merely created one does not displace it).
     assert http.get("/clients/select").json()["experiment_id"] == RUN_ID
     # Too few eligible clients for min_clients: nobody is selected.
