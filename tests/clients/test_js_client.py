@@ -180,6 +180,9 @@ def test_dashboard_follows_a_run_live_and_plots_its_rounds(run: Run, tmp_path: P
         assert status == "active" and reliability == "1" and last_round == str(ROUNDS), clients[cid]
     assert [row[:2] for row in final["selection"]] == [["c1", "yes"], ["c2", "yes"]]
     assert out["loginError"].startswith("UNAUTHORIZED")
+    forms = out["forms"]
+    assert forms["stop"]["className"] == "error" and forms["stop"]["text"].startswith("EXPERIMENT_NOT_ACTIVE"), forms
+    assert forms["start"]["className"] == "error" and forms["start"]["text"].startswith("RATE_LIMITED"), forms
 
 
 def test_js_client_installed_in_an_empty_project_reads_and_replays_the_run(run: Run, tmp_path: Path) -> None:

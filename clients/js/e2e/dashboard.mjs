@@ -94,6 +94,17 @@ try {
   });
   if (shots) await page.screenshot({ path: join(shots, 'dashboard.png'), fullPage: true });
 
+  // The forms call the API and show its error: the run is over (stop) and the one start allowed is used.
+  // (Chromium logs each error answer to the console; nothing after this point counts as a problem.)
+  const seen = [...problems];
+  const submit = async (form) => {
+    await page.$eval('#form-result', (node) => { node.textContent = ''; });
+    await page.click(`${form} button[type=submit]`);
+    await page.waitForFunction(() => document.querySelector('#form-result').textContent.length > 0, { timeout: 10_000 });
+    return page.$eval('#form-result', (node) => ({ text: node.textContent, className: node.className }));
+  };
+  const forms = { stop: await submit('#stop-form'), start: await submit('#start-form') };
+
   // A fresh tab without the fragment asks for the key, and says why a wrong one fails.
   const context = await browser.createBrowserContext();
   const fresh = await context.newPage();
@@ -109,7 +120,7 @@ try {
   const sent = requested.map((u) => u.split('#')[0]);
   const keyInRequests = sent.filter((u) => u.includes(encodeURIComponent(key)) || u.includes(key));
   process.stdout.write(
-    `${JSON.stringify({ csp, addressAfterLoad, during, secondsToDuring, secondsToFinal, final, loginError, keyInRequests, requested: [...new Set(sent.map((u) => new URL(u).origin))], problems })}\n`,
+    `${JSON.stringify({ csp, forms, addressAfterLoad, during, secondsToDuring, secondsToFinal, final, loginError, keyInRequests, requested: [...new Set(sent.map((u) => new URL(u).origin))], problems: seen })}\n`,
   );
 } finally {
   await browser.close();
