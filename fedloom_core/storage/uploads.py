@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -56,24 +57,36 @@ class StoredUpdate:
     completed_round: list[str] | None = None
 
 
+def _refuse_constant(name: str) -> None:
+    """NaN and Infinity are not JSON; stored, they would break every later JSON answer."""
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+
+
+# data_samples is stored in a 32-bit integer column.
+MAX_DATA_SAMPLES = 2**31 - 1
+
+
 def parse_metrics(raw: str | None) -> dict[str, Any]:
     """The upload's ``metrics`` form field, which must be a JSON object with ``data_samples`` > 0."""
     if raw is None or raw == "":
         raise InvalidRequest("metrics are required", "form field 'metrics' must be a JSON object with data_samples")
     try:
-        metrics = json.loads(raw)
+        metrics = json.loads(raw, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise InvalidRequest("metrics are not valid JSON", f"form field 'metrics': {exc}") from None
     if not isinstance(metrics, dict):
         raise InvalidRequest("metrics must be a JSON object", "form field 'metrics' must be a JSON object")
     samples = metrics.get("data_samples")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
-        raise InvalidRequest("metrics.data_samples must be a positive integer", f"got data_samples={samples!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 0 < samples <= MAX_DATA_SAMPLES:
+        raise InvalidRequest(
+            f"metrics.data_samples must be an integer in 1..{MAX_DATA_SAMPLES}", f"got data_samples={samples!r}"
+        )
     for key, value in metrics.items():
         if key in ("local_accuracy", "local_loss", "training_time", "communication_time") and not (
-            value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            value is None
+            or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
         ):
-            raise InvalidRequest(f"metrics.{key} must be a number", f"got {key}={value!r}")
+            raise InvalidRequest(f"metrics.{key} must be a finite number", f"got {key}={value!r}")
     return metrics
 
 

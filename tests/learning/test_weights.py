@@ -449,6 +449,9 @@ def test_large_finite_values_and_integers_are_not_flagged(tmp_path: Path) -> Non
         '{"data_samples": null}',
         '{"data_samples": 10, "local_accuracy": "high"}',
         '{"data_samples": 10, "local_loss": true}',
+        '{"data_samples": 2147483648}',
+        '{"data_samples": 10, "local_loss": NaN}',
+        '{"data_samples": 10, "note": Infinity}',
     ],
 )
 def test_invalid_metrics_are_rejected(raw: str | None) -> None:
