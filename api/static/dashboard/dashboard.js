@@ -93,8 +93,8 @@ async function open(key) {
   $('#login').hidden = true;
   $('#main').hidden = false;
   $('#forget-key').hidden = false;
-  await refresh();
   connect();
+  await refresh().catch((error) => showError($('#form-result'), error));
 }
 
 // The event stream: live only (the REST calls give the history); resumed after drops.
@@ -107,15 +107,15 @@ function setConnection(connected) {
 }
 
 function connect() {
-  const ws = api.connectWebSocket({
+  api.connectWebSocket({
     resume: true,
     onEvent: onEvent,
+    onOpen: () => setConnection(true),
     onClose: (event) => {
       setConnection(false);
       if (event.code === 4401) showError($('#form-result'), 'the event stream refused the key (4401)');
     },
   });
-  ws.addEventListener('open', () => setConnection(true));
 }
 
 function onEvent(event) {

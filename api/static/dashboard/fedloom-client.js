@@ -236,9 +236,10 @@ export class FLAPIClient {
   /**
    * Open `WS /ws/events`. With `since`, first replay every event after that id. The key goes in the
    * Authorization header where the WebSocket allows headers (`ws` in Node), else in `?api_key=`
-   * (browsers). `resume` reconnects after a drop or a 1013 close from the last event id received.
+   * (browsers). `resume` reconnects after a drop or a 1013 close from the last event id received;
+   * `onOpen` and `onClose` are called for every connection it opens.
    */
-  connectWebSocket({ since, onEvent, onClose, resume = false, resumeDelayMs = 1000 } = {}) {
+  connectWebSocket({ since, onEvent, onOpen, onClose, resume = false, resumeDelayMs = 1000 } = {}) {
     const Impl = this.WebSocket;
     if (!Impl) throw new Error('no WebSocket implementation: install the "ws" package or pass options.WebSocket');
     const url = new URL(`${this.serverUrl.replace(/^http/, 'ws')}/ws/events`);
@@ -249,6 +250,9 @@ export class FLAPIClient {
       ? new Impl(url.toString(), { headers: this.apiKey ? { Authorization: `Bearer ${this.apiKey}` } : {} })
       : new Impl(url.toString());
     this.ws = ws;
+    ws.onopen = () => {
+      if (onOpen) onOpen(ws);
+    };
     ws.onmessage = (message) => {
       const data = JSON.parse(typeof message.data === 'string' ? message.data : String(message.data));
       if (typeof data.event_id === 'number') this.lastEventId = data.event_id;
@@ -260,7 +264,7 @@ export class FLAPIClient {
       if (resume && this.ws === ws && !FINAL_CLOSE_CODES.has(event.code)) {
         setTimeout(() => {
           if (this.ws === ws) {
-            this.connectWebSocket({ since: this.lastEventId ?? since, onEvent, onClose, resume, resumeDelayMs });
+            this.connectWebSocket({ since: this.lastEventId ?? since, onEvent, onOpen, onClose, resume, resumeDelayMs });
           }
         }, resumeDelayMs);
       }

@@ -55,6 +55,8 @@ export interface ConnectOptions {
   /** Replay every stored event with a larger event_id first (0: the whole log). */
   since?: number | null;
   onEvent?: (event: FLEvent) => void;
+  /** Called each time a connection opens (again, with `resume`). */
+  onOpen?: (ws: any) => void;
   onClose?: (event: { code: number; reason: string }) => void;
   /** Reconnect from the last event id after a drop or a 1013 close. */
   resume?: boolean;

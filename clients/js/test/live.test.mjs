@@ -114,9 +114,40 @@ test('errors are FLAPIError with the spec fields, Retry-After on 429', { skip },
   assert.equal(code, 4401);
 });
 
-test('rotateClientKey and revokeClient (the run is over; its clients have left)', { skip }, async () => {
+test('rotateClientKey and revokeClient, seen by a stream that resumed after a drop', { skip }, async () => {
   const admin = new FLAPIClient(url, key);
+  const watcher = new FLAPIClient(url, key);
+  const ids = [];
+  let opened = 0;
+  let reopened;
+  const again = new Promise((resolve) => {
+    reopened = resolve;
+  });
+  const rotatedSeen = new Promise((resolve) => {
+    watcher.on('client_key_rotated', resolve);
+  });
+  watcher.on('*', (event) => ids.push(event.event_id));
+  const first = watcher.connectWebSocket({
+    since: 0,
+    resume: true,
+    resumeDelayMs: 100,
+    onOpen: () => {
+      opened += 1;
+      if (opened === 2) reopened();
+    },
+  });
+  await new Promise((resolve) => watcher.on('training_completed', resolve));
+  first.terminate(); // the connection drops without a close frame (1006): the client reconnects
+  await again;
+  assert.notEqual(watcher.ws, first);
+
   const rotated = await admin.rotateClientKey('c1');
+  const seen = await rotatedSeen;
+  assert.equal(seen.client_id, 'c1');
+  assert.equal(new Set(ids).size, ids.length, 'an event was delivered twice across the reconnect');
+  assert.deepEqual(ids, [...ids].sort((a, b) => a - b));
+  watcher.closeWebSocket();
+
   const site = new FLAPIClient(url, rotated.api_key);
   assert.equal((await site.getClient('c1')).client_id, 'c1');
   const revoked = await admin.revokeClient('c1');
