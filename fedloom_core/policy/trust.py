@@ -29,6 +29,11 @@ Anomaly (in [0, 1], from the update's measurements; a missing measurement contri
     at all; ``bound`` x the median, or the opposite direction (cosine -1, a sign-flipping attacker),
     is fully anomalous. A norm ratio that is NaN or infinite is fully anomalous.
 
+    The direction is judged against the round (``round_cosine_tau``): tau is lowered to the round's
+    median cosine minus DIRECTION_MARGIN = 0.5 when that is below 0. Near convergence honest deltas
+    cancel out (each points away from the sum of the others), so every client's cosine is negative;
+    only a client far below its round's typical direction is anomalous then.
+
 Reliability
     on-time deliveries / selections, or None when the client was never selected.
 
@@ -58,6 +63,7 @@ NORM_RATIO_TOLERANCE = 1.5
 NORM_RATIO_BOUND = 3.0
 COSINE_TAU = 0.0
 CONTRIBUTION_EMA = 0.3
+DIRECTION_MARGIN = 0.5
 
 
 def _clip01(x: float) -> float:
@@ -96,6 +102,16 @@ def direction_anomaly(cosine_similarity: float | None, *, tau: float = COSINE_TA
     if tau == -1.0:
         return 0.0
     return _clip01((tau - cosine_similarity) / (tau + 1.0))
+
+
+def round_cosine_tau(cosines: Iterable[float], *, tau: float = COSINE_TAU) -> float:
+    """The direction threshold for one round: ``tau``, or the round's median cosine minus DIRECTION_MARGIN if lower."""
+    finite = sorted(c for c in cosines if not math.isnan(c))
+    if not finite:
+        return tau
+    mid = len(finite) // 2
+    median = finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
+    return max(-1.0, min(tau, median - DIRECTION_MARGIN))
 
 
 def anomaly_score(

@@ -28,7 +28,7 @@ from fedloom_core.learning.weights import (
 )
 from fedloom_core.policy.rules import evaluate, validate_rules
 from fedloom_core.policy.selection import Candidate
-from fedloom_core.policy.trust import TRUST_PRIOR, anomaly_score
+from fedloom_core.policy.trust import TRUST_PRIOR, anomaly_score, round_cosine_tau
 from fedloom_core.schemas import PolicyConfig
 
 
@@ -198,13 +198,14 @@ def judge_updates(
     """
     rules = validate_rules(policy.rules) if policy.rules else []
     verdict = Verdict()
+    tau = round_cosine_tau(st.cosine_similarity for st in stats.values())
     for cid in sorted(stats):
         st = stats[cid]
         verdict.stats[cid] = {
             "update_norm": st.norm,
             "norm_ratio": st.norm_ratio,
             "cosine_similarity": st.cosine_similarity,
-            "anomaly": anomaly_score(st.norm_ratio, st.cosine_similarity, bound=policy.max_norm_ratio),
+            "anomaly": anomaly_score(st.norm_ratio, st.cosine_similarity, bound=policy.max_norm_ratio, tau=tau),
         }
         reason = norm_problem(st, policy) or similarity_problem(st, policy)
         if reason is None and rules:

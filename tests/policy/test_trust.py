@@ -8,6 +8,8 @@ import pytest
 
 from fedloom_core.policy import trust as t
 from fedloom_core.policy.trust import (
+    COSINE_TAU,
+    DIRECTION_MARGIN,
     RoundOutcome,
     anomaly_score,
     contribution_shares,
@@ -16,6 +18,7 @@ from fedloom_core.policy.trust import (
     observation,
     reliability,
     replay_trust,
+    round_cosine_tau,
     trust_step,
     update_contribution,
     update_trust,
@@ -152,3 +155,24 @@ def test_contribution_ema() -> None:
     for share in [0.5, 0.5, 0.5]:
         score = update_contribution(score, share)
     assert score == pytest.approx(0.5)
+
+
+def test_direction_is_judged_against_the_round() -> None:
+    # Near convergence honest deltas cancel: every cosine is negative and none is anomalous.
+    converged = [-0.95, -0.9]
+    tau = round_cosine_tau(converged)
+    assert tau == -1.0
+    assert all(anomaly_score(1.0, c, tau=tau) == 0.0 for c in converged)
+    # A sign-flipper among agreeing clients is still fully anomalous; the honest ones are not.
+    round_ = [0.4, 0.35, 0.3, 0.5, -1.0]
+    tau = round_cosine_tau(round_)
+    assert tau == pytest.approx(0.35 - DIRECTION_MARGIN)
+    assert round_cosine_tau([0.8, 0.9, 0.7]) == COSINE_TAU
+    assert anomaly_score(1.0, -1.0, tau=tau) == 1.0
+    assert all(anomaly_score(1.0, c, tau=tau) == 0.0 for c in round_[:4])
+    # Loosely agreeing non-IID clients: the threshold drops to median - margin, still catching -1.
+    tau = round_cosine_tau([0.1, -0.2, 0.05, -1.0])
+    assert tau == pytest.approx(-0.075 - DIRECTION_MARGIN)
+    assert anomaly_score(1.0, -1.0, tau=tau) == 1.0
+    assert anomaly_score(1.0, -0.2, tau=tau) == 0.0
+    assert round_cosine_tau([]) == round_cosine_tau([math.nan]) == COSINE_TAU
