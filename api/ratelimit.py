@@ -1,8 +1,9 @@
 """Per-key fixed-window rate limiting: an in-process or a database counter store behind one middleware.
 
 Limits come from the settings: *general* (every request except the health check), *uploads*
-(``POST /api/v1/model/update/...``) and *training start* (``POST /api/v1/training/start``); an
-upload or a start also counts toward *general*. A WebSocket handshake counts toward *general*.
+(``POST /api/v1/model/update/...`` and the validate dry run ``POST /api/v1/model/validate/...``)
+and *training start* (``POST /api/v1/training/start``); an upload or a start also counts toward
+*general*. A WebSocket handshake counts toward *general*.
 
 * Identity: the sha256 of the bearer key (for WebSockets also ``?api_key=``), else the client IP.
   The key is not verified here (the route does that), so a made-up key gets a budget of its own;
@@ -47,6 +48,8 @@ log = logging.getLogger("fedloom.api.ratelimit")
 
 EXEMPT_PATHS = frozenset({"/health", "/api/v1/health"})
 UPLOAD_PREFIX = "/api/v1/model/update/"
+# The validate dry run reads the round's stored updates, so it spends from the uploads budget too.
+VALIDATE_PREFIX = "/api/v1/model/validate/"
 START_PATH = "/api/v1/training/start"
 WS_CLOSE_RATE_LIMITED = 4429
 WS_CLOSE_UNAUTHORIZED = 4401
@@ -239,7 +242,7 @@ class Limits:
         if path in EXEMPT_PATHS:
             return []
         if scope["type"] == "http" and scope.get("method") == "POST":
-            if path.startswith(UPLOAD_PREFIX):
+            if path.startswith((UPLOAD_PREFIX, VALIDATE_PREFIX)):
                 return [self.general, self.uploads]
             if path.rstrip("/") == START_PATH:
                 return [self.general, self.training_start]
