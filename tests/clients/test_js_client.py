@@ -60,7 +60,11 @@ class Run:
     started: bool = False
 
     def start(self) -> None:
-        body = small_run_body(EXPERIMENT, ROUNDS, CLIENTS)
+        # Both evaluations, so both the central and the federated series have a point every round.
+        body = {
+            **small_run_body(EXPERIMENT, ROUNDS, CLIENTS),
+            "evaluation_config": {"central": True, "federated": True},
+        }
         answer = self.http.post("/training/start", json=body)
         assert answer.status_code == 200, answer.text
         self.started = True
@@ -78,11 +82,14 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    """``fedloom serve`` with two registered client processes; one training start allowed per hour."""
+    """``fedloom serve`` with two registered client processes; one training start allowed."""
     if not (PACKAGE / "node_modules" / "puppeteer-core").is_dir():
         _npm(["ci"], PACKAGE)
     base = tmp_path_factory.mktemp("web")
-    server = start_serve(base / "data", {"FEDLOOM_RATE_LIMIT_TRAINING_START": "1"})
+    # One training start in a window that ends in 2033 (windows are aligned to the epoch: an hour's could
+    # end between the run's start and the start the tests expect to be refused).
+    one_start = {"FEDLOOM_RATE_LIMIT_TRAINING_START": "1", "FEDLOOM_RATE_LIMIT_TRAINING_START_WINDOW_S": "1000000000"}
+    server = start_serve(base / "data", one_start)
     procs: list[subprocess.Popen] = []
     http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=60)
     try:
@@ -152,6 +159,8 @@ def test_dashboard_follows_a_run_live_and_plots_its_rounds(run: Run, tmp_path: P
     assert plotted["accuracy"]["rounds"] == list(range(1, ROUNDS + 1))
     assert plotted["accuracy"]["series"]["central"] == [r["global_accuracy"] for r in rounds]
     assert plotted["loss"]["series"]["central"] == [r["global_loss"] for r in rounds]
+    assert plotted["accuracy"]["series"]["federated"] == [r["federated_metrics"]["accuracy"] for r in rounds]
+    assert plotted["loss"]["series"]["federated"] == [r["federated_metrics"]["loss"] for r in rounds]
     assert plotted["duration"]["series"]["round duration"] == [r["round_duration"] for r in rounds]
     assert all(a is not None and 0 < a <= 1 for a in plotted["accuracy"]["series"]["central"])
     scores = run.http.get("/metrics/scores", params={"experiment_id": EXPERIMENT}).json()["scores"]
