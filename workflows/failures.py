@@ -11,9 +11,9 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 # A heavy activity (validation, aggregation, evaluation) is tried this many times in all. Retries
-# cover a worker that died (heartbeat timeout) or a blob store that blinked; with the backoff below
-# the last attempt starts about 90 s after the first failure.
-HEAVY_MAX_ATTEMPTS = 8
+# cover a worker that died (heartbeat timeout) or a database or blob store that is restarting; with
+# the backoff below the last attempt starts about 8 minutes after the first failure.
+HEAVY_MAX_ATTEMPTS = 20
 # Failures that the same input would meet again: retrying cannot help, so the experiment fails at once.
 # Matched on the exception's class name, as Temporal records it.
 PERMANENT_ERRORS = [
