@@ -28,22 +28,30 @@ GENEROUS_LIMITS = {
 }
 
 
+_PICK = random.SystemRandom()  # not the global generator: tests seed that, and parallel workers would pick alike
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A free port on 127.0.0.1 below the kernel's ephemeral range (32768 and up).
 
     Ports handed out by the kernel (port 0) come from the range that Temporal's dev server also uses
     for its internal services and that every outgoing connection uses, so when several servers start
     at once such a port can be taken before it is bound. A random port in 20000-32000 that binds now
-    avoids both.
+    avoids both. A port is never handed out twice in one process, nor one next to an earlier one
+    (the dev server may bind its port's neighbour).
     """
     for _ in range(200):
-        port = random.randrange(20000, 32000)
+        port = _PICK.randrange(20000, 32000)
+        if any(abs(port - taken) <= 1 for taken in _HANDED_OUT):
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     raise RuntimeError("no free port in 20000-32000")
 
 
