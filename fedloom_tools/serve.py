@@ -75,9 +75,17 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
         terminate(proc, timeout)
 
 
+WS_MAX_MESSAGE_BYTES = 64 * 1024
+
+
 def uvicorn_options(settings: Settings) -> dict[str, object]:
-    """uvicorn's keyword arguments for the API: HTTPS when a certificate is set, the trusted proxies."""
-    options: dict[str, object] = {"proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips}
+    """uvicorn's keyword arguments for the API: HTTPS if a certificate is set, trusted proxies, WebSocket cap."""
+    options: dict[str, object] = {
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+        # Event-stream listeners send nothing but the close; a bigger message is refused (1009) unbuffered.
+        "ws_max_size": WS_MAX_MESSAGE_BYTES,
+    }
     if settings.tls_certfile:
         options |= {"ssl_certfile": settings.tls_certfile, "ssl_keyfile": settings.tls_keyfile}
     return options
