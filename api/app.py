@@ -30,6 +30,7 @@ from api.routes import (
     training,
 )
 from fedloom_core.settings import Settings
+from fedloom_core.storage import retention
 from fedloom_core.storage.blobstore import open_blob_store
 from fedloom_core.storage.db import create_schema, make_engine
 from fedloom_core.temporal import API_RPC_RETRY, TemporalLink, TemporalUnavailable, connect, is_unreachable
@@ -82,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = make_engine(settings.database_url)
         await asyncio.to_thread(create_schema, app.state.engine)
         app.state.blobs = open_blob_store(settings.blob_url, settings.s3_endpoint_url)
+        # Spool files of uploads an earlier process was receiving when it died.
+        await asyncio.to_thread(retention.clean_spool, settings.data_dir / "tmp", app.state.started)
         admin_key, _ = load_or_create_admin_key(settings.data_dir, settings.admin_api_key)
         app.state.admin_key_hash = hash_key(admin_key)
         # Temporal is connected in the background: the API serves at once, and routes that need

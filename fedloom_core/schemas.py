@@ -30,6 +30,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class RetentionConfig(_Strict):
+    """An experiment's storage retention; a field left out takes the server's setting (FEDLOOM_KEEP_*)."""
+
+    # False keeps everything this experiment stores.
+    enabled: bool | None = None
+    keep_updates: bool | None = None
+    keep_last_models: int | None = Field(default=None, ge=1, le=100_000)
+    keep_model_every: int | None = Field(default=None, ge=0, le=100_000)
+
+
 class ExperimentConfig(_Strict):
     experiment_id: str | None = None
     rounds: int = Field(default=10, ge=1, le=100_000)
@@ -45,6 +55,8 @@ class ExperimentConfig(_Strict):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     round_timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     selection_timeout_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    # Extension: which rounds' updates and global models are kept (docs/operations.md).
+    retention: RetentionConfig | None = None
 
     _ids = field_validator("experiment_id", "initial_model_id")(check_optional_id)
 

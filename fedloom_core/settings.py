@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     round_timeout_s: float = Field(default=300.0, gt=0)
     # An experiment's workflow continues as new after this many rounds (and whenever Temporal suggests it).
     continue_as_new_every: int = Field(default=200, ge=1)
+    # How many experiments may run at once; past it POST /training/start answers 409 TRAINING_ALREADY_RUNNING.
+    max_running_experiments: int = Field(default=1, ge=1)
     # Largest accepted upload.
     max_upload_mb: float = Field(default=512.0, gt=0)
     # Largest JSON request body (policy rules are the largest legitimate ones).
@@ -73,6 +75,17 @@ class Settings(BaseSettings):
     # address is refused 429 before any key lookup, except for keys this process has verified.
     rate_limit_auth_failures: int = Field(default=20, ge=1)
     rate_limit_auth_failures_window_s: float = Field(default=60.0, gt=0)
+    # Storage retention (fedloom_core/storage/retention.py; an experiment's "retention" config overrides
+    # these). Off keeps every round's updates and global model, as before retention existed.
+    retention: bool = True
+    # Keep a round's client updates after its model and metrics are committed.
+    keep_updates: bool = False
+    # Global models kept: the last N committed rounds, every k-th round (0: none), the initial and final ones.
+    keep_last_models: int = Field(default=3, ge=1)
+    keep_model_every: int = Field(default=10, ge=0)
+    # Blobs no database row refers to are collected once older than this; the worker sweeps this often.
+    orphan_grace_s: float = Field(default=3600.0, ge=0)
+    retention_sweep_s: float = Field(default=30.0, gt=0)
 
     @field_validator(
         "temporal_address", "enrollment_token", "admin_api_key", "mlflow_tracking_uri", "worker_metrics_address"

@@ -19,7 +19,7 @@ from fedloom_core.storage.blobstore import open_blob_store
 from fedloom_core.storage.db import create_schema, make_engine
 from fedloom_core.temporal import ensure_search_attributes
 from workers import metrics as worker_metrics
-from workers import watchdog
+from workers import retention, watchdog
 from workflows.experiment import ExperimentWorkflow
 
 log = logging.getLogger("fedloom.worker")
@@ -132,4 +132,6 @@ async def run_workers(
         engine = make_engine(settings.database_url)
         acts = ExperimentActivities(engine, open_blob_store(settings.blob_url, settings.s3_endpoint_url))
         tasks.append(watchdog.watch(client, engine, acts.finish_experiment))
+        # Deletes what the storage retention rules let go, from the database's committed rounds.
+        tasks.append(retention.sweep(engine, acts.blobs, settings))
     await asyncio.gather(*tasks)

@@ -21,7 +21,14 @@ from fedloom_core.ids import check_id, check_optional_id
 from fedloom_core.learning.catalog import builtin_architecture, builtin_dataset, canonical_dataset
 from fedloom_core.learning.datasets import check_available, dataset_info
 from fedloom_core.learning.zoo import build_model, parameters_count
-from fedloom_core.schemas import EvaluationConfig, ExperimentConfig, PolicyConfig, StartRequest, TrainingConfig
+from fedloom_core.schemas import (
+    EvaluationConfig,
+    ExperimentConfig,
+    PolicyConfig,
+    RetentionConfig,
+    StartRequest,
+    TrainingConfig,
+)
 from fedloom_core.storage.db import Experiment, RoundMetrics, utcnow
 from fedloom_core.storage.repo import emit_event, iso, session_scope
 from workflows.experiment import workflow_id
@@ -92,6 +99,8 @@ class CreateExperiment(BaseModel):
     # Extensions: how new models are evaluated, and a warm start from another experiment's model.
     evaluation_config: EvaluationConfig = Field(default_factory=EvaluationConfig)
     initial_model_id: str | None = None
+    # Extension: which rounds' updates and global models are kept (docs/operations.md).
+    retention: RetentionConfig | None = None
 
     _ids = field_validator("experiment_id", "initial_model_id")(check_optional_id)
 
@@ -139,6 +148,7 @@ class CreateExperiment(BaseModel):
                 model_architecture=self.model_spec.architecture,
                 dataset=self.dataset_config.name,
                 initial_model_id=self.initial_model_id,
+                retention=self.retention,
             ),
             training_config=TrainingConfig.model_validate(tc.model_dump(exclude={"rounds"})),
             evaluation_config=self.evaluation_config,

@@ -103,8 +103,16 @@ def current_round(session: Session, experiment_id: str) -> Round | None:
 
 
 def latest_model(session: Session, experiment_id: str, round: int | None = None) -> GlobalModel | None:
-    """The global model of a round, or the newest one."""
+    """The global model of a round, or the newest one; raises ``ModelRemoved`` (410) for a round's model
+    that the retention rules deleted."""
     query = select(GlobalModel).where(GlobalModel.experiment_id == experiment_id)
     if round is not None:
         query = query.where(GlobalModel.round == round)
-    return session.exec(query.order_by(GlobalModel.round.desc())).first()  # type: ignore[attr-defined]
+    found = session.exec(query.order_by(GlobalModel.round.desc())).first()  # type: ignore[attr-defined]
+    if found is None and round is not None:
+        from fedloom_core.storage.retention import removed_model_error  # retention itself uses this module
+
+        error = removed_model_error(session, experiment_id, round)
+        if error is not None:
+            raise error
+    return found

@@ -119,6 +119,10 @@ class BlobStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the blob under ``key``; a missing key is not an error."""
 
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """Every key under the folder ``prefix`` (``a/b``), with its last-modified time (epoch seconds)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its keys")
+
     @abstractmethod
     def ping(self) -> None:
         """Raise :class:`BlobStoreError` if the backend is unreachable."""

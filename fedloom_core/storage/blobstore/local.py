@@ -166,6 +166,24 @@ class LocalBlobStore(BlobStore):
         self._sidecar(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
 
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """Keys of the files under ``prefix``: committed blobs, blobs missing their sidecar or data, and
+        the ``.<name>.*.tmp`` files an interrupted write leaves (each removable with :meth:`delete`)."""
+        top = self._path(prefix)
+        if not top.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(top):
+            for name in files:
+                path = Path(dirpath) / name
+                data = path.with_name(name.removesuffix(SIDECAR_SUFFIX))
+                if name.endswith(SIDECAR_SUFFIX) and data.exists():
+                    continue  # listed with its data file
+                try:
+                    mtime = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                yield data.relative_to(self.root).as_posix(), mtime
+
     @contextmanager
     def open_local(self, key: str, verify: bool = True) -> Iterator[Path]:
         """Yield the stored file itself, after re-hashing it unless ``verify`` is false.

@@ -128,6 +128,16 @@ class S3BlobStore(BlobStore):
         with self._errors(key):
             self.client.delete_object(Bucket=self.bucket, Key=object_key)
 
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """Keys of the objects under ``prefix``, a page of up to 1,000 at a time."""
+        folder = self._object_key(prefix) + "/"
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
+        with self._errors(prefix):
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield item["Key"][skip:], item["LastModified"].timestamp()
+
     def _get(self, key: str) -> tuple[Any, str]:
         """Start a GET and return the streaming body and the stored digest of that same object."""
         object_key = self._object_key(key)
