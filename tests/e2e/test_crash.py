@@ -214,3 +214,28 @@ def test_worker_sigkilled_during_aggregation_loses_nothing(reference: str, tmp_p
     writes the same bytes (the history shows a second attempt of that activity)."""
     command = faults.serve_command(pause_process_round=(2, 10))
     assert _run(tmp_path / "killed", _kill_worker_during_aggregation, command=command) == reference
+
+
+# The tightest retention: only the latest model (with the initial one), no updates, orphans collected at once.
+AGGRESSIVE_RETENTION = {
+    "FEDLOOM_KEEP_LAST_MODELS": "1",
+    "FEDLOOM_KEEP_MODEL_EVERY": "0",
+    "FEDLOOM_KEEP_UPDATES": "false",
+    "FEDLOOM_ORPHAN_GRACE_S": "0",
+    "FEDLOOM_RETENTION_SWEEP_S": "0.2",
+}
+
+
+def test_worker_sigkilled_during_aggregation_with_retention_loses_nothing(reference: str, tmp_path: Path) -> None:
+    """With the sweeper deleting all it may, several times a second, the kill during round 2's
+    process_round still ends on the uninterrupted run's bytes: the retry reads round 2's updates and round
+    1's model, which stay until round 2 is committed. Meanwhile the committed rounds' blobs did go."""
+    command = faults.serve_command(pause_process_round=(2, 10))
+    run = tmp_path / "retention"
+    assert _run(run, _kill_worker_during_aggregation, env=AGGRESSIVE_RETENTION, command=command) == reference
+    blobs = run / "data" / "blobs"
+    models = {p.name for p in (blobs / "models" / "crash").glob("round-*.safetensors")}
+    assert {"round-0.safetensors", f"round-{ROUNDS}.safetensors"} <= models, models
+    assert "round-1.safetensors" not in models, models  # deleted once round 2's model was committed
+    for rnd in (1, 2):
+        assert list((blobs / "updates" / "crash" / str(rnd)).glob("*.safetensors")) == [], rnd
