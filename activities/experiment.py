@@ -39,7 +39,7 @@ from fedloom_core.policy.rules import validate_rules
 from fedloom_core.policy.selection import client_configs, round_control
 from fedloom_core.storage import evaluations, round_records
 from fedloom_core.storage.blobstore import BlobStore
-from fedloom_core.storage.candidates import select_round
+from fedloom_core.storage.candidates import load_selection_details, select_round, store_selection
 from fedloom_core.storage.db import (
     Client,
     Experiment,
@@ -140,12 +140,7 @@ class ExperimentActivities:
                 eligible=outcome.eligible,
             )
             if outcome.selected and held.allowed:
-                return Selection(
-                    selected=outcome.selected,
-                    excluded=outcome.excluded,
-                    policy_results=outcome.policy_results,
-                    round_config=held.configure,
-                )
+                return store_selection(self.blobs, inp.experiment_id, inp.round, outcome, held.configure)
             if not held.allowed and time.monotonic() >= deadline:
                 raise ApplicationError(
                     f"round {inp.round} held by round_control rules for {inp.timeout_s:g}s: {'; '.join(held.reasons)}",
@@ -171,6 +166,9 @@ class ExperimentActivities:
             ).first()
             if existing is not None:
                 return
+            if inp.details_key is not None:
+                excluded, results = load_selection_details(self.blobs, inp.details_key)
+                inp = inp.model_copy(update={"excluded": excluded, "policy_results": results})
             now = utcnow()
             s.add(
                 Round(

@@ -77,11 +77,21 @@ class SelectClientsInput(BaseModel):
 
 
 class Selection(BaseModel):
+    """A round's selection as the workflow carries it: bounded by the round's size, not the registry's.
+
+    The per-client exclusions and policy results are stored under ``details_key`` in the blob store
+    (see ``fedloom_core.storage.candidates``); ``excluded`` and ``policy_results`` are filled only in
+    results recorded before that, which replay as they were.
+    """
+
     selected: list[str]
     excluded: dict[str, str] = Field(default_factory=dict)
     policy_results: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Training settings that round_control configure rules set for every client of the round.
     round_config: dict[str, Any] = Field(default_factory=dict)
+    # How many clients were left out, by kind of reason (a bounded number of kinds).
+    exclusion_counts: dict[str, int] = Field(default_factory=dict)
+    details_key: str | None = None
 
 
 class OpenRoundInput(BaseModel):
@@ -91,6 +101,8 @@ class OpenRoundInput(BaseModel):
     excluded: dict[str, str] = Field(default_factory=dict)
     policy_results: dict[str, dict[str, Any]] = Field(default_factory=dict)
     round_config: dict[str, Any] = Field(default_factory=dict)
+    # Blob holding the exclusions and policy results when the selection stored them there.
+    details_key: str | None = None
     global_model: ModelRef
     deadline_s: float
     strategy: str = "FedAvg"

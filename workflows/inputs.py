@@ -77,6 +77,7 @@ def open_round(inp: ExperimentInput, rnd: int, selection: Selection, model: Mode
         excluded=selection.excluded,
         policy_results=selection.policy_results,
         round_config=selection.round_config,
+        details_key=selection.details_key,
         global_model=model,
         deadline_s=inp.round_timeout_s,
         strategy=agg.strategy,

@@ -8,13 +8,20 @@ experiment's rules, trust threshold, fraction and seed as :class:`SelectClientsI
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+from collections import Counter
+from typing import Any
+
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from fedloom_core.messages import SelectClientsInput
+from fedloom_core.messages import SelectClientsInput, Selection
 from fedloom_core.policy.rules import validate_rules
 from fedloom_core.policy.selection import Candidate, SelectionOutcome, select_clients
 from fedloom_core.schemas import PolicyConfig, StartRequest
+from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import Client, ExperimentClient
 from fedloom_core.storage.repo import session_scope
 
@@ -87,3 +94,53 @@ def selection_input(
         hour_utc=hour_utc,
         weekday=weekday,
     )
+
+
+# Kinds of exclusion reason a selection summary counts; the rest are counted under "other".
+MAX_REASON_KINDS = 20
+
+
+def exclusion_counts(excluded: dict[str, str]) -> dict[str, int]:
+    """How many clients were left out for each kind of reason (the reason up to its parenthesis)."""
+    kinds = Counter(reason.split(" (", 1)[0][:200] for reason in excluded.values())
+    counts = dict(kinds.most_common(MAX_REASON_KINDS))
+    rest = sum(kinds.values()) - sum(counts.values())
+    if rest:
+        counts["other"] = counts.get("other", 0) + rest
+    return counts
+
+
+def details_key(experiment_id: str, round: int, digest: str) -> str:
+    """Blob key of a round's selection details; the digest keeps a retried selection from overwriting one
+    that a workflow already recorded."""
+    return f"selections/{experiment_id}/round-{round}-{digest[:32]}.json"
+
+
+def store_selection(
+    blobs: BlobStore,
+    experiment_id: str,
+    round: int,
+    outcome: SelectionOutcome,
+    round_config: dict[str, Any],
+) -> Selection:
+    """The bounded selection the workflow carries; the per-client exclusions and policy results go to the
+    blob store, since they grow with the number of registered clients."""
+    body = json.dumps(
+        {"excluded": outcome.excluded, "policy_results": outcome.policy_results}, sort_keys=True, default=str
+    ).encode()
+    key = details_key(experiment_id, round, hashlib.sha256(body).hexdigest())
+    if not blobs.exists(key):
+        blobs.put_stream(key, io.BytesIO(body))
+    return Selection(
+        selected=outcome.selected,
+        round_config=round_config,
+        exclusion_counts=exclusion_counts(outcome.excluded),
+        details_key=key,
+    )
+
+
+def load_selection_details(blobs: BlobStore, key: str) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """The exclusions and policy results :func:`store_selection` stored under ``key``."""
+    with blobs.open_local(key) as path:
+        data = json.loads(path.read_bytes())
+    return data["excluded"], data["policy_results"]

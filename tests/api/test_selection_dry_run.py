@@ -10,6 +10,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.experiment import ExperimentActivities
 from fedloom_core.messages import ExperimentInput
 from fedloom_core.schemas import PolicyConfig, StartRequest
+from fedloom_core.storage.candidates import load_selection_details
 from fedloom_core.storage.db import Experiment, ExperimentClient
 from fedloom_core.storage.repo import session_scope
 from workflows import inputs
@@ -73,12 +74,15 @@ def test_the_dry_run_selects_what_the_workflows_selection_activity_selects(local
         ExperimentActivities(engine, admin.app.state.blobs).select_clients, selection_input
     )
 
+    # The activity's per-client details are in the blob store; the workflow carries their counts.
+    excluded, policy_results = load_selection_details(admin.app.state.blobs, real.details_key)
     assert dry["selected_clients"] == real.selected
-    assert dry["exclusion_reasons"] == real.excluded
-    assert dry["policy_results"] == real.policy_results
+    assert dry["exclusion_reasons"] == excluded
+    assert dry["policy_results"] == policy_results
+    assert sum(real.exclusion_counts.values()) == len(excluded)
     # The rules, the experiment's trust and its status all took part, and the fraction sampled the rest.
-    assert real.excluded["site-2"] == real.excluded["site-5"]
-    assert real.excluded["site-2"].startswith("Denied by rule deny-eu")
-    assert real.excluded["site-3"] == "Trust score below threshold (0.30 < 0.50)"
-    assert real.excluded["site-4"] == "Client is inactive"
+    assert excluded["site-2"] == excluded["site-5"]
+    assert excluded["site-2"].startswith("Denied by rule deny-eu")
+    assert excluded["site-3"] == "Trust score below threshold (0.30 < 0.50)"
+    assert excluded["site-4"] == "Client is inactive"
     assert dry["eligible_count"] == 6 and len(real.selected) == 3
