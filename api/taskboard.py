@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -19,9 +19,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from fedloom_core.errors import ClientNotRegistered
-from fedloom_core.storage.db import Client, ClientEvaluation, Round, Update, utcnow
+from fedloom_core.storage.db import Client, ClientEvaluation, Experiment, Round, Update, utcnow
 from fedloom_core.storage.keys import model_id_for
-from fedloom_core.storage.repo import iso, latest_experiment, session_scope
+from fedloom_core.storage.repo import iso, latest_experiment, running_first, session_scope
 
 # The board is read again when older than this when asked for.
 TASK_POLL_S = 0.25
@@ -44,52 +44,67 @@ CHECKED_MAX = 100_000
 
 # What decides whether a waiting client's answer can change: (latest experiment id, its status, the
 # open round's number if this client was selected for it, else None, the round in federated evaluation
-# if this client is one of its evaluators, else None).
-Signature = tuple[str | None, str | None, int | None, int | None]
+# if this client is one of its evaluators, else None); while several experiments run, these four for
+# each of them, the most recently started first.
+Signature = tuple[str | int | None, ...]
 
 
 def read_task(engine: Engine, client_id: str) -> tuple[dict, Signature]:
-    """The client's task now, and the signature of the state it was decided on; marks the client seen."""
+    """The client's task now, and the signature of the state it was decided on; marks the client seen.
+
+    While several experiments run, the task is the first one's (most recently started first) that has
+    something for this client to do, else ``wait`` naming the most recently started.
+    """
     with session_scope(engine) as s:
         _mark_seen(s, client_id)
-        exp = latest_experiment(s)
-        if exp is None:
-            return {"status": "idle", "experiment_id": None}, (None, None, None, None)
-        body: dict[str, Any] = {"experiment_id": exp.experiment_id, "experiment_status": exp.status}
-        if exp.status != "running":
+        running = list(s.exec(running_first(select(Experiment))).all())
+        if not running:
+            exp = latest_experiment(s)
+            if exp is None:
+                return {"status": "idle", "experiment_id": None}, (None, None, None, None)
+            body: dict[str, Any] = {"experiment_id": exp.experiment_id, "experiment_status": exp.status}
             body["status"] = "done" if exp.status in ("completed", "stopped", "failed") else "idle"
             return body, (exp.experiment_id, exp.status, None, None)
-        evaluating = _evaluation_task(s, exp, client_id, body)
-        if evaluating is not None:
-            return evaluating
-        rnd = _open_round_for_task(s, exp.experiment_id)
-        if rnd is None or client_id not in rnd.selected_clients:
-            body["status"] = "wait"
-            return body, (exp.experiment_id, exp.status, None, None)
-        signature = (exp.experiment_id, exp.status, rnd.round, None)
-        uploaded = s.exec(
-            select(Update.update_id).where(
-                Update.experiment_id == exp.experiment_id, Update.round == rnd.round, Update.client_id == client_id
-            )
-        ).first()
-        if uploaded is not None:
-            body["status"] = "wait"
-            return body, signature
-        cfg = exp.config
-        ec = cfg.get("experiment_config", {})
-        body.update(
-            status="train",
-            round=rnd.round,
-            model_id=rnd.global_model_id,
-            download_url=f"/model/download/{rnd.global_model_id}",
-            deadline=iso(rnd.deadline),
-            dataset=ec.get("dataset"),
-            model_architecture=ec.get("model_architecture"),
-            model_config=exp.model_config_,
-            # The experiment's settings, with this client's own for the round (strategy, configure rules) on top.
-            training_config={**cfg.get("training_config", {}), **rnd.client_config.get(client_id, {})},
+        answers = [_task_in(s, exp, client_id) for exp in running]
+    signature: Signature = tuple(part for _, sig in answers for part in sig)
+    task = next((body for body, _ in answers if body["status"] != "wait"), answers[0][0])
+    return task, signature
+
+
+def _task_in(s: Session, exp: Experiment, client_id: str) -> tuple[dict, Signature]:
+    """The client's task in one running experiment, and its part of the signature."""
+    body: dict[str, Any] = {"experiment_id": exp.experiment_id, "experiment_status": exp.status}
+    evaluating = _evaluation_task(s, exp, client_id, body)
+    if evaluating is not None:
+        return evaluating
+    rnd = _open_round_for_task(s, exp.experiment_id)
+    if rnd is None or client_id not in rnd.selected_clients:
+        body["status"] = "wait"
+        return body, (exp.experiment_id, exp.status, None, None)
+    signature = (exp.experiment_id, exp.status, rnd.round, None)
+    uploaded = s.exec(
+        select(Update.update_id).where(
+            Update.experiment_id == exp.experiment_id, Update.round == rnd.round, Update.client_id == client_id
         )
+    ).first()
+    if uploaded is not None:
+        body["status"] = "wait"
         return body, signature
+    cfg = exp.config
+    ec = cfg.get("experiment_config", {})
+    body.update(
+        status="train",
+        round=rnd.round,
+        model_id=rnd.global_model_id,
+        download_url=f"/model/download/{rnd.global_model_id}",
+        deadline=iso(rnd.deadline),
+        dataset=ec.get("dataset"),
+        model_architecture=ec.get("model_architecture"),
+        model_config=exp.model_config_,
+        # The experiment's settings, with this client's own for the round (strategy, configure rules) on top.
+        training_config={**cfg.get("training_config", {}), **rnd.client_config.get(client_id, {})},
+    )
+    return body, signature
 
 
 def _evaluation_task(session: Session, exp, client_id: str, body: dict) -> tuple[dict, Signature] | None:  # type: ignore[no-untyped-def]
@@ -170,18 +185,33 @@ class Board:
     # The round whose new model is in federated evaluation, and the clients asked to evaluate it.
     evaluation_round: int | None = None
     evaluators: frozenset[str] = frozenset()
+    # The other running experiments (each a board of its own), when several run; this one started last.
+    others: tuple[Board, ...] = ()
 
     def state(self) -> tuple:
         """What the board says, without when it was read."""
-        return (self.experiment_id, self.experiment_status, self.round, self.selected, self.evaluation_round)
+        own = (self.experiment_id, self.experiment_status, self.round, self.selected, self.evaluation_round)
+        return own + tuple(other.state() for other in self.others)
 
     def signature(self, client_id: str) -> Signature:
         """What :func:`read_task` would report as its signature for ``client_id`` on this state."""
-        return (
+        own = (
             self.experiment_id,
             self.experiment_status,
             self.round if client_id in self.selected else None,
             self.evaluation_round if client_id in self.evaluators else None,
+        )
+        return own + tuple(part for other in self.others for part in other.signature(client_id))
+
+    def concerns(self, client_id: str) -> bool:
+        """Whether ``client_id`` is selected for, or evaluates, a round of a running experiment."""
+        return any(client_id in b.selected or client_id in b.evaluators for b in (self, *self.others))
+
+    def in_gap(self) -> bool:
+        """Whether a running experiment is between rounds (none open, none in federated evaluation)."""
+        return any(
+            b.experiment_status == "running" and b.round is None and b.evaluation_round is None
+            for b in (self, *self.others)
         )
 
     def answer(self) -> dict:
@@ -201,21 +231,30 @@ def read_board(engine: Engine) -> Board:
     read_at = time.monotonic()
     with session_scope(engine) as s:
         inactive = frozenset(s.exec(select(Client.client_id).where(Client.status == "inactive")).all())
+        running = list(s.exec(running_first(select(Experiment.experiment_id, Experiment.status))).all())
+        if len(running) > 1:
+            boards = [_experiment_board(s, read_at, exp, inactive) for exp in running]
+            return replace(boards[0], others=tuple(boards[1:]))
         exp = latest_experiment(s)
         if exp is None:
             return Board(read_at, inactive=inactive)
-        row = evaluation = None
-        if exp.status == "running":
-            row = s.exec(
-                select(Round.round, Round.selected_clients).where(
-                    Round.experiment_id == exp.experiment_id, Round.status == "open"
-                )
-            ).first()
-            evaluation = s.exec(
-                select(Round.round, Round.evaluators).where(
-                    Round.experiment_id == exp.experiment_id, Round.evaluation_status == "open"
-                )
-            ).first()
+        return _experiment_board(s, read_at, exp, inactive)
+
+
+def _experiment_board(s: Session, read_at: float, exp, inactive: frozenset[str]) -> Board:  # type: ignore[no-untyped-def]
+    """One experiment's part of the board."""
+    row = evaluation = None
+    if exp.status == "running":
+        row = s.exec(
+            select(Round.round, Round.selected_clients).where(
+                Round.experiment_id == exp.experiment_id, Round.status == "open"
+            )
+        ).first()
+        evaluation = s.exec(
+            select(Round.round, Round.evaluators).where(
+                Round.experiment_id == exp.experiment_id, Round.evaluation_status == "open"
+            )
+        ).first()
     phase = {}
     if evaluation is not None:
         phase = {"evaluation_round": evaluation.round, "evaluators": frozenset(evaluation.evaluators or [])}
@@ -298,7 +337,7 @@ class TaskBoard:
         checked = self._checked.get(client_id)
         if checked is None or now - checked >= LAST_SEEN_RESOLUTION_S:
             return None
-        if client_id in board.inactive or client_id in board.selected or client_id in board.evaluators:
+        if client_id in board.inactive or board.concerns(client_id):
             return None
         return board.answer(), board.signature(client_id), board.read_at
 
@@ -347,7 +386,7 @@ class TaskBoard:
     def _interval(self, board: Board) -> float:
         """How long to sleep before the next read: shorter while a running experiment is between rounds."""
         # An evaluation phase is not a gap between rounds: clients are busy evaluating.
-        if board.experiment_status != "running" or board.round is not None or board.evaluation_round is not None:
+        if not board.in_gap():
             self._gap_since = None
             return BOARD_REFRESH_S
         if self._gap_since is None:

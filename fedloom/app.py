@@ -173,7 +173,11 @@ def serve_tasks(
     evaluate_fn: EvaluateFn | None,
     opts: RunOptions,
 ) -> int:
-    """Poll and do tasks as ``client_id`` until the experiment ends; returns the rounds trained."""
+    """Poll and do tasks as ``client_id`` until the experiment ends; returns the rounds trained.
+
+    The server answers ``done`` only once no experiment runs, so a client serving several (each task
+    names its experiment) keeps going until the last of them ends.
+    """
     watch = _Watch()
     trained = 0
     evaluated: set[tuple[str, int]] = set()

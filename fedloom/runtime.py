@@ -44,7 +44,10 @@ def run_client(
     shards_per_client: int = 2,
     attack: str | None = None,
 ) -> int:
-    """Take part in experiments until one this client has seen running ends; returns rounds trained."""
+    """Take part in experiments until one this client has seen running ends; returns rounds trained.
+
+    While several experiments run, it does the tasks of each that selects it and returns once none runs.
+    """
     require_torch()
     import torch
 

@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from api import auth
 from fedloom_core.errors import Unauthorized
+from fedloom_core.ids import check_id
 from fedloom_core.storage.db import Event
 
 log = logging.getLogger("fedloom.api.events")
@@ -45,11 +46,14 @@ class Row:
     event_id: int
     client_id: str | None
     text: str
+    experiment_id: str | None = None
 
     @classmethod
     def of(cls, event_id: int, client_id: str | None, payload: dict[str, Any]) -> Row:
         """The row with its message: the payload plus ``event_id``."""
-        return cls(event_id, client_id, json.dumps({**payload, "event_id": event_id}))
+        exp_id = payload.get("experiment_id")
+        text = json.dumps({**payload, "event_id": event_id})
+        return cls(event_id, client_id, text, exp_id if isinstance(exp_id, str) else None)
 
 
 @dataclass(eq=False)
@@ -58,6 +62,8 @@ class Listener:
 
     principal: auth.Principal
     floor: int = 0
+    # Only this experiment's events (those naming no experiment, e.g. registrations, are left out too).
+    experiment_id: str | None = None
     queue: asyncio.Queue[Row | None] = field(default_factory=asyncio.Queue)
     overflowed: bool = False
 
@@ -65,9 +71,13 @@ class Listener:
         """Whether this principal may see an event concerning ``client_id``."""
         return self.principal.is_admin or client_id is None or client_id == self.principal.client_id
 
+    def wants(self, row: Row) -> bool:
+        """Whether ``row`` passes this connection's experiment filter."""
+        return self.experiment_id is None or row.experiment_id == self.experiment_id
+
     def offer(self, row: Row) -> None:
         """Queue ``row`` if it is for us; past ``QUEUE_MAX`` waiting rows, mark the listener as overflowed."""
-        if self.overflowed or row.event_id <= self.floor or not self.may_see(row.client_id):
+        if self.overflowed or row.event_id <= self.floor or not self.may_see(row.client_id) or not self.wants(row):
             return
         if self.queue.qsize() >= QUEUE_MAX:
             self.overflowed = True
@@ -217,13 +227,20 @@ async def events(ws: WebSocket) -> None:
             await _refuse(ws, CLOSE_BAD_REQUEST, "since must be a non-negative integer event_id")
             return
         since = int(raw_since)
+    experiment_id = ws.query_params.get("experiment_id")
+    if experiment_id is not None:
+        try:
+            check_id(experiment_id, "experiment_id")
+        except ValueError:
+            await _refuse(ws, CLOSE_BAD_REQUEST, "experiment_id must be 1-128 letters, digits, '.', '_' or '-'")
+            return
     hub = hub_for(ws.app)
     key_hash = auth.hash_key(key)
     if not principal.is_admin and hub.connections[key_hash] >= state.settings.rate_limit_websockets:
         await _refuse(ws, CLOSE_TOO_MANY, f"at most {state.settings.rate_limit_websockets} connection(s) per key")
         return
     hub.connections[key_hash] += 1
-    listener = Listener(principal)
+    listener = Listener(principal, experiment_id=experiment_id)
     try:
         cursor = await hub.subscribe(listener, since)
         await ws.accept()
@@ -247,7 +264,8 @@ async def _serve(ws: WebSocket, hub: EventHub, listener: Listener, since: int | 
                 if not rows:
                     break
                 for row in rows:
-                    await ws.send_text(row.text)
+                    if listener.wants(row):
+                        await ws.send_text(row.text)
                 after = rows[-1].event_id
         while (row := await listener.queue.get()) is not None:
             await ws.send_text(row.text)

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from api import openapi
+from api.current import check_unambiguous
 from api.deps import MAX_QUERY_INT, BlobsDep, BodyStreamDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
 from api.multipart import ReceivedForm, receive_form
 from fedloom_core.errors import InvalidRequest, NotFound
@@ -46,6 +47,7 @@ def _check_format(fmt: str | None) -> str:
 def _global_model(engine, experiment_id: str | None, round: int | None) -> GlobalModel:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
         exp_id = experiment_id
+        check_unambiguous(s, experiment_id, "GET /model/global")
         if exp_id is None:
             exp = latest_experiment(s)
             if exp is None:
@@ -66,7 +68,10 @@ async def get_global_model(
     format: str | None = Query(default=None),
     experiment_id: str | None = Query(default=None),
 ) -> dict:
-    """Metadata of the global model of a round (default: the latest) and where to download it."""
+    """Metadata of the global model of a round (default: the latest) and where to download it.
+
+    Without ``experiment_id`` it is the running (or last) experiment's; 400 while several run.
+    """
     fmt = _check_format(format or "pytorch")
     if experiment_id is not None:
         valid_id(experiment_id, "experiment_id")

@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Annotated
 from weakref import WeakKeyDictionary
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Query
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy import func
@@ -19,12 +19,14 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from api import openapi
-from api.deps import AdminDep, BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep
+from api.current import check_unambiguous, running_ids
+from api.deps import AdminDep, BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
 from fedloom_core.errors import (
     Conflict,
     ExperimentNotActive,
     InsufficientClients,
     InvalidRequest,
+    NotFound,
     TrainingAlreadyRunning,
 )
 from fedloom_core.ids import check_id
@@ -104,13 +106,16 @@ def _check_strategy(req: StartRequest) -> None:
         )
 
 
-def _prepare(engine, blobs, req: StartRequest) -> tuple[Experiment, StartRequest, float]:  # type: ignore[no-untyped-def]
+def _prepare(engine, blobs, req: StartRequest, limit: int = 1) -> tuple[Experiment, StartRequest, float]:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
-        running = running_experiment(s)
-        if running is not None:
+        running = running_ids(s)
+        if len(running) >= limit:
+            names = ", ".join(f"'{r}'" for r in running)
             raise TrainingAlreadyRunning(
                 "Cannot start - training already in progress",
-                f"experiment '{running.experiment_id}' is running; stop it first",
+                f"experiment {names} is running; stop it first"
+                if limit == 1
+                else f"{len(running)} experiments are running ({names}), FEDLOOM_MAX_RUNNING_EXPERIMENTS is {limit}",
             )
         exp_id = req.experiment_config.experiment_id or f"exp_{utcnow():%Y%m%d}_{secrets.token_hex(3)}"
         exp = s.get(Experiment, exp_id)
@@ -187,7 +192,7 @@ def _mark_failed(engine, exp_id: str, message: str, code: str | None = None) -> 
 
 def _running_ids(engine) -> list[str]:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
-        return list(s.exec(select(Experiment.experiment_id).where(Experiment.status == "running")).all())
+        return running_ids(s)
 
 
 async def repair_orphans(engine, temporal) -> None:  # type: ignore[no-untyped-def]
@@ -223,7 +228,7 @@ async def start_training(
     """Start an experiment: a durable workflow that runs its rounds."""
     _forget_status(engine)
     await repair_orphans(engine, temporal)
-    exp, req, _per_round = await run_in_threadpool(_prepare, engine, blobs, req)
+    exp, req, _per_round = await run_in_threadpool(_prepare, engine, blobs, req, settings.max_running_experiments)
     return await launch_experiment(engine, settings, temporal, exp, req)
 
 
@@ -298,6 +303,7 @@ class StopRequest(BaseModel):
 
 def _stop_target(engine, experiment_id: str | None) -> str:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
+        check_unambiguous(s, experiment_id, "POST /training/stop")
         exp = s.get(Experiment, experiment_id) if experiment_id else running_experiment(s)
         if exp is None or exp.status != "running":
             what = f"experiment '{experiment_id}'" if experiment_id else "no experiment"
@@ -316,11 +322,18 @@ async def stop_training(
     engine: EngineDep,
     temporal: TemporalDep,
     _: AdminDep,
+    experiment_id: str | None = Query(default=None),
 ) -> dict:
-    """Stop a running experiment; its last global model is kept."""
+    """Stop a running experiment (``experiment_id`` in the body or the query; required while several run)."""
     _forget_status(engine)
+    if experiment_id is not None:
+        valid_id(experiment_id, "experiment_id")
+        if body.experiment_id not in (None, experiment_id):
+            raise InvalidRequest(
+                "Conflicting experiment_id", f"the query names '{experiment_id}', the body '{body.experiment_id}'"
+            )
     await repair_orphans(engine, temporal)
-    exp_id = await run_in_threadpool(_stop_target, engine, body.experiment_id)
+    exp_id = await run_in_threadpool(_stop_target, engine, body.experiment_id or experiment_id)
     handle: WorkflowHandle = temporal.get_workflow_handle(workflow_id(exp_id))
     await handle.signal(ExperimentWorkflow.request_stop, body.reason)
     await handle.cancel()
@@ -341,9 +354,12 @@ async def stop_training(
     }
 
 
-def _training_status(engine) -> dict:  # type: ignore[no-untyped-def]
+def _training_status(engine, experiment_id: str | None = None) -> dict:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
-        exp = latest_experiment(s)
+        check_unambiguous(s, experiment_id, "GET /training/status")
+        exp = latest_experiment(s) if experiment_id is None else s.get(Experiment, experiment_id)
+        if exp is None and experiment_id is not None:
+            raise NotFound("Resource not found", f"experiment '{experiment_id}' does not exist")
         if exp is None:
             return {
                 "experiment_id": None,
@@ -400,24 +416,31 @@ def _training_status(engine) -> dict:  # type: ignore[no-untyped-def]
 # request of the next STATUS_TTL_S seconds in this process (concurrent requests share the read), and
 # start and stop drop it at once. The worker's progress therefore shows at most that much later.
 STATUS_TTL_S = 0.25
-_status_reads: WeakKeyDictionary = WeakKeyDictionary()  # engine -> (read at, the read's future)
+# Bound on the experiments whose status read is remembered per engine.
+STATUS_CACHE_MAX = 1000
+_status_reads: WeakKeyDictionary = WeakKeyDictionary()  # engine -> {experiment_id: (read at, the read's future)}
 
 
 def _forget_status(engine) -> None:  # type: ignore[no-untyped-def]
     _status_reads.pop(engine, None)
 
 
-@router.get("/training/status", responses=openapi.ok(openapi.TRAINING_STATUS))
-async def training_status(engine: EngineDep, _: PrincipalDep) -> dict:
-    """Progress of the current (or last) experiment."""
+@router.get("/training/status", responses=openapi.ok(openapi.TRAINING_STATUS, 400, 404))
+async def training_status(engine: EngineDep, _: PrincipalDep, experiment_id: str | None = Query(default=None)) -> dict:
+    """Progress of an experiment: the one named, else the running (or last) one; 400 while several run."""
+    if experiment_id is not None:
+        valid_id(experiment_id, "experiment_id")
     now = time.monotonic()
-    entry = _status_reads.get(engine)
+    reads = _status_reads.setdefault(engine, {})
+    entry = reads.get(experiment_id)
     if entry is None or now - entry[0] > STATUS_TTL_S:
-        entry = (now, asyncio.ensure_future(run_in_threadpool(_training_status, engine)))
-        _status_reads[engine] = entry
+        if len(reads) > STATUS_CACHE_MAX:
+            reads.clear()
+        entry = (now, asyncio.ensure_future(run_in_threadpool(_training_status, engine, experiment_id)))
+        reads[experiment_id] = entry
     try:
         return await asyncio.shield(entry[1])
     except Exception:
-        if _status_reads.get(engine) is entry:
-            _forget_status(engine)  # a failed read (e.g. the database is down) is not kept
+        if reads.get(experiment_id) is entry:
+            reads.pop(experiment_id, None)  # a failed read (e.g. the database is down) is not kept
         raise

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import update as sa_update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from fedloom_core.errors import (
     ClientNotRegistered,
@@ -83,8 +83,7 @@ def parse_metrics(raw: str | None) -> dict[str, Any]:
         )
     for key, value in metrics.items():
         if key in ("local_accuracy", "local_loss", "training_time", "communication_time") and not (
-            value is None
-            or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+            value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
         ):
             raise InvalidRequest(f"metrics.{key} must be a finite number", f"got {key}={value!r}")
     return metrics
@@ -93,8 +92,9 @@ def parse_metrics(raw: str | None) -> dict[str, Any]:
 def find_target(engine: Engine, client_id: str, experiment_id: str | None = None) -> Target:
     """The open round this client may upload to, or the spec's error saying why there is none.
 
-    ``experiment_id`` names the experiment when several run at once on one database (e.g. started
-    straight through Temporal); by default it is the running one.
+    ``experiment_id`` names the experiment. Without it, while several run, it is the one whose open
+    round selected this client and has no update from it yet (the most recently started first, as the
+    task endpoint hands out tasks), else the most recently started.
     """
     # Every upload asks this first, so it reads only the columns it needs (no ORM objects, no JSON config).
     with session_scope(engine) as s:
@@ -105,14 +105,13 @@ def find_target(engine: Engine, client_id: str, experiment_id: str | None = None
         experiments = running_first(select(Experiment.experiment_id, Experiment.current_round))
         if experiment_id is not None:
             experiments = experiments.where(Experiment.experiment_id == experiment_id)
-        exp = s.exec(experiments.limit(1)).first()
-        if exp is None:
+        running = s.exec(experiments).all()
+        if not running:
             raise ExperimentNotActive("No active experiment running", "no experiment is running; start one first")
-        rnd = s.exec(
-            select(Round.round, Round.selected_clients, Round.global_model_id)
-            .where(Round.experiment_id == exp.experiment_id, Round.status == "open")
-            .limit(1)
-        ).first()
+        found = [(exp, _open_round(s, exp.experiment_id)) for exp in running]
+        mine = [(exp, rnd) for exp, rnd in found if rnd is not None and client_id in rnd.selected_clients]
+        pending = [(exp, rnd) for exp, rnd in mine if not _has_update(s, exp.experiment_id, rnd.round, client_id)]
+        exp, rnd = (pending or mine or found)[0]
         if rnd is None:
             raise RoundNotActive(
                 "No round is taking uploads",
@@ -124,6 +123,21 @@ def find_target(engine: Engine, client_id: str, experiment_id: str | None = None
                 f"client '{client_id}' was not selected for round {rnd.round} of '{exp.experiment_id}'",
             )
         return Target(exp.experiment_id, rnd.round, rnd.global_model_id)
+
+
+def _open_round(s: Session, experiment_id: str):  # type: ignore[no-untyped-def]
+    return s.exec(
+        select(Round.round, Round.selected_clients, Round.global_model_id)
+        .where(Round.experiment_id == experiment_id, Round.status == "open")
+        .limit(1)
+    ).first()
+
+
+def _has_update(s: Session, experiment_id: str, round: int, client_id: str) -> bool:
+    query = select(Update.update_id).where(
+        Update.experiment_id == experiment_id, Update.round == round, Update.client_id == client_id
+    )
+    return s.exec(query.limit(1)).first() is not None
 
 
 def expected_structure(engine: Engine, blobs: BlobStore, model_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
