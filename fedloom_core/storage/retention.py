@@ -204,6 +204,8 @@ def collect_orphans(engine: Engine, blobs: BlobStore, grace_s: float, now: float
                     query = select(Update.blob_key).where(Update.experiment_id == exp_id, Update.round == rnd)
                     recorded[group] = set(s.exec(query))
                 used = key in recorded[group]
+            elif key.rsplit("/", 1)[-1].startswith(".") and status.get(key.split("/")[1]) not in (None, *_FINISHED):
+                continue  # a write in progress for a running experiment
             else:
                 used = False  # an interrupted write's temp file, or a name no part of fedloom writes
             if not used:

@@ -173,9 +173,13 @@ def test_sweep_deletes_what_the_rules_let_go(engine, store: BlobStore, tmp_path:
         _put(store, update_key(EXP, 8, client, "f" * 32))
     _put(store, model_key(EXP, 8))
     _put(store, state_key(EXP, 8))
+    if isinstance(store, LocalBlobStore):  # a write in progress: its temp file
+        (store.root / "models" / EXP / ".round-9.safetensors.x1.tmp").write_bytes(b"partial")
     assert retention.apply_retention(engine, store, settings, swept).deleted == []
     assert retention.collect_orphans(engine, store, grace_s=0, now=time.time() + 5).deleted == []
     assert len(_keys(store, f"updates/{EXP}/8")) == 2 and store.exists(model_key(EXP, 8))
+    if isinstance(store, LocalBlobStore):
+        (store.root / "models" / EXP / ".round-9.safetensors.x1.tmp").unlink()  # still there: it was spared
 
     # Then it commits: round 7's model stays (one of the last two), round 8's updates go.
     with session_scope(engine) as s:
