@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from fedloom_core.schemas import StartRequest
 from fedloom_core.settings import Settings
@@ -21,6 +24,7 @@ from fedloom_core.storage.db import Experiment, GlobalModel, RoundMetrics, Updat
 from fedloom_core.storage.keys import model_id_for, model_key, state_key, update_key
 from fedloom_core.storage.repo import latest_model, session_scope
 from tests.storage.test_blobstore import moto_endpoint  # noqa: F401 - the session's moto server
+from tests.storage.test_db import DEFAULT_PG_URL, PG_URL_ENV, _in_ci, _pg_unreachable
 
 EXP = "exp-r"
 CLIENTS = ("c1", "c2")
@@ -87,12 +91,36 @@ def store(request: pytest.FixtureRequest) -> BlobStore:
     return request.getfixturevalue(f"{request.param}_store")
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    eng = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """An empty database: SQLite, or a fresh schema on the test PostgreSQL server (dropped afterwards)."""
+    if request.param == "sqlite":
+        eng = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+        create_schema(eng)
+        yield eng
+        eng.dispose()
+        return
+    url = make_url(os.environ.get(PG_URL_ENV) or DEFAULT_PG_URL)
+    problem = _pg_unreachable(url.render_as_string(hide_password=False))
+    if problem is not None:
+        message = f"PostgreSQL not reachable ({problem}); set {PG_URL_ENV} to a reachable server"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    schema = f"t_{uuid.uuid4().hex}"
+    admin = create_engine(url, poolclass=NullPool)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    scoped = url.update_query_dict({"options": f"-csearch_path={schema}"})
+    eng = make_engine(scoped.render_as_string(hide_password=False))
     create_schema(eng)
-    yield eng
-    eng.dispose()
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def _put(blobs: BlobStore, key: str) -> str:
