@@ -341,3 +341,20 @@ def test_create_experiment_takes_a_strict_retention_object(local_app) -> None:  
     assert rules == retention.Rules(True, True, 2, http.app.state.settings.keep_model_every)
     bad = http.post("/experiments", json=digits_body(retention={"keep_all": True}))
     assert bad.status_code == 400 and "retention.keep_all" in bad.json()["error"]["details"]
+
+
+def test_worker_sweep_pass(engine, local_store: LocalBlobStore, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from workers import retention as sweeper
+
+    assert sweeper.orphan_every(_settings(tmp_path)) == 30  # 3600 s grace / 4 / 30 s passes
+    assert sweeper.orphan_every(_settings(tmp_path, orphan_grace_s=0)) == 1
+    settings = _settings(tmp_path, keep_last_models=1, keep_model_every=0, orphan_grace_s=0)
+    _experiment(engine, local_store, EXP, 3)
+    with session_scope(engine) as s:
+        s.get(Experiment, EXP).status = "completed"  # type: ignore[union-attr]
+    _put(local_store, update_key(EXP, 3, "c1", "e" * 32))  # a replaced upload
+    swept: dict[str, int] = {}
+    # rounds 1-3's six updates, models 1 and 2, states 1 and 2; the orphan only when orphans are swept
+    assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=False) == 10
+    assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=True) == 1
+    assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=True) == 0
