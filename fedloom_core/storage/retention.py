@@ -79,14 +79,21 @@ class Rules:
 
 
 def rules_for(settings: Settings, config: dict[str, Any] | None) -> Rules:
-    """The rules of an experiment whose stored start request is ``config``; its ``retention`` overrides."""
-    own = ((config or {}).get("experiment_config") or {}).get("retention") or {}
+    """The rules of an experiment whose stored start request is ``config``; its ``retention`` overrides.
+
+    A request stored before retention existed has no ``retention`` key at all: such an experiment is
+    kept whole, so upgrading a server never deletes what earlier versions kept.
+    """
+    stored = (config or {}).get("experiment_config") or {}
+    own = stored.get("retention") or {}
 
     def pick(name: str) -> Any:
         value = own.get(name)
         return getattr(settings, name) if value is None else value
 
     enabled = own.get("enabled")
+    if "retention" not in stored:
+        enabled = False
     return Rules(
         enabled=settings.retention if enabled is None else bool(enabled),
         keep_updates=bool(pick("keep_updates")),

@@ -52,14 +52,18 @@ def test_keep_rules() -> None:
 
 def test_experiment_config_overrides_the_server(tmp_path: Path) -> None:
     settings = _settings(tmp_path, keep_last_models=4, keep_model_every=0)
-    assert retention.rules_for(settings, {}) == retention.Rules(True, False, 4, 0)
+    fresh = StartRequest().model_dump(mode="json")
+    assert retention.rules_for(settings, fresh) == retention.Rules(True, False, 4, 0)
+    # Recorded before retention existed (no retention key): kept whole after an upgrade.
+    assert not retention.rules_for(settings, {}).enabled
+    assert not retention.rules_for(settings, {"experiment_config": {"rounds": 3}}).enabled
     req = StartRequest.model_validate(
         {"experiment_config": {"retention": {"keep_updates": True, "keep_model_every": 2}}}
     )
     assert retention.rules_for(settings, req.model_dump(mode="json")) == retention.Rules(True, True, 4, 2)
     off = StartRequest.model_validate({"experiment_config": {"retention": {"enabled": False}}})
     assert not retention.rules_for(settings, off.model_dump(mode="json")).enabled
-    assert not retention.rules_for(_settings(tmp_path, retention=False), {}).enabled
+    assert not retention.rules_for(_settings(tmp_path, retention=False), fresh).enabled
     with pytest.raises(ValidationError, match="keep_everything"):
         StartRequest.model_validate({"experiment_config": {"retention": {"keep_everything": True}}})
     with pytest.raises(ValidationError):
@@ -166,7 +170,8 @@ def _record_model(s, blobs: BlobStore, exp_id: str, rnd: int) -> None:  # type: 
 
 def _experiment(engine, blobs: BlobStore, exp_id: str, rounds: int, config: dict | None = None) -> None:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
-        s.add(Experiment(experiment_id=exp_id, status="running", config=config or {}))
+        stored = config or StartRequest().model_dump(mode="json")
+        s.add(Experiment(experiment_id=exp_id, status="running", config=stored))
         _record_model(s, blobs, exp_id, 0)
     for rnd in range(1, rounds + 1):
         _commit_round(engine, blobs, exp_id, rnd)
