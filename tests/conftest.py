@@ -165,7 +165,12 @@ def spawn_clients(
 def wait_registered(http: httpx.Client, count: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:
     """Block until ``count`` clients are registered; fail if one of ``procs`` died first."""
     deadline = time.monotonic() + timeout
-    while http.get("/status").json()["registered_clients"] < count:
+    while True:
+        try:
+            if http.get("/status").json()["registered_clients"] >= count:
+                return
+        except httpx.RemoteProtocolError:
+            pass  # a kept-alive connection the server closed as it was reused; the next poll opens a new one
         assert time.monotonic() < deadline, "clients did not register in time"
         assert all(p.poll() is None for p in procs), "a client process died"
         time.sleep(0.3)
