@@ -28,6 +28,7 @@ from api.routes import (
     models,
     status,
     training,
+    upload_sessions,
 )
 from fedloom_core.settings import Settings
 from fedloom_core.storage import retention
@@ -84,7 +85,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(create_schema, app.state.engine)
         app.state.blobs = open_blob_store(settings.blob_url, settings.s3_endpoint_url)
         # Spool files of uploads an earlier process was receiving when it died.
-        await asyncio.to_thread(retention.clean_spool, settings.data_dir / "tmp", app.state.started)
+        await asyncio.to_thread(
+            retention.clean_spool,
+            settings.data_dir / "tmp",
+            app.state.started,
+            session_ttl_s=settings.upload_session_ttl_s,
+        )
         admin_key, _ = load_or_create_admin_key(settings.data_dir, settings.admin_api_key)
         app.state.admin_key_hash = hash_key(admin_key)
         # Temporal is connected in the background: the API serves at once, and routes that need
@@ -108,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clients.router,
         training.router,
         models.router,
+        upload_sessions.router,
         evaluations.router,
         metrics.router,
         experiments.router,

@@ -17,7 +17,9 @@ from api.errors import error_response
 # Multipart framing and the metrics field beside an upload's model file.
 FORM_OVERHEAD = 1 << 20
 # Routes whose body is a model file.
-UPLOAD_PATHS = re.compile(r"^/api/v1/(model/(update|validate)/[^/]+|experiments/[^/]+/initial_model)/?$")
+UPLOAD_PATHS = re.compile(
+    r"^/api/v1/(model/(update|validate)/[^/]+|model/update/[^/]+/sessions/[^/]+|experiments/[^/]+/initial_model)/?$"
+)
 
 
 def _too_large(limit: int) -> str:

@@ -43,8 +43,11 @@ class Settings(BaseSettings):
     continue_as_new_every: int = Field(default=200, ge=1)
     # How many experiments may run at once; past it POST /training/start answers 409 TRAINING_ALREADY_RUNNING.
     max_running_experiments: int = Field(default=1, ge=1)
-    # Largest accepted upload.
+    # Largest accepted upload (a model update or initial model file, in MB of 10^6 bytes).
     max_upload_mb: float = Field(default=512.0, gt=0)
+    # Resumable uploads: the largest chunk one PUT may carry, and how long an untouched session lives.
+    upload_chunk_mb: float = Field(default=64.0, gt=0)
+    upload_session_ttl_s: float = Field(default=86400.0, gt=0)
     # Largest JSON request body (policy rules are the largest legitimate ones).
     max_json_kb: int = Field(default=4096, ge=1)
     # An upload whose body sends nothing for this long is dropped (408) and its spool file removed.

@@ -235,18 +235,30 @@ async def upload_update(
     assert form.path is not None
     try:
         parsed = uploads.parse_metrics(form.fields["metrics"])
-        stored = await run_in_threadpool(
-            uploads.store_update,
-            engine,
-            blobs,
-            client_id=client_id,
-            upload_path=form.path,
-            metrics=parsed,
-            upload_sha256=form.sha256,
-            experiment_id=target.experiment_id,
+        return await accept_update(
+            engine, blobs, temporal, client_id, form.path, parsed, form.sha256, target.experiment_id
         )
     finally:
         form.discard()
+
+
+async def accept_update(  # type: ignore[no-untyped-def]
+    engine, blobs, temporal, client_id: str, path, metrics: dict, sha256: str | None, experiment_id: str
+) -> dict:
+    """Validate, store and record a received update file, and wake the workflow if it completed the round.
+
+    The one path both the single-request upload and a resumable upload's finish take.
+    """
+    stored = await run_in_threadpool(
+        uploads.store_update,
+        engine,
+        blobs,
+        client_id=client_id,
+        upload_path=path,
+        metrics=metrics,
+        upload_sha256=sha256,
+        experiment_id=experiment_id,
+    )
     upd = stored.update
     # The workflow waits for the round's last update (or its deadline); the database is the record.
     # So only the upload that completes the round wakes it, naming every client that reported: one
@@ -263,10 +275,10 @@ async def upload_update(
             ExperimentWorkflow.update_received,
             UpdateNotice(update_id=upd.update_id, client_id=client_id, round=upd.round, reported=reported),
         )
-    return _update_body(upd)
+    return update_body(upd)
 
 
-def _update_body(upd) -> dict:  # type: ignore[no-untyped-def]
+def update_body(upd) -> dict:  # type: ignore[no-untyped-def]
     return {
         "update_id": upd.update_id,
         "client_id": upd.client_id,
@@ -288,7 +300,7 @@ async def get_update(update_id: str, engine: EngineDep, principal: PrincipalDep)
     valid_id(update_id, "update_id")
     upd = await run_in_threadpool(uploads.get_update, engine, update_id)
     principal.require_client(upd.client_id)
-    return _update_body(upd)
+    return update_body(upd)
 
 
 @router.post(

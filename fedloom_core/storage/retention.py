@@ -32,6 +32,7 @@ from sqlmodel import Session, delete, select
 
 from fedloom_core.errors import FedloomError
 from fedloom_core.settings import Settings
+from fedloom_core.storage import upload_sessions
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import Experiment, GlobalModel, RoundMetrics, Update
 from fedloom_core.storage.keys import model_id_for, state_key
@@ -238,17 +239,23 @@ def removed_model_error(session: Session, experiment_id: str, round: int) -> Mod
     )
 
 
-def clean_spool(directory: Path, started: float, grace_s: float = 60.0) -> list[str]:
+def clean_spool(
+    directory: Path, started: float, grace_s: float = 60.0, session_ttl_s: float = 86400.0
+) -> list[str]:
     """Remove what interrupted uploads left in ``directory`` (``<data dir>/tmp``).
 
     Only entries untouched since ``grace_s`` before ``started`` (this process's start) go: an upload
-    another process is receiving writes to its spool file at least every read timeout.
+    another process is receiving writes to its spool file at least every read timeout. Resumable
+    upload sessions outlive a restart: only those untouched for ``session_ttl_s`` go.
     """
     removed: list[str] = []
     if not directory.is_dir():
         return removed
+    removed += upload_sessions.expire(directory, session_ttl_s)
     cutoff = started - grace_s
     for entry in directory.iterdir():
+        if entry.name == upload_sessions.SESSIONS_DIR:
+            continue
         try:
             if _newest_mtime(entry) >= cutoff:
                 continue

@@ -1,0 +1,266 @@
+"""Resumable uploads of client updates: open a session, append ranged chunks, ask the offset, finish.
+
+A dropped connection keeps what arrived; the client asks the committed offset and goes on from there.
+The finish step takes the single-request upload's own path (``models.accept_update``). Sessions live
+in ``fedloom_core.storage.upload_sessions``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api import openapi
+from api.deps import BlobsDep, BodyStreamDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
+from api.multipart import paced
+from api.routes.models import accept_update, update_body
+from fedloom_core.errors import Conflict, FedloomError, InvalidRequest, PayloadTooLarge
+from fedloom_core.settings import Settings
+from fedloom_core.storage import upload_sessions as sessions
+from fedloom_core.storage import uploads
+
+router = APIRouter(tags=["models"])
+_RANGE = re.compile(r"bytes (\d{1,15})-(\d{1,15})/(\d{1,15})")
+SWEEP_EVERY_S = 60.0
+_last_sweep = 0.0
+SESSION = {
+    "upload_id": "upl_5f0c1a2b3c4d5e6f708192a3b4c5d6e7",
+    "client_id": "client-001",
+    "experiment_id": "exp_2025_001",
+    "round": 5,
+    "size": 1000000000,
+    "offset": 0,
+    "complete": False,
+    "chunk_max_bytes": 64000000,
+    "expires_at": "2025-01-17T10:28:00Z",
+    "upload_url": "/api/v1/model/update/client-001/sessions/upl_5f0c1a2b3c4d5e6f708192a3b4c5d6e7",
+}
+
+
+class FinishSession(BaseModel):
+    """The optional body of ``POST .../sessions/{upload_id}/complete``."""
+
+    model_config = ConfigDict(extra="forbid")
+    sha256: str | None = Field(
+        default=None, pattern="^[0-9a-f]{64}$", description="If given, the received file must have this digest."
+    )
+
+
+class OpenSession(BaseModel):
+    """The body of ``POST /model/update/{client_id}/sessions``."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(ge=1, description="The file's size in bytes, at most FEDLOOM_MAX_UPLOAD_MB.")
+    metrics: dict[str, Any] = Field(description="As the single-request upload's metrics field (data_samples > 0).")
+    sha256: str | None = Field(
+        default=None, pattern="^[0-9a-f]{64}$", description="If given, the finished file must have this digest."
+    )
+
+
+def _limits(settings: Settings) -> tuple[int, int]:
+    return int(settings.max_upload_mb * 1e6), int(settings.upload_chunk_mb * 1e6)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _state(sess: sessions.Session, settings: Settings) -> JSONResponse:
+    offset = sess.offset()
+    body = {
+        "upload_id": sess.upload_id,
+        "client_id": sess.client_id,
+        "experiment_id": sess.experiment_id,
+        "round": sess.round,
+        "size": sess.size,
+        "offset": offset,
+        "complete": offset == sess.size,
+        "chunk_max_bytes": _limits(settings)[1],
+        "expires_at": _iso(sess.expires_at(settings.upload_session_ttl_s)),
+        "upload_url": f"/api/v1/model/update/{sess.client_id}/sessions/{sess.upload_id}",
+        "update_id": sess.update_id,
+    }
+    headers = {"Upload-Offset": str(offset), "Upload-Length": str(sess.size), "Cache-Control": "no-store"}
+    return JSONResponse(body, headers=headers)
+
+
+async def _sweep(settings: Settings) -> None:
+    """Remove expired sessions now and then (the start-up spool cleaning removes them too)."""
+    global _last_sweep
+    now = time.monotonic()
+    if now - _last_sweep >= SWEEP_EVERY_S:
+        _last_sweep = now
+        await run_in_threadpool(sessions.expire, settings.data_dir / "tmp", settings.upload_session_ttl_s)
+
+
+async def _load(settings: Settings, client_id: str, upload_id: str, principal) -> sessions.Session:  # type: ignore[no-untyped-def]
+    valid_id(client_id, "client_id")
+    valid_id(upload_id, "upload_id")
+    principal.require_client(client_id)
+    await _sweep(settings)
+    spool = settings.data_dir / "tmp"
+    return await run_in_threadpool(sessions.load, spool, upload_id, client_id, settings.upload_session_ttl_s)
+
+
+@router.post(
+    "/model/update/{client_id}/sessions",
+    status_code=201,
+    responses={201: {"content": {"application/json": {"example": SESSION}}}, **openapi.errors(400, 404, 409, 413)},
+)
+async def open_session(
+    client_id: str, body: OpenSession, engine: EngineDep, settings: SettingsDep, principal: PrincipalDep
+) -> JSONResponse:
+    """Extension: open a resumable upload of ``size`` bytes for this client's open round."""
+    valid_id(client_id, "client_id")
+    principal.require_client(client_id)
+    # Registered, selected, round open: checked before anything is accepted, as for a single upload.
+    target = await run_in_threadpool(uploads.find_target, engine, client_id)
+    limit, _ = _limits(settings)
+    if body.size > limit:
+        raise PayloadTooLarge("Model file too large", f"size {body.size} exceeds the upload limit of {limit} bytes")
+    metrics = uploads.parse_metrics(json.dumps(body.metrics))
+    await _sweep(settings)
+    sess = await run_in_threadpool(
+        lambda: sessions.create(
+            settings.data_dir / "tmp",
+            client_id=client_id,
+            experiment_id=target.experiment_id,
+            round=target.round,
+            size=body.size,
+            metrics=metrics,
+            sha256=body.sha256,
+        )
+    )
+    response = _state(sess, settings)
+    response.status_code = 201
+    response.headers["Location"] = f"/api/v1/model/update/{client_id}/sessions/{sess.upload_id}"
+    return response
+
+
+@router.get("/model/update/{client_id}/sessions/{upload_id}", responses=openapi.ok(SESSION, 400, 404))
+async def session_state(client_id: str, upload_id: str, settings: SettingsDep, principal: PrincipalDep) -> Response:
+    """Extension: the session's committed ``offset`` (also in the ``Upload-Offset`` header)."""
+    sess = await _load(settings, client_id, upload_id, principal)
+    return _state(sess, settings)
+
+
+@router.head("/model/update/{client_id}/sessions/{upload_id}", responses=openapi.errors(400, 404))
+async def session_offset(client_id: str, upload_id: str, settings: SettingsDep, principal: PrincipalDep) -> Response:
+    """Extension: the committed offset and the size, as the headers ``Upload-Offset`` and ``Upload-Length``."""
+    sess = await _load(settings, client_id, upload_id, principal)
+    return _state(sess, settings)
+
+
+def _content_range(raw: str | None, sess: sessions.Session, chunk_max: int) -> tuple[int, int]:
+    """The chunk's first byte and length from ``Content-Range: bytes a-b/total``, checked against the session."""
+    match = _RANGE.fullmatch((raw or "").strip())
+    if match is None:
+        raise InvalidRequest("Invalid Content-Range", "a chunk needs the header 'Content-Range: bytes a-b/total'")
+    first, last, total = (int(g) for g in match.groups())
+    if total != sess.size:
+        raise InvalidRequest("Invalid Content-Range", f"total {total} is not the session's size {sess.size}")
+    if last < first or last >= total:
+        raise InvalidRequest("Invalid Content-Range", f"bytes {first}-{last} are not within 0-{total - 1}")
+    if last - first + 1 > chunk_max:
+        raise PayloadTooLarge("Chunk too large", f"a chunk may carry at most {chunk_max} bytes")
+    return first, last - first + 1
+
+
+@router.put(
+    "/model/update/{client_id}/sessions/{upload_id}",
+    responses={**openapi.ok(SESSION, 400, 404, 409, 413), 408: {"description": "The chunk stalled or came too slowly"}},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {}}}},
+)
+async def put_chunk(
+    client_id: str,
+    upload_id: str,
+    request: Request,
+    body: BodyStreamDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+) -> JSONResponse:
+    """Extension: append the bytes ``Content-Range`` names; they must start at the committed offset.
+
+    A chunk cut short by a dropped connection or a timeout keeps what arrived (ask the offset and go
+    on); one that sends more than its range says is discarded.
+    """
+    sess = await _load(settings, client_id, upload_id, principal)
+    if sess.update_id is not None:
+        raise Conflict("Upload session finished", f"upload session '{upload_id}' was stored as {sess.update_id}")
+    first, length = _content_range(request.headers.get("content-range"), sess, _limits(settings)[1])
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) != length:
+        raise InvalidRequest("Invalid Content-Length", f"Content-Length {declared}, Content-Range {length} bytes")
+    writer = await run_in_threadpool(sessions.Writer, sess)
+    try:
+        if first != writer.start:
+            raise Conflict(
+                "Chunk does not start at the committed offset",
+                f"the session's offset is {writer.start}; the chunk starts at {first} (GET the session to resume)",
+            )
+        async for piece in paced(body, settings.upload_read_timeout_s, settings.upload_min_rate_kbps * 1000):
+            if writer.written + len(piece) > length:
+                writer.rollback()
+                raise PayloadTooLarge("Chunk too large", f"the body carries more than the {length} bytes of its range")
+            writer.write(piece)
+    finally:
+        # A chunk cut short (a dropped connection, a timeout) keeps what arrived; a refused one was rolled back.
+        end = writer.close()
+    if writer.written < length:
+        raise InvalidRequest(
+            "Chunk cut short", f"the body ended after {writer.written} of {length} bytes; the session's offset is {end}"
+        )
+    return _state(sess, settings)
+
+
+@router.post(
+    "/model/update/{client_id}/sessions/{upload_id}/complete",
+    responses=openapi.ok(openapi.UPLOAD_RESPONSE, 400, 404, 409),
+)
+async def finish_session(
+    client_id: str,
+    upload_id: str,
+    engine: EngineDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    temporal: TemporalDep,
+    principal: PrincipalDep,
+    body: FinishSession | None = None,
+) -> dict:
+    """Extension: store the complete file as ``POST /model/update/{client_id}`` would; a repeat answers the same."""
+    sess = await _load(settings, client_id, upload_id, principal)
+    if sess.update_id is not None:
+        return update_body(await run_in_threadpool(uploads.get_update, engine, sess.update_id))
+    offset = sess.offset()
+    if offset != sess.size:
+        raise Conflict("Upload incomplete", f"{offset} of {sess.size} bytes received; send the rest first")
+    digest = await run_in_threadpool(sessions.digest, sess)
+    declared = {d for d in (sess.sha256, body.sha256 if body else None) if d}
+    if declared - {digest}:
+        await run_in_threadpool(sessions.remove, sess)
+        raise InvalidRequest("Upload digest mismatch", f"the received file's sha256 is {digest}, not {min(declared)}")
+    try:
+        answer = await accept_update(
+            engine, blobs, temporal, client_id, sess.data, sess.metrics, digest, sess.experiment_id
+        )
+    except FedloomError:
+        # Refused (invalid file, round closed, conflict): the bytes are of no further use.
+        await run_in_threadpool(sessions.remove, sess)
+        raise
+    await run_in_threadpool(sessions.mark_finished, sess, answer["update_id"])
+    return answer
+
+
+@router.delete("/model/update/{client_id}/sessions/{upload_id}", status_code=204, responses=openapi.errors(400, 404))
+async def abort_session(client_id: str, upload_id: str, settings: SettingsDep, principal: PrincipalDep) -> Response:
+    """Extension: drop the session and its bytes."""
+    sess = await _load(settings, client_id, upload_id, principal)
+    await run_in_threadpool(sessions.remove, sess)
+    return Response(status_code=204)

@@ -1,0 +1,221 @@
+"""Resumable uploads: a session's bytes and record on disk, in ``<data dir>/tmp/sessions/<upload_id>/``.
+
+A session holds ``meta.json`` (who opened it, for which round, the declared size and metrics) and
+``data``, the bytes received so far. The committed offset is ``data``'s size, so whatever part of a
+chunk arrived before a dropped connection counts. The sha256 of ``data`` is kept in memory while the
+bytes arrive in order; a process that did not see them all (a restart) hashes the file once at the end.
+A session untouched for its time to live is removed, by the next request that looks at it, by the
+periodic sweep and by the API's start-up spool cleaning (``retention.clean_spool``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedloom_core.errors import Conflict, NotFound
+
+SESSIONS_DIR = "sessions"
+_ID_RE = re.compile(r"upl_[0-9a-f]{32}")
+# In-memory digests of sessions whose bytes this process received in order, by upload id.
+_DIGESTS: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+_DIGESTS_MAX = 256
+
+
+@dataclass
+class Session:
+    """One resumable upload: its owner, target round, declared size, and (once finished) its update."""
+
+    upload_id: str
+    client_id: str
+    experiment_id: str
+    round: int
+    size: int
+    metrics: dict[str, Any]
+    created: float
+    sha256: str | None = None
+    update_id: str | None = None
+    directory: Path = field(default=Path("."), repr=False, compare=False)
+
+    @property
+    def data(self) -> Path:
+        return self.directory / "data"
+
+    def offset(self) -> int:
+        """The bytes committed so far."""
+        try:
+            return self.data.stat().st_size
+        except FileNotFoundError:
+            return self.size if self.update_id else 0
+
+    def expires_at(self, ttl_s: float) -> float:
+        return _newest_mtime(self.directory) + ttl_s
+
+
+def sessions_root(spool: Path) -> Path:
+    return spool / SESSIONS_DIR
+
+
+def is_upload_id(value: str) -> bool:
+    return _ID_RE.fullmatch(value) is not None
+
+
+def create(
+    spool: Path, *, client_id: str, experiment_id: str, round: int, size: int, metrics: dict, sha256: str | None
+) -> Session:
+    """A new, empty session."""
+    upload_id = f"upl_{secrets.token_hex(16)}"
+    directory = sessions_root(spool) / upload_id
+    directory.mkdir(parents=True)
+    sess = Session(upload_id, client_id, experiment_id, round, size, metrics, time.time(), sha256, None, directory)
+    sess.data.touch()
+    _write_meta(sess)
+    _DIGESTS[upload_id] = (0, hashlib.sha256())
+    _trim_digests()
+    return sess
+
+
+def _write_meta(sess: Session) -> None:
+    record = {k: v for k, v in asdict(sess).items() if k != "directory"}
+    tmp = sess.directory / "meta.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, sess.directory / "meta.json")
+
+
+def load(spool: Path, upload_id: str, client_id: str, ttl_s: float, now: float | None = None) -> Session:
+    """The session ``upload_id`` of ``client_id``; NOT_FOUND when unknown, someone else's or expired.
+
+    An id is checked against its pattern before it becomes part of a path. Another client's session is
+    answered like a missing one, so ids cannot be probed.
+    """
+    gone = NotFound("Upload session not found", f"upload session '{upload_id}' does not exist or has expired")
+    if not is_upload_id(upload_id):
+        raise gone
+    directory = sessions_root(spool) / upload_id
+    try:
+        record = json.loads((directory / "meta.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        raise gone from None
+    sess = Session(**record, directory=directory)
+    if sess.client_id != client_id:
+        raise gone
+    if sess.expires_at(ttl_s) < (time.time() if now is None else now):
+        remove(sess)
+        raise gone
+    return sess
+
+
+def remove(sess: Session) -> None:
+    _DIGESTS.pop(sess.upload_id, None)
+    shutil.rmtree(sess.directory, ignore_errors=True)
+
+
+def mark_finished(sess: Session, update_id: str) -> None:
+    """Record the stored update (so a repeated finish answers the same) and drop the bytes."""
+    sess.update_id = update_id
+    _write_meta(sess)
+    sess.data.unlink(missing_ok=True)
+    _DIGESTS.pop(sess.upload_id, None)
+
+
+class Writer:
+    """Appends one chunk to a session's data, under an exclusive lock; its digest follows along."""
+
+    def __init__(self, sess: Session) -> None:
+        self.sess = sess
+        self._fh = open(sess.data, "ab")  # noqa: SIM115 - closed by close()
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise Conflict("Upload session busy", "another request is writing to this upload session") from None
+        self.start = self._fh.seek(0, os.SEEK_END)
+        known = _DIGESTS.get(sess.upload_id)
+        self._digest = known[1].copy() if known is not None and known[0] == self.start else None
+        self.written = 0
+
+    def write(self, piece: bytes | memoryview) -> None:
+        self._fh.write(piece)
+        self.written += len(piece)
+        if self._digest is not None:
+            self._digest.update(piece)
+
+    def rollback(self) -> None:
+        """Forget this chunk: the data goes back to where the chunk started."""
+        self._fh.flush()
+        self._fh.truncate(self.start)
+        self.written = 0
+        self._digest = None
+        _DIGESTS.pop(self.sess.upload_id, None)
+
+    def close(self) -> int:
+        """Keep what was written (all of it, or what arrived before a drop); return the new offset."""
+        self._fh.flush()
+        end = self.start + self.written
+        if self._digest is not None:
+            _DIGESTS[self.sess.upload_id] = (end, self._digest)
+            _DIGESTS.move_to_end(self.sess.upload_id)
+            _trim_digests()
+        os.utime(self.sess.directory)
+        self._fh.close()
+        return end
+
+
+def digest(sess: Session) -> str:
+    """The sha256 of the session's data: from memory if this process saw every byte, else read once."""
+    size = sess.data.stat().st_size
+    known = _DIGESTS.get(sess.upload_id)
+    if known is not None and known[0] == size:
+        return str(known[1].hexdigest())
+    h = hashlib.sha256()
+    with open(sess.data, "rb") as fh:
+        while chunk := fh.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _trim_digests() -> None:
+    while len(_DIGESTS) > _DIGESTS_MAX:
+        _DIGESTS.popitem(last=False)
+
+
+def expire(spool: Path, ttl_s: float, now: float | None = None) -> list[str]:
+    """Remove sessions untouched for ``ttl_s`` (and anything in the sessions directory not a session)."""
+    root = sessions_root(spool)
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    cutoff = (time.time() if now is None else now) - ttl_s
+    for entry in root.iterdir():
+        try:
+            if is_upload_id(entry.name) and entry.is_dir() and _newest_mtime(entry) >= cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:
+            continue
+        _DIGESTS.pop(entry.name, None)
+        removed.append(entry.name)
+    return removed
+
+
+def _newest_mtime(directory: Path) -> float:
+    newest = 0.0
+    for path in (directory, directory / "data", directory / "meta.json"):
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+    return newest
