@@ -102,12 +102,16 @@ class MappedFile:
     """One safetensors file, from which a window of a flat space at a time is memory-mapped and read."""
 
     def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         self.specs: dict[str, TensorSpec] = read_header(path)
         self._fd = os.open(path, os.O_RDONLY)
         self._size = os.fstat(self._fd).st_size
         # The current window's maps: first byte of each (sorted), and (map, its bytes as numpy).
         self._starts: list[int] = []
         self._maps: list[tuple[mmap.mmap, np.ndarray]] = []
+        # When the window is one run of the work dtype's bytes: its values, and the coordinate they start at.
+        self._flat: np.ndarray | None = None
+        self._flat_at = 0
 
     def close(self) -> None:
         self.leave()
@@ -121,8 +125,9 @@ class MappedFile:
     def enter(self, space: FlatSpace, start: int, stop: int) -> None:
         """Map the bytes holding coordinates ``[start, stop)`` of ``space`` (one map per run of bytes)."""
         self.leave()
+        spans = [(self._bytes(name, begin, end), name) for name, begin, end, _ in space.pieces(start, stop)]
         runs: list[list[int]] = []
-        for lo, hi in sorted(self._bytes(name, begin, end) for name, begin, end, _ in space.pieces(start, stop)):
+        for lo, hi in sorted(span for span, _ in spans):
             if runs and lo <= runs[-1][1] + _JOIN_GAP:
                 runs[-1][1] = max(runs[-1][1], hi)
             else:
@@ -132,10 +137,19 @@ class MappedFile:
             view = mmap.mmap(self._fd, hi - first, offset=first, access=mmap.ACCESS_COPY)
             self._starts.append(first)
             self._maps.append((view, np.frombuffer(view, dtype=np.uint8)))
+        dtype = np.dtype(space.numpy_dtype)
+        lo, hi = spans[0][0][0], spans[-1][0][1]
+        if (
+            len(runs) == 1
+            and lo % dtype.itemsize == 0
+            and all(np.dtype(_NUMPY[self.specs[name].dtype]) == dtype for _, name in spans)
+            and all(before[0][1] == after[0][0] for before, after in zip(spans, spans[1:], strict=False))
+        ):
+            self._flat, self._flat_at = self._maps[0][1][lo - self._starts[0] : hi - self._starts[0]].view(dtype), start
 
     def leave(self) -> None:
         """Unmap the current window (its pages stay in the page cache)."""
-        maps, self._maps, self._starts = self._maps, [], []
+        maps, self._maps, self._starts, self._flat = self._maps, [], [], None
         for view, data in maps:
             del data
             try:
@@ -156,6 +170,9 @@ class MappedFile:
         """The coordinates of ``pieces`` (``FlatSpace.pieces`` of one block in the current window): a view
         of the map when one tensor of the work dtype holds them all, else copied into ``staging``."""
         start = pieces[0][3]
+        if self._flat is not None:
+            at = start - self._flat_at
+            return self._flat[at : at + sum(end - begin for _, begin, end, _ in pieces)]
         if len(pieces) == 1:
             name, begin, end, _ = pieces[0]
             data = self.piece(name, begin, end)

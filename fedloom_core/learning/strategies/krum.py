@@ -3,17 +3,20 @@
 The squared L2 distance between every pair of updates (all floating-point tensors together) comes
 from Gram matrices: the model's coordinates are walked in cache-sized blocks; each block's K rows
 are read from the memory-mapped update files minus the global model's (the deltas, much smaller
-than the weights, so little is lost to cancellation), and one batched float32 matrix product gives
-the K x K Gram matrix of every piece of ``PIECE`` coordinates, ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``.
+than the weights, so little is lost to cancellation), and batched float32 matrix products (three, over
+the two halves of the rows: 3/4 of the multiplications) give the upper triangle of the K x K Gram
+matrix of every piece of ``PIECE`` coordinates, ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``.
 The pieces' matrices are added up in float64, in piece order (float64 products would cost twice as
 much; float32 sums over long blocks would lose about 100 times more to rounding), so the distances
 do not depend on the block size, ``chunk_elems`` (which only bounds how much of the mapped files
 stays resident, about ``K x chunk_elems`` values) or the thread count. Memory beyond that is
-``2 (K + 1)`` block rows per thread and the output model.
+``2 (K + 1)`` block rows per thread and one window of the output (``output.StreamedOutput`` writes
+each window into the file when it is done).
 
 ``score_i`` is the sum of the ``K - f - 2`` smallest distances from update i to the others.
-Krum outputs the update with the lowest score; Multi-Krum averages the ``m`` lowest-scored
-(``weighted_mean``, FedAvg's mean read a window at a time like the distances).
+Krum outputs the update with the lowest score, written from its file once the distances are
+known. Multi-Krum averages the ``m`` lowest-scored (FedAvg's weights), computed as the global model
+plus the weighted sum of their deltas, one matrix-vector product per block, in the distances' pass.
 Ties go to the smaller client id. Both need ``K > 2f + 2``.
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +41,10 @@ from fedloom_core.learning.strategies.blocks import (
     open_mapped,
     run_blocks,
 )
+from fedloom_core.learning.strategies.output import StreamedOutput
 from fedloom_core.learning.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
-from fedloom_core.learning.strategies.streaming import canonical, is_float, torch_dtype
-from fedloom_core.learning.weights import save_state, structure
+from fedloom_core.learning.strategies.streaming import canonical, is_float
+from fedloom_core.learning.weights import mapped_tensors, save_state, structure
 
 NUM_BYZANTINE = Param("num_byzantine", int, 0, "Number f of Byzantine updates to tolerate.", minimum=0)
 # Coordinates per float32 dot product (longer float32 sums lose more to rounding: a relative error
@@ -50,17 +54,28 @@ PIECE = 1 << 10
 
 def block_gram(rows: torch.Tensor) -> np.ndarray:
     """The Gram matrices of ``rows`` (K x n) over each piece of PIECE coordinates (the last one shorter),
-    as a (pieces, K, K) float64 array: float32 products and sums, one batched matrix product."""
+    as a (pieces, K, K) float64 array whose upper triangle is set (the lower one is zero or mirrored).
+
+    Float32 products and sums. The rows are split in two halves ``a`` and ``b``: the batched products
+    ``a a^T``, ``a b^T`` and ``b b^T`` cover the upper triangle with 3/4 of the multiplications of ``X X^T``.
+    """
     count, n = rows.shape
+    half = (count + 1) // 2
     whole = n - n % PIECE
-    grams = []
+    out = np.zeros((whole // PIECE + (whole < n), count, count), dtype=np.float32)
+
+    def fill(at: np.ndarray, part: torch.Tensor) -> None:
+        a, b = part[:, :half], part[:, half:]
+        at[:, :half, :half] = torch.bmm(a, a.transpose(1, 2)).numpy()
+        if count > half:
+            at[:, :half, half:] = torch.bmm(a, b.transpose(1, 2)).numpy()
+            at[:, half:, half:] = torch.bmm(b, b.transpose(1, 2)).numpy()
+
     if whole:
-        batched = rows[:, :whole].reshape(count, whole // PIECE, PIECE).permute(1, 0, 2)
-        grams.append(torch.bmm(batched, batched.transpose(1, 2)).numpy())
+        fill(out[: whole // PIECE], rows[:, :whole].reshape(count, whole // PIECE, PIECE).permute(1, 0, 2))
     if whole < n:
-        rest = rows[:, whole:]
-        grams.append(torch.mm(rest, rest.T).numpy()[None])
-    return np.concatenate(grams).astype(np.float64)
+        fill(out[-1:], rows[None, :, whole:])
+    return out.astype(np.float64)
 
 
 def distances_from_gram(gram: np.ndarray) -> list[list[float]]:
@@ -95,22 +110,46 @@ class _Mean:
 
     indices: list[int]
     weights: list[float]
+    _runs: dict[torch.dtype, list[tuple[int, int, torch.Tensor]]] = field(default_factory=dict)
+
+    def runs(self, dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor]]:
+        """``(lo, hi, w)``: the selection as runs of consecutive indices ``[lo, hi)``, each with its weights
+        as a 1 x (hi - lo) matrix (rows left out are never multiplied, even by zero: they may hold NaN)."""
+        if dtype not in self._runs:  # threads racing here compute the same value
+            self._runs[dtype] = self._make_runs(dtype)
+        return self._runs[dtype]
+
+    def _make_runs(self, dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor]]:
+        out: list[tuple[int, int, torch.Tensor]] = []
+        for position, index in enumerate(self.indices):
+            if position and index == self.indices[position - 1] + 1:
+                lo, _, _ = out[-1]
+                out[-1] = (lo, index + 1, out[-1][2])
+            else:
+                out.append((index, index + 1, torch.empty(0)))
+        taken = iter(self.weights)
+        return [(lo, hi, torch.tensor([[next(taken) for _ in range(hi - lo)]], dtype=dtype)) for lo, hi, _ in out]
 
 
 class _Walk:
     """Passes over one flat space of the K updates (``files[:K]``, the global model ``files[K]``): the Gram
-    matrix of the deltas, and, once a selection is known, its weighted mean into ``out``.
+    matrix of the deltas, and, once a selection is known, its weighted mean into ``output``, a window at a time.
 
-    The mean of a block adds ``w_i * x_i`` in client-id order (a single update is copied), the same
-    operations whichever pass computes it, so the result never depends on when it was computed.
+    The mean of a block is the global model's values plus the weighted sum of the selected deltas, one
+    matrix-vector product per run of consecutive selected updates (client-id order): the same operations
+    on the same deltas whichever pass computes it, so the result never depends on when it was computed.
     """
 
-    def __init__(self, space: FlatSpace, files: Sequence[MappedFile], chunk: int) -> None:
-        self.space, self.files, self.count = space, files, len(files) - 1
+    def __init__(
+        self, space: FlatSpace, files: Sequence[MappedFile], chunk: int, output: StreamedOutput | None = None
+    ) -> None:
+        self.space, self.files, self.count, self.output = space, files, len(files) - 1, output
         itemsize = torch.empty((), dtype=space.work).element_size()
         self.block = min(block_size(2 * (self.count + 1), itemsize, chunk, minimum=PIECE), space.total)
         self.window = budget_window(chunk, self.block, self.count, 2 * (self.count + 1), mapped=self.count + 1)
-        self.out = torch.empty(0, dtype=space.work)
+        self.span = max(self.block, self.window - self.window % self.block)  # the windows run_blocks walks
+        # One window's mean, written into ``output`` when the window is done.
+        self.results = torch.empty(min(self.span, space.total) if output else 0, dtype=space.work)
         self.mean: _Mean | None = None
         self.covered: list[tuple[int, int]] = []  # windows whose mean is written
 
@@ -120,16 +159,17 @@ class _Walk:
         shape, work = (self.count + 1, self.block), self.space.work
         return torch.empty(shape, dtype=work).numpy(), torch.empty(shape, dtype=work).numpy()
 
-    def add_mean(self, start: int, stop: int, rows: Sequence[np.ndarray], scaled: np.ndarray, mean: _Mean) -> None:
-        acc = self.out.numpy()[start:stop]
-        if len(mean.indices) == 1:
-            np.copyto(acc, rows[mean.indices[0]])
-            return
-        for position, (index, weight) in enumerate(zip(mean.indices, mean.weights, strict=True)):
+    def add_mean(self, start: int, stop: int, deltas: np.ndarray, base: np.ndarray, mean: _Mean) -> None:
+        """The window's results for ``[start, stop)``: ``base + sum of w_i * deltas[i]`` over the selection."""
+        n = stop - start
+        acc = self.results[start % self.span : start % self.span + n].view(1, n)
+        table = torch.from_numpy(deltas)
+        for position, (lo, hi, weights) in enumerate(mean.runs(self.space.work)):
             if position == 0:
-                np.multiply(rows[index], weight, out=acc)
+                torch.mm(weights, table[lo:hi, :n], out=acc)
             else:
-                np.add(acc, np.multiply(rows[index], weight, out=scaled), out=acc)
+                acc.addmm_(weights, table[lo:hi, :n])
+        np.add(acc.numpy()[0], base, out=acc.numpy()[0])
 
     def run(
         self, gram: np.ndarray | None, guess: Callable[[], _Mean | None] | None = None, begin: int = 0, end: int = 0
@@ -144,20 +184,23 @@ class _Walk:
             staging, deltas = own
             n, mean = stop - start, active[0]
             pieces = list(self.space.pieces(start, stop))
-            wanted = range(count + 1) if gram is not None else (mean.indices if mean else ())
-            rows: dict[int, np.ndarray] = {i: self.files[i].block(pieces, staging[i, :n]) for i in wanted}
+            wanted = range(count) if gram is not None else (mean.indices if mean else ())
+            if not wanted:
+                return
+            base = self.files[count].block(pieces, staging[count, :n])
+            for i in wanted:
+                np.subtract(self.files[i].block(pieces, staging[i, :n]), base, out=deltas[i, :n])
             if gram is not None:
-                for i in range(count):
-                    np.subtract(rows[i], rows[count], out=deltas[i, :n])
                 parts[(start % window) // block] = block_gram(torch.from_numpy(deltas[:count, :n]))
             if mean is not None:
-                self.add_mean(start, stop, rows, deltas[count, :n], mean)
+                self.add_mean(start, stop, deltas, base, mean)
 
         def done(start: int, stop: int) -> None:
             if gram is not None:  # every piece's Gram matrix added in piece order, whatever the blocks
                 pieces = [gram[None], *parts[: math.ceil((stop - start) / block)]]
                 np.add.reduce(np.concatenate(pieces), axis=0, out=gram)
-            if active[0] is not None:
+            if active[0] is not None and self.output is not None:
+                self.output.window(self.space, start, self.results.numpy()[: stop - start])
                 self.covered.append((start, stop))
             if guess is not None and self.mean is None:
                 self.mean = guess()
@@ -215,7 +258,7 @@ class MultiKrum(ConfiguredStrategy):
         return count - self.params["num_byzantine"] if chosen is None else chosen
 
     def aggregate(self, ctx: AggregationContext) -> AggregateResult:
-        """Score the updates, then write FedAvg's mean of the best ``num_selected`` of them.
+        """Score the updates, then write the (FedAvg-weighted) mean of the best ``num_selected`` of them.
 
         One pass computes the distances; the selection the first window's distances point to is
         averaged in the same pass, while the rows are in cache. When the final selection is that one,
@@ -249,26 +292,29 @@ class MultiKrum(ConfiguredStrategy):
             guesses.append(mean_of(select()[0]))
             return guesses[0]
 
-        result: dict[str, torch.Tensor] = {}
         with open_mapped(ordered, ctx.opener, expected, reference=ctx.global_path) as files:
-            walks = [_Walk(space, files, self.params["chunk_elems"]) for space in flat_spaces(expected)]
-            for walk in walks:
-                walk.out = torch.empty(walk.space.total, dtype=walk.space.work)
-                walk.mean = guesses[0] if guesses else None
-                walk.run(gram, None if guesses else guess)
-            ranked, scores = select()
-            final = mean_of(ranked)
-            for walk in walks:
-                if walk.mean is None or walk.mean.indices != final.indices:
-                    walk.mean, walk.covered = final, []
-                walk.fill()
-                result.update(walk.space.unflatten(walk.out, expected))
-            for name, (dtype_text, shape) in expected.items():
-                if not is_float(dtype_text):
-                    result[name] = files[final.indices[0]].whole(name)
-                elif math.prod(shape) == 0:
-                    result[name] = torch.empty(shape, dtype=torch_dtype(dtype_text))
-        save_state(result, ctx.out_path)
+            spaces, chunk = flat_spaces(expected), self.params["chunk_elems"]
+            if chosen == 1:  # the output is one update's tensors: written from its file once it is known
+                for space in spaces:
+                    _Walk(space, files, chunk).run(gram)
+                ranked, scores = select()
+                with mapped_tensors(files[ranked[0]].path) as tensors:
+                    save_state({name: tensors[name] for name in expected}, ctx.out_path)
+                return AggregateResult(info={"selected": [ordered[ranked[0]].client_id], "scores": scores})
+            with StreamedOutput(ctx.out_path, expected) as output:
+                walks = [_Walk(space, files, chunk, output) for space in spaces]
+                for walk in walks:
+                    walk.mean = guesses[0] if guesses else None
+                    walk.run(gram, None if guesses else guess)
+                ranked, scores = select()
+                final = mean_of(ranked)
+                for walk in walks:
+                    if walk.mean is None or walk.mean.indices != final.indices:
+                        walk.mean, walk.covered = final, []
+                    walk.fill()
+                for name, (dtype_text, _) in expected.items():
+                    if not is_float(dtype_text):
+                        output.tensor(name, files[final.indices[0]].whole(name))
         return AggregateResult(info={"selected": [ordered[i].client_id for i in ranked], "scores": scores})
 
 

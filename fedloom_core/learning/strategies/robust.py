@@ -6,14 +6,14 @@ update, client-id order) are read from the memory-mapped update files, and a com
 (``networks.selection_plan``) brings the wanted order statistics of every coordinate onto a few
 rows with elementwise minimum and maximum, which are then added up. Every step is exact but the
 final sum, whose order is fixed by K, so the result is the same for any block size, thread count
-or arrival order. Memory is the output model, ``(2K + 2) x block`` scratch values per thread and
-at most about ``K x chunk_elems`` mapped values (``blocks.MappedFile``), whatever the model size.
+or arrival order. Memory is one window of results (written into the output file when the window
+is done, ``output.StreamedOutput``), ``(2K + 2) x block`` scratch values per thread and at most
+about ``K x chunk_elems`` mapped values (``blocks.MappedFile``), whatever the model size.
 Integer tensors are the first update's, as in FedAvg.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,9 +31,10 @@ from fedloom_core.learning.strategies.blocks import (
     run_blocks,
 )
 from fedloom_core.learning.strategies.networks import Plan, run_plan, selection_plan
+from fedloom_core.learning.strategies.output import StreamedOutput
 from fedloom_core.learning.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
-from fedloom_core.learning.strategies.streaming import canonical, floor_fraction, is_float, torch_dtype
-from fedloom_core.learning.weights import save_state, structure
+from fedloom_core.learning.strategies.streaming import canonical, floor_fraction, is_float
+from fedloom_core.learning.weights import structure
 
 
 class CoordinateWise(ConfiguredStrategy):
@@ -51,14 +52,16 @@ class CoordinateWise(ConfiguredStrategy):
         """Facts about this round worth recording, given the number of updates."""
         return {}
 
-    def _reduce(self, space: FlatSpace, files: Sequence[MappedFile], plan: Plan, window: int) -> torch.Tensor:
-        """The result over ``space``'s coordinates, as one flat tensor of its work dtype."""
+    def _reduce(
+        self, space: FlatSpace, files: Sequence[MappedFile], plan: Plan, window: int, output: StreamedOutput
+    ) -> None:
+        """Write the result over ``space``'s coordinates into ``output``, a window at a time."""
         count = len(files)
-        flat = torch.empty(space.total, dtype=space.work)
-        out_all = flat.numpy()
         dtype = space.numpy_dtype
         block = min(block_size(count + 2, np.dtype(dtype).itemsize, window, minimum=1), space.total)
         window = budget_window(window, block, count, 2 * count + 2)
+        span = max(block, window - window % block)  # the windows run_blocks walks
+        results = torch.empty(min(span, space.total), dtype=space.work).numpy()
 
         def scratch() -> tuple[np.ndarray, np.ndarray]:
             return np.empty((count, block), dtype), np.empty((count + 2, block), dtype)
@@ -68,12 +71,14 @@ class CoordinateWise(ConfiguredStrategy):
             n = stop - start
             pieces = list(space.pieces(start, stop))
             rows = [f.block(pieces, staging[i, :n]) for i, f in enumerate(files)]
-            out = out_all[start:stop]
+            out = results[start % span : start % span + n]
             run_plan(plan, rows, spare[:, :n], out)
             self.finish(out, count)
 
-        run_blocks(space.total, block, window, kernel, scratch, files, space)
-        return flat
+        def done(start: int, stop: int) -> None:
+            output.window(space, start, results[: stop - start])
+
+        run_blocks(space.total, block, window, kernel, scratch, files, space, done)
 
     def aggregate(self, ctx: AggregationContext) -> AggregateResult:
         """Write the coordinate-wise reduction of the updates, one block of coordinates at a time."""
@@ -82,16 +87,12 @@ class CoordinateWise(ConfiguredStrategy):
         expected = structure(ctx.global_path)
         plan = selection_plan(count, *self.positions(count))
         window = self.params["chunk_elems"]
-        result: dict[str, torch.Tensor] = {}
-        with open_mapped(ordered, ctx.opener, expected) as files:
-            for name, (dtype_text, shape) in expected.items():
+        with open_mapped(ordered, ctx.opener, expected) as files, StreamedOutput(ctx.out_path, expected) as output:
+            for name, (dtype_text, _) in expected.items():
                 if not is_float(dtype_text):
-                    result[name] = files[0].whole(name)
-                elif math.prod(shape) == 0:
-                    result[name] = torch.empty(shape, dtype=torch_dtype(dtype_text))
+                    output.tensor(name, files[0].whole(name))
             for space in flat_spaces(expected):
-                result.update(space.unflatten(self._reduce(space, files, plan, window), expected))
-        save_state(result, ctx.out_path)
+                self._reduce(space, files, plan, window, output)
         return AggregateResult(info=self.round_info(count))
 
 
