@@ -146,3 +146,24 @@ def test_thread_count_does_not_change_the_bytes(round_files, rule: str, monkeypa
         )
         outputs.append((out.read_bytes(), info))
     assert outputs[0] == outputs[1]
+
+
+def test_streamed_output_writes_the_bytes_of_save_state(tmp_path: Path) -> None:
+    from fedloom_core.learning.strategies.blocks import flat_spaces
+    from fedloom_core.learning.strategies.output import StreamedOutput
+    from fedloom_core.learning.weights import save_state, structure
+
+    state = _model(torch.Generator().manual_seed(5), 2.0)
+    save_state(state, tmp_path / "whole.safetensors")
+    expected = structure(tmp_path / "whole.safetensors")
+    with StreamedOutput(tmp_path / "streamed.safetensors", expected) as output:
+        for name, value in state.items():
+            if not value.is_floating_point():
+                output.tensor(name, value)
+        for space in flat_spaces(expected):
+            work = torch.cat([state[name].to(space.work).reshape(-1) for name, _, _ in space.tensors])
+            # windows of 13 coordinates, last first: each lands at its tensors' offsets whatever the order
+            for start in reversed(range(0, space.total, 13)):
+                output.window(space, start, work[start : start + 13].numpy())
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))
