@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
+
+from fedloom._resumable import RESUMABLE_THRESHOLD, upload_resumable
 
 DEFAULT_TIMEOUT = 60.0
 # Initial weights: a state_dict, a file path, or a file's bytes.
@@ -194,9 +197,21 @@ class FLClient:
             return {"sha256": response.headers.get("x-model-sha256", "")}
 
     def upload_model_update(
-        self, client_id: str, model_file: str | Path | bytes | BinaryIO, metrics: dict[str, Any]
+        self,
+        client_id: str,
+        model_file: str | Path | bytes | BinaryIO,
+        metrics: dict[str, Any],
+        resumable: bool | None = None,
     ) -> dict[str, Any]:
-        """Upload a locally trained model with its training metrics."""
+        """Upload a locally trained model with its training metrics.
+
+        ``resumable`` sends it through a resumable session (chunks, resumed from the server's offset
+        after a dropped connection); by default files of ``RESUMABLE_THRESHOLD`` (64 MiB) or more are.
+        """
+        if resumable is None:
+            resumable = _size_of(model_file) >= RESUMABLE_THRESHOLD
+        if resumable:
+            return upload_resumable(self, client_id, model_file, metrics)
         data = {"metrics": json.dumps(metrics)}
         if isinstance(model_file, (str, Path)):
             with open(model_file, "rb") as fh:
@@ -206,6 +221,18 @@ class FLClient:
         return self._json(
             "POST", f"/model/update/{client_id}", files={"model_file": ("model.safetensors", model_file)}, data=data
         )
+
+
+def _size_of(model_file: str | Path | bytes | BinaryIO) -> int:
+    """The upload's size in bytes, or 0 for a stream that is not a plain file."""
+    if isinstance(model_file, (str, Path)):
+        return os.path.getsize(model_file)
+    if isinstance(model_file, (bytes, bytearray, memoryview)):
+        return len(model_file)
+    try:
+        return os.fstat(model_file.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def state_dict_bytes(state: Mapping[str, Any]) -> bytes:

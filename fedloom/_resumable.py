@@ -1,0 +1,151 @@
+"""Resumable model uploads: open a session, send ranged chunks, resume from the server's offset after a drop.
+
+The protocol (docs/api.md#resumable-uploads): ``POST /model/update/{client_id}/sessions`` with the size
+and metrics, ``PUT .../sessions/{upload_id}`` with ``Content-Range: bytes a-b/total`` for each chunk,
+``GET`` of the session for the committed offset, ``POST .../complete`` to store the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+
+# Files at least this large go through a resumable session by default.
+RESUMABLE_THRESHOLD = 64 << 20
+# Pieces a chunk is streamed in (and hashed in).
+PIECE = 1 << 20
+# Attempts in a row that move the offset no further before giving up.
+MAX_STALLED = 6
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class _Source:
+    """The bytes being uploaded: a file (read by position) or a buffer."""
+
+    def __init__(self, data: str | Path | bytes | bytearray | memoryview | BinaryIO) -> None:
+        self._buf: memoryview | None = None
+        self._fh: BinaryIO | None = None
+        self._owned = False
+        if isinstance(data, (str, Path)):
+            self._fh, self._owned = open(data, "rb"), True  # noqa: SIM115 - closed by close()
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            self._buf = memoryview(data).cast("B")
+        else:
+            self._fh = data
+        if self._buf is not None:
+            self.size = len(self._buf)
+        else:
+            assert self._fh is not None
+            self.size = os.fstat(self._fh.fileno()).st_size
+
+    def pieces(self, start: int, end: int) -> Iterator[bytes | memoryview]:
+        """Bytes ``start`` to ``end`` (exclusive), ``PIECE`` at a time."""
+        pos = start
+        while pos < end:
+            n = min(PIECE, end - pos)
+            if self._buf is not None:
+                yield self._buf[pos : pos + n]
+            else:
+                assert self._fh is not None
+                piece = os.pread(self._fh.fileno(), n, pos)
+                if not piece:
+                    raise OSError(f"the file ended at {pos} bytes, before its size of {self.size}")
+                yield piece
+                n = len(piece)
+            pos += n
+
+    def close(self) -> None:
+        if self._owned and self._fh is not None:
+            self._fh.close()
+
+
+class _Digest:
+    """The sha256 of the bytes sent so far, which must be the bytes 0..offset the server holds."""
+
+    def __init__(self, source: _Source) -> None:
+        self.source, self.at, self.h = source, 0, hashlib.sha256()
+        # The state at the start of the last chunk sent: a drop inside it re-hashes from there.
+        self.mark, self.mark_h = 0, self.h.copy()
+
+    def seek(self, offset: int) -> None:
+        """Move the hash to ``offset`` (the server's), re-reading from the last mark or the start if needed."""
+        if offset != self.at:
+            start, self.h = (self.mark, self.mark_h.copy()) if self.mark <= offset else (0, hashlib.sha256())
+            for piece in self.source.pieces(start, offset):
+                self.h.update(piece)
+            self.at = offset
+        self.mark, self.mark_h = offset, self.h.copy()
+
+    def feed(self, pieces: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+        for piece in pieces:
+            self.h.update(piece)
+            self.at += len(piece)
+            yield piece
+
+
+def upload_resumable(
+    client: Any,
+    client_id: str,
+    data: str | Path | bytes | bytearray | memoryview | BinaryIO,
+    metrics: dict[str, Any],
+    *,
+    chunk_size: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Upload ``data`` through a resumable session; a dropped connection resumes from the server's offset.
+
+    ``client`` is an ``FLClient``. Returns the update record, as ``POST /model/update/{client_id}`` does.
+    Gives up with the transport error once ``MAX_STALLED`` attempts in a row move the offset no further.
+    """
+    from fedloom._client import FLAPIError
+
+    source = _Source(data)
+    try:
+        base = f"/model/update/{client_id}/sessions"
+        opened = client._json("POST", base, json={"size": source.size, "metrics": metrics})
+        url = f"{base}/{opened['upload_id']}"
+        chunk = min(chunk_size or opened["chunk_max_bytes"], opened["chunk_max_bytes"])
+        digest = _Digest(source)
+        offset, stalled, last_error = 0, 0, None
+        while offset < source.size:
+            end = min(offset + chunk, source.size)
+            digest.seek(offset)
+            headers = {
+                "Content-Range": f"bytes {offset}-{end - 1}/{source.size}",
+                "Content-Length": str(end - offset),
+                "Content-Type": "application/octet-stream",
+            }
+            try:
+                answer = client._json("PUT", url, content=digest.feed(source.pieces(offset, end)), headers=headers)
+                new = int(answer["offset"])
+            except (httpx.TransportError, FLAPIError) as exc:
+                if isinstance(exc, FLAPIError) and exc.status not in RETRY_STATUSES and exc.code != "CONFLICT":
+                    raise
+                last_error = exc
+                new = _offset_after_failure(client, url, sleep, stalled, exc)
+            stalled = stalled + 1 if new <= offset else 0
+            if stalled >= MAX_STALLED:
+                raise last_error or RuntimeError(f"the upload made no progress at {offset} bytes")
+            offset = new
+        digest.seek(source.size)
+        return client._json("POST", f"{url}/complete", json={"sha256": digest.h.hexdigest()})
+    finally:
+        source.close()
+
+
+def _offset_after_failure(client: Any, url: str, sleep: Callable[[float], None], stalled: int, exc: Any) -> int:
+    """The server's committed offset after a failed chunk (asked again while the server is unreachable)."""
+    wait = getattr(exc, "retry_after", None) or min(0.5 * 2**stalled, 30.0)
+    for attempt in range(MAX_STALLED):
+        sleep(wait)
+        try:
+            return int(client._json("GET", url)["offset"])
+        except httpx.TransportError:
+            wait = min(0.5 * 2 ** (stalled + attempt + 1), 30.0)
+    raise exc
