@@ -16,18 +16,21 @@ from fedloom_core.learning.strategies import blocks as blocks_module
 from fedloom_core.learning.strategies import make_strategy
 from fedloom_core.learning.strategies.base import AggregationContext
 from fedloom_core.learning.strategies.krum import pairwise_sq_distances
-from fedloom_core.learning.strategies.networks import merge_exchange, run_plan, selection_plan
+from fedloom_core.learning.strategies.networks import merge_exchange, run_plan, selection_plan, sorting_networks
 from fedloom_core.learning.strategies.streaming import floor_fraction
 
 
 @pytest.mark.parametrize("n", range(1, 13))
-def test_merge_exchange_sorts_every_zero_one_input(n: int) -> None:
+def test_sorting_networks_sort_every_zero_one_input(n: int) -> None:
     # The 0-1 principle: a comparator network sorts every input iff it sorts every input of 0s and 1s.
     bits = torch.tensor(list(itertools.product((0, 1), repeat=n)), dtype=torch.int8).T.contiguous()
-    rows = list(bits)
-    for i, j in merge_exchange(n):
-        rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
-    assert torch.equal(torch.stack(rows), torch.sort(bits, dim=0).values) if n else True
+    networks = sorting_networks(n)
+    assert networks[0] == merge_exchange(n) and len(networks) == (2 if n == 10 else 1)
+    for network in networks:
+        rows = list(bits)
+        for i, j in network:
+            rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+        assert torch.equal(torch.stack(rows), torch.sort(bits, dim=0).values)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 10, 11, 16, 23])
@@ -48,6 +51,7 @@ def test_pruning_drops_what_the_sum_does_not_need() -> None:
     median = sum(s.low + s.high for s in selection_plan(10, 4, 6).steps)
     trimmed = sum(s.low + s.high for s in selection_plan(10, 1, 9).steps)
     assert trimmed < median < full
+    assert (median, trimmed) == (48, 24)  # Waksman's network pruned (Batcher's: 50 and 34)
     assert selection_plan(10, 0, 10).steps == ()  # a plain sum needs no comparator
 
 
