@@ -89,6 +89,24 @@ def revoke_client_keys(session: Session, client_id: str) -> int:
     return int(result.rowcount or 0)
 
 
+# Keys per query when checking many cached keys for revocation at once.
+REVOKED_CHUNK = 500
+
+
+def revoked_among(engine: Engine, digests: list[str]) -> set[str]:
+    """Which of these key hashes are revoked (or no longer stored): one indexed query per chunk."""
+    live: set[str] = set()
+    with session_scope(engine) as s:
+        for i in range(0, len(digests), REVOKED_CHUNK):
+            chunk = digests[i : i + REVOKED_CHUNK]
+            live.update(
+                s.exec(
+                    select(ApiKey.key_hash).where(ApiKey.key_hash.in_(chunk), ApiKey.revoked.is_(False))  # type: ignore[attr-defined]
+                ).all()
+            )
+    return set(digests) - live
+
+
 def unknown_key() -> Unauthorized:
     """The UNAUTHORIZED error for a key that is not known (or revoked)."""
     return Unauthorized("Missing or invalid authentication", "the API key is not known")

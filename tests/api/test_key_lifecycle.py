@@ -178,3 +178,39 @@ def test_the_principal_cache_is_bounded_and_forgets_unknown_keys_after_their_ttl
     assert cache.get("k1") is None and cache.verified("k1")  # re-checked with the database, still exempt
     cache.forget_client("site-1")
     assert not cache.verified("k1") and cache.verified("k2")
+
+
+def test_cached_keys_past_their_ttl_are_rechecked_all_at_once_and_revoked_ones_refused(local_app, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import api.deps as deps
+    from api.auth import revoke_client_keys
+
+    admin = local_app()
+    keys = {f"site-{i}": _register(admin, f"site-{i}") for i in range(4)}
+    calls = {"resolve_key": 0, "revoked_among": 0}
+    for name in calls:
+        real = getattr(auth_module, name)
+
+        def counted(*args, _real=real, _name=name):  # type: ignore[no-untyped-def]
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(auth_module, name, counted)
+    clock = [time.monotonic()]
+    monkeypatch.setattr(deps.time, "monotonic", lambda: clock[0])
+
+    def use_all() -> dict[str, int]:
+        return {cid: admin.get(f"/clients/{cid}", headers=_as(key)).status_code for cid, key in keys.items()}
+
+    assert set(use_all().values()) == {200}
+    assert calls == {"resolve_key": 4, "revoked_among": 0}  # each key resolved once
+    clock[0] += PRINCIPAL_TTL_S + 0.1
+    assert set(use_all().values()) == {200}
+    assert calls == {"resolve_key": 4, "revoked_among": 1}  # past the TTL: one re-check for every key
+
+    # Revoked in the database, as another API process would: refused once the TTL has passed.
+    with session_scope(admin.app.state.engine) as s:
+        assert revoke_client_keys(s, "site-2") == 1
+    assert use_all()["site-2"] == 200  # still within the TTL of the last re-check
+    clock[0] += PRINCIPAL_TTL_S + 0.1
+    assert use_all() == {"site-0": 200, "site-1": 200, "site-2": 401, "site-3": 200}
+    assert calls == {"resolve_key": 5, "revoked_among": 2}  # the dropped key was looked up on its own
