@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
+
+from sqlalchemy import event, update
+from sqlmodel import select
+
 from api.taskboard import (
     BOARD_FAST_WINDOW_S,
     BOARD_REFRESH_FAST_S,
@@ -43,3 +49,46 @@ def test_a_board_of_several_experiments_tells_each_clients_part() -> None:
     assert not board.in_gap()
     assert Board(6.0, "e2", "running", 7, frozenset({"a"}), others=(Board(6.0, "e1", "running"),)).in_gap()
     assert TaskBoard(engine=None)._interval(Board(6.0, "e2", "running", others=(other,))) == BOARD_REFRESH_FAST_S
+
+
+def test_the_clients_last_seen_marks_are_written_together_and_an_inactive_client_is_reactivated_at_once(
+    local_app,
+) -> None:  # type: ignore[no-untyped-def]
+    from fedloom_core.storage.db import Client, utcnow
+    from fedloom_core.storage.repo import session_scope
+
+    admin = local_app()
+    ids = [f"seen-{i}" for i in range(5)]
+    for cid in ids:
+        assert admin.post("/clients/register", json={"client_id": cid}).status_code == 200
+    engine = admin.app.state.engine
+    long_ago = utcnow() - timedelta(minutes=10)
+    with session_scope(engine) as s:
+        s.execute(update(Client).values(last_seen=long_ago))
+        s.execute(update(Client).where(Client.client_id == "seen-4").values(status="inactive"))
+    updates: list[str] = []
+    event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda _c, _cur, sql, *_a: updates.append(sql) if sql.lstrip().upper().startswith("UPDATE") else None,
+    )
+
+    def seen() -> dict[str, tuple]:
+        with session_scope(engine) as s:
+            return {c.client_id: (c.status, c.last_seen > long_ago) for c in s.exec(select(Client))}
+
+    async def polls() -> int:
+        board = TaskBoard(engine)
+        for cid in ids:
+            await board._ask_database(cid)
+        before = seen()
+        # The inactive client was written at once (it must be able to rejoin), the others not yet.
+        assert before == {**{c: ("registered", False) for c in ids[:4]}, "seen-4": ("active", True)}
+        assert len(updates) == 1
+        flushed = await board.flush_seen()
+        assert await board.flush_seen() == 0  # nothing left queued
+        return flushed
+
+    assert asyncio.run(polls()) == 4
+    assert len(updates) == 2  # the four marks in one UPDATE
+    assert seen() == {**{c: ("registered", True) for c in ids[:4]}, "seen-4": ("active", True)}
