@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlmodel import Session, select
 
-from fedloom_core.errors import InvalidRequest
+from fedloom_core.errors import InvalidRequest, TrainingAlreadyRunning
 from fedloom_core.storage.db import Experiment
-from fedloom_core.storage.repo import running_first
+from fedloom_core.storage.repo import running_first, serialize_starts
 
 
 def running_ids(session: Session) -> list[str]:
@@ -23,4 +23,18 @@ def check_unambiguous(session: Session, experiment_id: str | None, what: str) ->
         raise InvalidRequest(
             "experiment_id is required",
             f"{len(running)} experiments are running ({', '.join(running)}); name one with experiment_id for {what}",
+        )
+
+
+def claim_start(session: Session, limit: int) -> None:
+    """Refuse (409) a start or continue while ``limit`` experiments run; starts decide one at a time."""
+    serialize_starts(session)
+    running = running_ids(session)
+    if len(running) >= limit:
+        names = ", ".join(f"'{r}'" for r in running)
+        raise TrainingAlreadyRunning(
+            "Cannot start - training already in progress",
+            f"experiment {names} is running; stop it first"
+            if limit == 1
+            else f"{len(running)} experiments are running ({names}), FEDLOOM_MAX_RUNNING_EXPERIMENTS is {limit}",
         )

@@ -14,9 +14,10 @@ from sqlalchemy import delete, func
 from sqlmodel import select
 
 from api import openapi
+from api.current import claim_start
 from api.deps import AdminDep, BlobsDep, BodyStreamDep, EngineDep, SettingsDep, TemporalDep, valid_id
 from api.routes.training import launch_experiment, repair_orphans
-from fedloom_core.errors import Conflict, NotFound, PayloadTooLarge, TrainingAlreadyRunning
+from fedloom_core.errors import Conflict, NotFound, PayloadTooLarge
 from fedloom_core.messages import ExperimentState
 from fedloom_core.schemas import StartRequest
 from fedloom_core.storage import initial_models
@@ -32,7 +33,7 @@ from fedloom_core.storage.db import (
 )
 from fedloom_core.storage.keys import state_key
 from fedloom_core.storage.model_rows import model_ref
-from fedloom_core.storage.repo import emit_event, running_experiment, session_scope
+from fedloom_core.storage.repo import emit_event, session_scope
 
 router = APIRouter(tags=["experiments"])
 
@@ -124,7 +125,9 @@ async def continue_experiment(
     """Run a stopped or completed experiment for more rounds, from its last global model and strategy state."""
     valid_id(experiment_id, "experiment_id")
     await repair_orphans(engine, temporal)
-    exp, req, state = await run_in_threadpool(_prepare_continue, engine, blobs, experiment_id, body.rounds)
+    exp, req, state = await run_in_threadpool(
+        _prepare_continue, engine, blobs, experiment_id, body.rounds, settings.max_running_experiments
+    )
     return await launch_experiment(engine, settings, temporal, exp, req, state)
 
 
@@ -132,16 +135,12 @@ def _prepare_continue(
     engine,
     blobs: BlobStore,
     experiment_id: str,
-    more: int,  # type: ignore[no-untyped-def]
+    more: int,
+    limit: int = 1,  # type: ignore[no-untyped-def]
 ) -> tuple[Experiment, StartRequest, ExperimentState]:
     """Mark the experiment running again; the workflow's state: the next round, the last model, strategy state."""
     with session_scope(engine) as s:
-        running = running_experiment(s)
-        if running is not None:
-            raise TrainingAlreadyRunning(
-                "Cannot start - training already in progress",
-                f"experiment '{running.experiment_id}' is running; stop it first",
-            )
+        claim_start(s, limit)
         exp = s.get(Experiment, experiment_id)
         if exp is None:
             raise NotFound("Resource not found", f"experiment '{experiment_id}' does not exist")

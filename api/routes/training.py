@@ -19,7 +19,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from api import openapi
-from api.current import check_unambiguous, running_ids
+from api.current import check_unambiguous, claim_start, running_ids
 from api.deps import AdminDep, BlobsDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
 from fedloom_core.errors import (
     Conflict,
@@ -27,7 +27,6 @@ from fedloom_core.errors import (
     InsufficientClients,
     InvalidRequest,
     NotFound,
-    TrainingAlreadyRunning,
 )
 from fedloom_core.ids import check_id
 from fedloom_core.learning.catalog import KNOWN_ARCHITECTURES
@@ -108,15 +107,7 @@ def _check_strategy(req: StartRequest) -> None:
 
 def _prepare(engine, blobs, req: StartRequest, limit: int = 1) -> tuple[Experiment, StartRequest, float]:  # type: ignore[no-untyped-def]
     with session_scope(engine) as s:
-        running = running_ids(s)
-        if len(running) >= limit:
-            names = ", ".join(f"'{r}'" for r in running)
-            raise TrainingAlreadyRunning(
-                "Cannot start - training already in progress",
-                f"experiment {names} is running; stop it first"
-                if limit == 1
-                else f"{len(running)} experiments are running ({names}), FEDLOOM_MAX_RUNNING_EXPERIMENTS is {limit}",
-            )
+        claim_start(s, limit)
         exp_id = req.experiment_config.experiment_id or f"exp_{utcnow():%Y%m%d}_{secrets.token_hex(3)}"
         exp = s.get(Experiment, exp_id)
         if exp is not None and exp.status != "created":

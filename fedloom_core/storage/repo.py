@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import defer
 from sqlmodel import Session, select
@@ -52,6 +53,23 @@ def emit_event(
 def running_first(query):  # type: ignore[no-untyped-def]
     """``query`` over experiments narrowed to the running ones, the most recently started first."""
     return query.where(Experiment.status == "running").order_by(Experiment.started_at.desc().nulls_last())  # type: ignore[union-attr]
+
+
+# The PostgreSQL advisory lock that start decisions take in turn (any fixed number of this project's).
+_START_LOCK_KEY = 7263002
+
+
+def serialize_starts(session: Session) -> None:
+    """Hold every other start decision back until this session's transaction ends.
+
+    Call it first in the transaction that counts the running experiments and marks one running, so two
+    starts cannot both see room under the limit. PostgreSQL takes a transaction-scoped advisory lock;
+    SQLite opens the write transaction now (one writer at a time), so the count read next is the newest.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _START_LOCK_KEY})
+    else:
+        session.execute(text("UPDATE experiment SET status = status WHERE experiment_id IS NULL"))
 
 
 def running_experiment(session: Session) -> Experiment | None:

@@ -469,6 +469,36 @@ class DatabaseContract:
             # Nothing runs: the most recently started one (running-b, 13:30Z) is the latest.
             assert latest_experiment(s).experiment_id == "running-b"
 
+    def test_concurrent_starts_never_pass_the_running_limit(self, db: Engine) -> None:
+        from api.current import claim_start
+        from fedloom_core.errors import TrainingAlreadyRunning
+
+        limit, starters = 2, 5
+        with session_scope(db) as s:
+            s.add(Experiment(experiment_id="done", status="completed"))
+        gate = threading.Barrier(starters)
+
+        def start(i: int) -> bool:
+            gate.wait()
+            try:
+                with session_scope(db) as s:
+                    claim_start(s, limit)
+                    time.sleep(0.2)  # a start's own checks run between the count and marking it running
+                    s.add(Experiment(experiment_id=f"race-{i}", status="running", started_at=utcnow()))
+            except TrainingAlreadyRunning:
+                return False
+            return True
+
+        workers = [Worker(f"start-{i}", lambda i=i: start(i)) for i in range(starters)]
+        for w in workers:
+            w.start()
+        results = [w.finish() for w in workers]
+        assert all(w.error is None for w in workers), [w.error for w in workers]
+        assert results.count(True) == limit
+        with session_scope(db) as s:
+            running = s.exec(select(Experiment).where(Experiment.status == "running")).all()
+            assert len(running) == limit
+
     def test_timestamps_are_utc_and_iso_ends_with_z(self, db: Engine) -> None:
         ist = timezone(timedelta(hours=5, minutes=30))
         given = datetime(2024, 5, 1, 17, 45, 30, 123456, tzinfo=ist)  # 12:15:30.123456Z
