@@ -107,11 +107,20 @@ class AggregationActivities:
     @activity.defn(name="process_round")
     @_kept_alive
     def process_round(self, inp: ProcessRoundInput) -> ProcessRoundOutput:
-        """Validate, aggregate and evaluate a round in one activity; each step's writes are fixed by the round."""
-        checked = self._validate(inp.validation)
-        if len(checked.accepted) < inp.min_updates:
-            return ProcessRoundOutput(validation=checked)
+        """Validate, aggregate and evaluate a round in one activity; each step's writes are fixed by the round.
+
+        With ``inp.bounded`` the round's updates are read from the database and the per-client outcome
+        goes to the blob store (:meth:`_bounded`), so the result does not grow with the round's size.
+        """
         v = inp.validation
+        if inp.bounded:
+            from fedloom_core.storage.round_outcomes import received_updates
+
+            v = v.model_copy(update={"updates": received_updates(self.engine, v.experiment_id, v.round)})
+        checked = self._validate(v)
+        if len(checked.accepted) < inp.min_updates:
+            done = ProcessRoundOutput(validation=checked)
+            return self._bounded(v, done) if inp.bounded else done
         started = time.perf_counter()
         aggregated = self._aggregate(
             AggregateInput(
@@ -131,9 +140,31 @@ class AggregationActivities:
                 updates=checked.accepted if v.policy.contribution_scores else [],
             )
         )
-        return ProcessRoundOutput(
+        done = ProcessRoundOutput(
             validation=checked, aggregated=aggregated, evaluation=evaluation, aggregation_time=took
         )
+        return self._bounded(v, done) if inp.bounded else done
+
+    def _bounded(self, v: ValidateInput, done: ProcessRoundOutput) -> ProcessRoundOutput:
+        """The result with its per-client parts moved to a blob: counts, the model and the blob's key."""
+        from fedloom_core.storage.candidates import exclusion_counts
+        from fedloom_core.storage.round_outcomes import outcome_of, store_outcome
+
+        checked = done.validation
+        bounded = ProcessRoundOutput(
+            validation=ValidationOutcome(accepted=[]),
+            aggregation_time=done.aggregation_time,
+            received=len(v.updates),
+            accepted_count=len(checked.accepted),
+            rejection_counts=exclusion_counts(checked.rejected),
+        )
+        if done.aggregated is None or done.evaluation is None:
+            return bounded  # too few accepted: the workflow fails the round, nothing to record
+        outcome = outcome_of(checked, done.evaluation, done.aggregated.info)
+        bounded.outcome_key = store_outcome(self.blobs, v.experiment_id, v.round, outcome)
+        bounded.aggregated = done.aggregated.model_copy(update={"info": {}})
+        bounded.evaluation = done.evaluation.model_copy(update={"loo_loss_deltas": {}, "progress_shares": {}})
+        return bounded
 
     # The three steps as separate activities: workflows started before "fused-round-v1" schedule them.
 

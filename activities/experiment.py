@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import update as sa_update
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import Session, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -30,6 +30,7 @@ from fedloom_core.messages import (
     ModelRef,
     OpenEvaluationInput,
     OpenRoundInput,
+    RoundClosed,
     RoundRef,
     SelectClientsInput,
     Selection,
@@ -37,7 +38,7 @@ from fedloom_core.messages import (
 )
 from fedloom_core.policy.rules import validate_rules
 from fedloom_core.policy.selection import client_configs, round_control
-from fedloom_core.storage import evaluations, round_records
+from fedloom_core.storage import evaluations, round_outcomes, round_records
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.candidates import load_selection_details, select_round, store_selection
 from fedloom_core.storage.db import (
@@ -46,7 +47,6 @@ from fedloom_core.storage.db import (
     GlobalModel,
     Round,
     RoundMetrics,
-    Update,
     utcnow,
 )
 from fedloom_core.storage.keys import model_id_for, model_key
@@ -63,6 +63,15 @@ def _client_config(inp: OpenRoundInput) -> dict[str, dict]:
     strategy = build_strategy(inp.strategy, inp.params, weighted=True)
     return client_configs(
         inp.selected, inp.round_config, strategy.configure_round(inp.round, inp.selected), inp.policy_results
+    )
+
+
+def _close(s: Session, inp: RoundRef) -> None:
+    """Mark the round closed; the same row the upload path updates first, so the two serialise on every database."""
+    s.execute(
+        sa_update(Round)
+        .where(Round.experiment_id == inp.experiment_id, Round.round == inp.round, Round.status == "open")
+        .values(status="closed", closed_at=utcnow())
     )
 
 
@@ -204,25 +213,15 @@ class ExperimentActivities:
     def close_round(self, inp: RoundRef) -> list[UpdateRef]:
         """Stop taking uploads for the round and return the updates it received, by client id."""
         with session_scope(self.engine) as s:
-            # Same row the upload path updates first, so the two serialise on every database.
-            s.execute(
-                sa_update(Round)
-                .where(Round.experiment_id == inp.experiment_id, Round.round == inp.round, Round.status == "open")
-                .values(status="closed", closed_at=utcnow())
-            )
-            rows = s.exec(
-                select(Update)
-                .where(
-                    Update.experiment_id == inp.experiment_id,
-                    Update.round == inp.round,
-                    Update.validation_status != "rejected",
-                )
-                .order_by(Update.client_id)
-            ).all()
-            return [
-                UpdateRef(update_id=u.update_id, client_id=u.client_id, blob_key=u.blob_key, num_samples=u.num_samples)
-                for u in rows
-            ]
+            _close(s, inp)
+            return round_outcomes.query_received(s, inp.experiment_id, inp.round)
+
+    @activity.defn(name="close_round_bounded")
+    def close_round_bounded(self, inp: RoundRef) -> RoundClosed:
+        """``close_round`` for runs with "bounded-round-v1": how many updates the round received, not which."""
+        with session_scope(self.engine) as s:
+            _close(s, inp)
+            return RoundClosed(received=len(round_outcomes.query_received(s, inp.experiment_id, inp.round)))
 
     @activity.defn(name="complete_round")
     def complete_round(self, inp: CompleteRoundInput) -> None:
@@ -235,6 +234,8 @@ class ExperimentActivities:
             ).first()
             if done is not None:
                 return
+            # Runs with "bounded-round-v1" carry the round's per-client outcome in a blob; older ones in the input.
+            inp = round_outcomes.complete_input(self.blobs, inp)
             round_records.record_model(s, inp)
             delivered = round_records.record_updates(s, inp)
             rnd = s.exec(select(Round).where(Round.experiment_id == inp.experiment_id, Round.round == inp.round)).one()
@@ -266,6 +267,9 @@ class ExperimentActivities:
     @activity.defn(name="open_evaluation")
     def open_evaluation(self, inp: OpenEvaluationInput) -> list[str]:
         """Open the round's federated evaluation phase; returns the clients asked to evaluate."""
+        if inp.outcome_key is not None:
+            accepted = round_outcomes.load_outcome(self.blobs, inp.outcome_key).accepted
+            inp = inp.model_copy(update={"participants": [u.client_id for u in accepted]})
         return evaluations.open_phase(self.engine, inp)
 
     @activity.defn(name="close_evaluation")
@@ -312,6 +316,7 @@ class ExperimentActivities:
             self.select_clients,
             self.open_round,
             self.close_round,
+            self.close_round_bounded,
             self.finish_experiment,
             self.complete_round,
             self.open_evaluation,

@@ -128,6 +128,12 @@ class RoundRef(BaseModel):
     round: int
 
 
+class RoundClosed(BaseModel):
+    """A round closed for uploads (runs with "bounded-round-v1"): how many updates it received, not which."""
+
+    received: int
+
+
 class UpdateRef(BaseModel):
     update_id: str
     client_id: str
@@ -218,6 +224,9 @@ class ProcessRoundInput(BaseModel):
     aggregation: AggregationSpec
     evaluation: EvaluationSpec
     min_updates: int
+    # Runs with "bounded-round-v1": the activity reads the round's updates from the database (the
+    # validation carries none) and stores the per-client outcome in the blob store (``outcome_key``).
+    bounded: bool = False
 
 
 class ProcessRoundOutput(BaseModel):
@@ -227,6 +236,14 @@ class ProcessRoundOutput(BaseModel):
     evaluation: Evaluation | None = None
     # Seconds spent aggregating, inside the activity.
     aggregation_time: float = 0.0
+    # Bounded results (``ProcessRoundInput.bounded``): the validation, the evaluation and the strategy's
+    # info then carry no per-client data; counts summarise the round and the blob under ``outcome_key``
+    # (``fedloom_core.storage.round_outcomes``) holds the accepted updates, verdicts and scores.
+    received: int | None = None
+    accepted_count: int = 0
+    # How many updates were rejected, by kind of reason (a bounded number of kinds).
+    rejection_counts: dict[str, int] = Field(default_factory=dict)
+    outcome_key: str | None = None
 
 
 class CompleteRoundInput(BaseModel):
@@ -245,6 +262,9 @@ class CompleteRoundInput(BaseModel):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     # The clients' evaluation of the new model averaged by data_samples; None without federated evaluation.
     federated_metrics: dict[str, int | float | None] | None = None
+    # Runs with "bounded-round-v1": updates, rejected, stats, strategy_info and the evaluation's
+    # per-client scores are read from this blob (``fedloom_core.storage.round_outcomes``), not carried.
+    outcome_key: str | None = None
 
 
 class OpenEvaluationInput(BaseModel):
@@ -262,6 +282,8 @@ class OpenEvaluationInput(BaseModel):
     # The server's own evaluation of the model (None without central evaluation), kept with the model.
     accuracy: float | None = None
     loss: float | None = None
+    # Runs with "bounded-round-v1": the participants are the accepted updates' clients in this blob.
+    outcome_key: str | None = None
 
 
 class EvaluationNotice(BaseModel):

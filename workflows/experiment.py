@@ -23,8 +23,6 @@ with workflow.unsafe.imports_passed_through():
     from fedloom_core.messages import (
         INSUFFICIENT_CLIENTS,
         ROUND_DENIED,
-        AggregateInput,
-        EvaluateInput,
         EvaluationNotice,
         ExperimentInput,
         ExperimentResult,
@@ -40,11 +38,10 @@ with workflow.unsafe.imports_passed_through():
         UpdateNotice,
         UpdateRef,
         ValidateInput,
-        ValidationOutcome,
     )
     from fedloom_core.schemas import federated_evaluation
     from fedloom_core.temporal import BEST_ACCURACY, CURRENT_ROUND, EXPERIMENT_ID, EXPERIMENT_STATUS, STRATEGY
-    from workflows import failures, inputs
+    from workflows import failures, inputs, rounds
 
 WORKFLOW_NAME = "ExperimentWorkflow"
 # Histories recorded before the workflow kept its search attributes up to date replay without them.
@@ -59,17 +56,14 @@ FUSED_ROUND_PATCH = "fused-round-v1"
 FEDERATED_EVALUATION_PATCH = "federated-evaluation-v1"
 # Runs started before the BestAccuracy search attribute existed replay without upserting it.
 BEST_ACCURACY_PATCH = "best-accuracy-v1"
+# Runs started before a round's per-client outcome moved to the blob store replay with it in their
+# history (close_round's update refs, process_round's verdicts and scores, complete_round's input).
+BOUNDED_ROUND_PATCH = "bounded-round-v1"
 
 # The database steps, as local activities on new runs and as normal activities on older ones.
 _DB_STEP = dict(
     start_to_close_timeout=timedelta(seconds=60),
     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=5)),
-)
-_HEAVY = dict(
-    start_to_close_timeout=timedelta(hours=1),
-    # The heavy activities heartbeat every 2 s from a background thread: a dead worker is noticed in 10 s.
-    heartbeat_timeout=timedelta(seconds=10),
-    retry_policy=failures.HEAVY_RETRY,
 )
 
 
@@ -92,6 +86,7 @@ class ExperimentWorkflow:
         self._local_steps = False
         self._fused_round = False
         self._best_accuracy = False
+        self._bounded = False
         self._evaluators: list[str] = []
         self._evaluated: set[str] = set()
 
@@ -103,6 +98,7 @@ class ExperimentWorkflow:
         self._local_steps = workflow.patched(LOCAL_STEPS_PATCH)
         self._fused_round = workflow.patched(FUSED_ROUND_PATCH)
         self._best_accuracy = workflow.patched(BEST_ACCURACY_PATCH)
+        self._bounded = workflow.patched(BOUNDED_ROUND_PATCH)
         try:
             if state.global_model is None:
                 state.global_model = await self._init_model(inp)
@@ -189,9 +185,12 @@ class ExperimentWorkflow:
             pass
         # The database is the record of what was accepted; signals only wake us early.
         self._status = "validating"
-        received: list[UpdateRef] = await self._db_step(
-            ExperimentActivities.close_round, RoundRef(experiment_id=inp.experiment_id, round=rnd)
-        )
+        ref = RoundRef(experiment_id=inp.experiment_id, round=rnd)
+        if self._bounded:  # a count; process_round reads the round's updates from the database itself
+            await self._db_step(ExperimentActivities.close_round_bounded, ref)
+            received: list[UpdateRef] = []
+        else:
+            received = await self._db_step(ExperimentActivities.close_round, ref)
         validation = ValidateInput(
             experiment_id=inp.experiment_id,
             round=rnd,
@@ -201,8 +200,10 @@ class ExperimentWorkflow:
             hour_utc=round_started.hour,
             weekday=round_started.weekday(),
         )
-        process = self._process_fused if self._fused_round else self._process_separately
-        done = await process(inp, state, validation)
+        if self._fused_round:
+            done = await self._process_fused(inp, state, validation)
+        else:
+            done = await rounds.process_separately(inp, state, validation, self._set_status)
         state.strategy_state_key = done.aggregated.state_key
         self._last = {"accuracy": done.evaluation.accuracy, "loss": done.evaluation.loss}
         federated = await self._federated_evaluation(inp, rnd, done)
@@ -226,51 +227,16 @@ class ExperimentWorkflow:
                 aggregation=inputs.aggregation_spec(inp, state, validation.round),
                 evaluation=inputs.evaluation_spec(inp),
                 min_updates=inputs.min_updates(inp),
+                bounded=self._bounded,
             ),
             task_queue=inp.aggregation_queue,
-            **_HEAVY,
+            **rounds.HEAVY,
         )
-        self._check_enough(validation, done.validation, inputs.min_updates(inp))
+        inputs.check_enough(validation, done, inputs.min_updates(inp))
         return done
 
-    async def _process_separately(
-        self, inp: ExperimentInput, state: ExperimentState, validation: ValidateInput
-    ) -> ProcessRoundOutput:
-        """The same three steps as separate activities: runs started before "fused-round-v1" replay this path."""
-        checked = await workflow.execute_activity_method(
-            AggregationActivities.validate_updates, validation, task_queue=inp.aggregation_queue, **_HEAVY
-        )
-        self._check_enough(validation, checked, inputs.min_updates(inp))
-        self._status = "aggregating"
-        agg_started = workflow.now()
-        aggregated = await workflow.execute_activity_method(
-            AggregationActivities.aggregate_round,
-            AggregateInput(
-                experiment_id=inp.experiment_id,
-                round=validation.round,
-                previous=validation.global_model,
-                updates=checked.accepted,
-                spec=inputs.aggregation_spec(inp, state, validation.round),
-            ),
-            task_queue=inp.aggregation_queue,
-            **_HEAVY,
-        )
-        aggregation_time = (workflow.now() - agg_started).total_seconds()
-        self._status = "evaluating"
-        evaluation = await workflow.execute_activity_method(
-            AggregationActivities.evaluate_model,
-            EvaluateInput(
-                experiment_id=inp.experiment_id,
-                model=aggregated.model,
-                spec=inputs.evaluation_spec(inp),
-                updates=checked.accepted if inp.policy.contribution_scores else [],
-            ),
-            task_queue=inp.aggregation_queue,
-            **_HEAVY,
-        )
-        return ProcessRoundOutput(
-            validation=checked, aggregated=aggregated, evaluation=evaluation, aggregation_time=aggregation_time
-        )
+    def _set_status(self, status: str) -> None:
+        self._status = status
 
     async def _federated_evaluation(
         self, inp: ExperimentInput, rnd: int, done: ProcessRoundOutput
@@ -303,16 +269,6 @@ class ExperimentWorkflow:
             self._last["federated_accuracy"] = result.metrics.get("accuracy")  # type: ignore[assignment]
             self._last["federated_loss"] = result.metrics.get("loss")  # type: ignore[assignment]
         return result.metrics
-
-    @staticmethod
-    def _check_enough(validation: ValidateInput, checked: ValidationOutcome, min_updates: int) -> None:
-        if len(checked.accepted) < min_updates:
-            raise ApplicationError(
-                f"round {validation.round} closed with {len(checked.accepted)} accepted update(s) of "
-                f"{len(validation.updates)} received, fewer than min_updates={min_updates}",
-                type=INSUFFICIENT_CLIENTS,
-                non_retryable=True,
-            )
 
     async def _finish(
         self,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from temporalio.exceptions import ApplicationError
+
 from fedloom_core.messages import (
+    INSUFFICIENT_CLIENTS,
     AggregationSpec,
     CompleteRoundInput,
     EvaluationSpec,
@@ -16,6 +19,7 @@ from fedloom_core.messages import (
     ProcessRoundOutput,
     SelectClientsInput,
     Selection,
+    ValidateInput,
 )
 from fedloom_core.schemas import central_evaluation
 
@@ -48,6 +52,20 @@ def evaluation_spec(inp: ExperimentInput) -> EvaluationSpec:
 def min_updates(inp: ExperimentInput) -> int:
     """Fewest accepted updates a round may aggregate."""
     return inp.config.aggregation_config.min_updates or inp.config.experiment_config.min_clients
+
+
+def check_enough(validation: ValidateInput, done: ProcessRoundOutput, min_updates: int) -> None:
+    """Fail the experiment when the round accepted fewer than ``min_updates`` updates."""
+    bounded = done.received is not None  # runs with "bounded-round-v1" carry counts, not the updates
+    accepted = done.accepted_count if bounded else len(done.validation.accepted)
+    received = done.received if bounded else len(validation.updates)
+    if accepted < min_updates:
+        raise ApplicationError(
+            f"round {validation.round} closed with {accepted} accepted update(s) of "
+            f"{received} received, fewer than min_updates={min_updates}",
+            type=INSUFFICIENT_CLIENTS,
+            non_retryable=True,
+        )
 
 
 def select_clients(inp: ExperimentInput, rnd: int, round_started: datetime) -> SelectClientsInput:
@@ -92,7 +110,8 @@ def open_evaluation(inp: ExperimentInput, rnd: int, done: ProcessRoundOutput) ->
         experiment_id=inp.experiment_id,
         round=rnd,
         model=done.aggregated.model,
-        participants=[u.client_id for u in done.validation.accepted],
+        participants=[u.client_id for u in done.validation.accepted],  # empty with an outcome_key
+        outcome_key=done.outcome_key,
         fraction=inp.config.evaluation_config.fraction,
         timeout_s=inp.config.evaluation_config.timeout_s,
         seed=inp.config.experiment_config.seed,
@@ -120,10 +139,12 @@ def complete_round(
         updates=done.validation.accepted,
         round_duration=duration,
         aggregation_time=done.aggregation_time,
-        selected=selected,
+        # With an outcome_key (bounded runs) the activity reads the per-client parts from the blob store.
+        selected=[] if done.outcome_key else selected,
         rejected=done.validation.rejected,
         stats=done.validation.stats,
         strategy_info=done.aggregated.info,
         policy=inp.policy,
         federated_metrics=federated_metrics,
+        outcome_key=done.outcome_key,
     )

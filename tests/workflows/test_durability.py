@@ -12,7 +12,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from tests.workflows.harness import SimClient, run_experiment
-from workflows.experiment import BEST_ACCURACY_PATCH, ExperimentWorkflow
+from workflows.experiment import BOUNDED_ROUND_PATCH, ExperimentWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -45,7 +45,7 @@ async def test_continue_as_new_keeps_rounds_strategy_state_and_metrics(
     if os.environ.get("FEDLOOM_RECORD_HISTORIES"):
         # One file per workflow version: older files stay, so CI keeps replaying every version.
         # Named after the newest patch the workflow carries.
-        (HISTORIES / f"fedadam-continue-as-new-{BEST_ACCURACY_PATCH}.json").write_text(out.history.to_json())
+        (HISTORIES / f"fedadam-continue-as-new-{BOUNDED_ROUND_PATCH}.json").write_text(out.history.to_json())
 
 
 async def test_recorded_histories_replay_without_nondeterminism() -> None:
@@ -68,3 +68,16 @@ async def test_recorded_histories_replay_without_nondeterminism() -> None:
     # And both sides of the best-accuracy patch: runs that never set BestAccuracy, and one that does.
     assert any("BestAccuracy" not in t for t in texts)
     assert any("BestAccuracy" in t for t in texts)
+    # And both sides of the bounded-round patch: update refs through close_round, and a count.
+    assert any('"name": "process_round"' in t and not _bounded(t) for t in texts)
+    assert any(_bounded(t) for t in texts)
+
+
+def _bounded(history_json: str) -> bool:
+    """Whether a recorded run processed its rounds with "bounded-round-v1" (process_round reading the updates)."""
+    history = WorkflowHistory.from_json("experiment-recorded", history_json)
+    for event in history.events:
+        attrs = event.activity_task_scheduled_event_attributes
+        if event.HasField("activity_task_scheduled_event_attributes") and attrs.activity_type.name == "process_round":
+            return bool(json.loads(attrs.input.payloads[0].data).get("bounded"))
+    return False
