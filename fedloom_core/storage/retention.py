@@ -42,6 +42,7 @@ log = logging.getLogger("fedloom.retention")
 
 _MODEL_RE = re.compile(r"(models|state)/([^/]+)/round-(\d+)\.safetensors")
 _UPDATE_RE = re.compile(r"updates/([^/]+)/(\d+)/[^/]+")
+_SELECTION_RE = re.compile(r"selections/[^/]+/round-(\d+)-[0-9a-f]+\.json")
 # The prefixes retention owns; blobs under any other prefix are never touched.
 PREFIXES = ("models", "state", "updates")
 _FINISHED = ("completed", "failed", "stopped")
@@ -162,8 +163,15 @@ def apply_retention(engine: Engine, blobs: BlobStore, settings: Settings, swept:
                 s.exec(delete(GlobalModel).where(GlobalModel.model_id.in_([m for m, _ in gone])))  # type: ignore[attr-defined]
             _delete(blobs, [key for _, key in gone], report)
         _delete(blobs, [state_key(exp_id, r) for r in range(max(start - 1, 1), last)], report)
+        _delete(blobs, _selections(blobs, exp_id, last), report)
         swept[exp_id] = last
     return report
+
+
+def _selections(blobs: BlobStore, exp_id: str, last: int) -> list[str]:
+    """Selection details of rounds up to ``last``: each was copied into its round's row when it opened."""
+    found = ((key, _SELECTION_RE.fullmatch(key)) for key, _ in blobs.list_keys(f"selections/{exp_id}"))
+    return [key for key, m in found if m is not None and int(m.group(1)) <= last]
 
 
 def _delete(blobs: BlobStore, keys: Iterable[str], report: Report) -> None:
@@ -239,9 +247,7 @@ def removed_model_error(session: Session, experiment_id: str, round: int) -> Mod
     )
 
 
-def clean_spool(
-    directory: Path, started: float, grace_s: float = 60.0, session_ttl_s: float = 86400.0
-) -> list[str]:
+def clean_spool(directory: Path, started: float, grace_s: float = 60.0, session_ttl_s: float = 86400.0) -> list[str]:
     """Remove what interrupted uploads left in ``directory`` (``<data dir>/tmp``).
 
     Only entries untouched since ``grace_s`` before ``started`` (this process's start) go: an upload

@@ -20,6 +20,7 @@ from fedloom_core.schemas import StartRequest
 from fedloom_core.settings import Settings
 from fedloom_core.storage import retention
 from fedloom_core.storage.blobstore import BlobStore, LocalBlobStore, S3BlobStore, open_blob_store
+from fedloom_core.storage.candidates import details_key
 from fedloom_core.storage.db import Experiment, GlobalModel, RoundMetrics, Update, create_schema, make_engine
 from fedloom_core.storage.keys import model_id_for, model_key, state_key, update_key
 from fedloom_core.storage.repo import latest_model, session_scope
@@ -151,6 +152,7 @@ def _commit_round(engine, blobs: BlobStore, exp_id: str, rnd: int) -> None:  # t
             )
         _record_model(s, blobs, exp_id, rnd)
         _put(blobs, state_key(exp_id, rnd))
+        _put(blobs, details_key(exp_id, rnd, f"{rnd:064x}"))
         s.add(
             RoundMetrics(
                 experiment_id=exp_id, round=rnd, participating_clients=2, round_duration=1.0, aggregation_time=0.1
@@ -192,7 +194,9 @@ def test_sweep_deletes_what_the_rules_let_go(engine, store: BlobStore, tmp_path:
     assert _keys(store, f"models/{EXP}") == {model_key(EXP, r) for r in (0, 3, 6, 7)}
     assert _keys(store, f"updates/{EXP}") == set()
     assert _keys(store, f"state/{EXP}") == {state_key(EXP, 7)}
+    assert _keys(store, f"selections/{EXP}") == set()  # each was copied into its round's row
     assert len(_keys(store, "updates/exp-all")) == 6 and len(_keys(store, "models/exp-all")) == 4
+    assert len(_keys(store, "selections/exp-all")) == 3
     with session_scope(engine) as s:
         assert latest_model(s, EXP, 6) is not None and latest_model(s, EXP).round == 7
         with pytest.raises(retention.ModelRemoved) as removed:
@@ -206,6 +210,7 @@ def test_sweep_deletes_what_the_rules_let_go(engine, store: BlobStore, tmp_path:
         _put(store, update_key(EXP, 8, client, "f" * 32))
     _put(store, model_key(EXP, 8))
     _put(store, state_key(EXP, 8))
+    _put(store, details_key(EXP, 8, "8" * 64))
     if isinstance(store, LocalBlobStore):  # a write in progress: its temp file
         (store.root / "models" / EXP / ".round-9.safetensors.x1.tmp").write_bytes(b"partial")
     assert retention.apply_retention(engine, store, settings, swept).deleted == []
@@ -232,7 +237,7 @@ def test_sweep_deletes_what_the_rules_let_go(engine, store: BlobStore, tmp_path:
                 )
             )
     deleted = retention.apply_retention(engine, store, settings, swept).deleted
-    assert sorted(deleted) == sorted([*_sorted_updates(EXP, 8), state_key(EXP, 7)])
+    assert sorted(deleted) == sorted([*_sorted_updates(EXP, 8), state_key(EXP, 7), details_key(EXP, 8, "8" * 64)])
     assert _keys(store, f"models/{EXP}") == {model_key(EXP, r) for r in (0, 3, 6, 7, 8)}
 
 
@@ -359,7 +364,8 @@ def test_worker_sweep_pass(engine, local_store: LocalBlobStore, tmp_path: Path) 
         s.get(Experiment, EXP).status = "completed"  # type: ignore[union-attr]
     _put(local_store, update_key(EXP, 3, "c1", "e" * 32))  # a replaced upload
     swept: dict[str, int] = {}
-    # rounds 1-3's six updates, models 1 and 2, states 1 and 2; the orphan only when orphans are swept
-    assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=False) == 10
+    # rounds 1-3's six updates and selections, models 1 and 2, states 1 and 2; the orphan only when
+    # orphans are swept
+    assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=False) == 13
     assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=True) == 1
     assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=True) == 0
