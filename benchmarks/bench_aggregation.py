@@ -754,13 +754,19 @@ the reference). A comparator network (Batcher's merge
 exchange, pruned to the comparators that can change the wanted order statistics, and to the one side of a
 comparator that is read later) runs on cache-sized blocks of K rows, each comparator one elementwise
 `minimum`/`maximum` over the block: exact operations, so the result is the same bit for bit for any block
-size, thread count or arrival order. Krum's squared distances come from Gram matrices of the deltas, one
-batched float32 matrix product per block giving every 1,024-coordinate piece's matrix, summed in float64 in
-piece order (float64 products would cost twice as much), instead of K^2 passes; MultiKrum averages the
-selection the first window's distances point to in the same pass and re-reads only that window when the final
-selection agrees. The updates are read as memory maps of one window of `chunk_elems` coordinates at a time,
-unmapped after it, and the blocks of a window are shared by {res["threads"]} threads that each take the next
-block when free. See `docs/strategies.md` for precision and memory.
+size, thread count or arrival order (for K = 10 the network is pruned from Waksman's 29-comparator one:
+FedTrimmedAvg needs 24 minima/maxima per block instead of Batcher's 34). Krum's squared distances come from
+Gram matrices of the deltas, three batched float32 matrix products over the two halves of the rows per block
+giving the upper triangle of every 1,024-coordinate piece's matrix (3/4 of the multiplications of `X X^T`),
+summed in float64 in piece order, instead of K^2 passes. Krum then writes the selected update from its file;
+MultiKrum averages the selection the first window's distances point to in the same pass (the global model
+plus one matrix-vector product of the selected deltas per block) and re-reads only that window when the
+final selection agrees. Results are written into the output file a window at a time, with no whole-model
+buffer (whose fresh pages each cost a fault). The updates are read as memory maps of one window of
+`chunk_elems` coordinates at a time, unmapped after it, and the blocks of a window are shared by
+{res["threads"]} threads that each take the next block when free. Before these changes (same machine, one
+thread, the reference at 99.5 ms): FedMedian 340 ms, FedTrimmedAvg 231 ms, Krum 442 ms, MultiKrum 418 ms.
+See `docs/strategies.md` for precision and memory.
 """
 
 
