@@ -1,12 +1,16 @@
 """Streaming, order-independent aggregation of client updates.
 
 Updates are folded one at a time into a single accumulator, in a canonical order (sorted by
-client id), so memory stays at about one model plus one memory-mapped update whatever the
-number of clients, and the same updates give the same bytes whatever order they arrived in.
+client id), so memory stays at about one model plus one memory-mapped tensor (each tensor's
+mapped pages are dropped once it is folded) whatever the number of clients, and the same updates
+give the same bytes whatever order they arrived in.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -31,6 +35,35 @@ def start_fold(update: torch.Tensor, weight: float) -> torch.Tensor:
     acc = torch.empty(update.shape, dtype=update.dtype)
     torch.add(torch.zeros((), dtype=update.dtype), update, alpha=weight, out=acc)
     return acc
+
+
+def release_pages(mapped: torch.Tensor) -> None:
+    """Drop the resident pages of a view into a private file map (``mapped_tensors``) that is read no more.
+
+    A mapped page counts in the process's RSS until the map closes; dropping each tensor's pages once it
+    is folded keeps an aggregation at one accumulator plus one tensor, not one plus a whole update.
+    The pages are clean copies of the file, read again from it if touched. Linux only; elsewhere a no-op.
+    """
+    if _MADVISE is None or mapped.numel() == 0:
+        return
+    start = mapped.data_ptr()
+    end = start + mapped.numel() * mapped.element_size()
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if last > first:
+        _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _madvise():  # type: ignore[no-untyped-def]
+    if not sys.platform.startswith("linux"):
+        return None
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_MADVISE = _madvise()
 
 
 @dataclass(frozen=True)
@@ -87,11 +120,13 @@ def fedavg(
                     else:  # accumulated in float32: the first update is added to zeros like the rest
                         acc[name] = torch.zeros(t.shape, dtype=torch.float32)
                         fold(acc[name], t, weight)
+                    release_pages(t)
             else:
                 _check_like(update.client_id, tensors, acc, dtypes)
                 for name, t in tensors.items():
                     if t.is_floating_point():
                         fold(acc[name], t, weight)
+                    release_pages(t)
             del tensors
     result = {name: acc[name].to(dtypes[name]) for name in acc}
     save_state(result, out_path)
