@@ -17,6 +17,7 @@ from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from fedloom_core.errors import ServiceUnavailable
 from fedloom_core.schemas import StartRequest
+from fedloom_core.search_attributes import dev_server_flags  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,6 @@ _INDEXED = {
     "INT": IndexedValueType.INDEXED_VALUE_TYPE_INT,
     "DOUBLE": IndexedValueType.INDEXED_VALUE_TYPE_DOUBLE,
 }
-
-
-def dev_server_flags() -> list[str]:
-    """``temporal server start-dev`` flags that register the search attributes at start-up."""
-    names = {"KEYWORD": "Keyword", "INT": "Int", "DOUBLE": "Double"}
-    flags: list[str] = []
-    for key in SEARCH_ATTRIBUTES:
-        flags += ["--search-attribute", f"{key.name}={names[key.indexed_value_type.name]}"]
-    return flags
 
 
 async def ensure_search_attributes(client: Client, namespace: str = "default") -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedloom_core.temporal import dev_server_flags
+from fedloom_core.search_attributes import dev_server_flags
 from fedloom_tools.launch import terminate
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def serve(
     logs.mkdir(exist_ok=True)
     env["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir(settings.data_dir))
 
-    from api.auth import load_or_create_admin_key
+    from fedloom_core.admin_key import load_or_create_admin_key
 
     admin_key, created = load_or_create_admin_key(settings.data_dir, settings.admin_api_key)
     env["FEDLOOM_ADMIN_API_KEY"] = admin_key
@@ -143,15 +143,20 @@ def serve(
     try:
         address = temporal_address or settings.temporal_address
         if not address:
-            cmd = _temporal_command(settings, temporal_port, temporal_ui_port, headless)
-            children.append(_Child.start("temporal", cmd, env, logs))
-            wait_for_port("127.0.0.1", temporal_port, 60, children[-1].proc)
             address = f"127.0.0.1:{temporal_port}"
             env["FEDLOOM_TEMPORAL_UI_URL"] = f"http://127.0.0.1:{temporal_ui_port}"
         env["FEDLOOM_TEMPORAL_ADDRESS"] = address
+        # All three start at once: the worker waits for Temporal (connect_with_retry), the API connects
+        # in the background and reports Temporal down on /health until it is up. One after the other,
+        # start-up paid for Temporal's start, then for the Python processes' imports.
+        if not (temporal_address or settings.temporal_address):
+            cmd = _temporal_command(settings, temporal_port, temporal_ui_port, headless)
+            children.append(_Child.start("temporal", cmd, env, logs))
         children.append(_Child.start("worker", list(worker_command or default_command("worker")), env, logs))
         api_cmd = [*(api_command or default_command("api")), "--host", host, "--port", str(port)]
         children.append(_Child.start("api", api_cmd, env, logs))
+        if children[0].name == "temporal":
+            wait_for_port("127.0.0.1", temporal_port, 60, children[0].proc)
         wait_for_port(host, port, 90, children[-1].proc)
         embedded = not (temporal_address or settings.temporal_address)
         _announce(settings, host, port, address, None if headless else temporal_ui_port, embedded, created)
@@ -216,7 +221,7 @@ def _temporal_command(settings, port: int, ui_port: int, headless: bool) -> list
 
 def _announce(settings, host, port, address, ui_port, embedded, created) -> None:  # type: ignore[no-untyped-def]
     """Print where the API, Temporal, the admin key and the logs are."""
-    from api.auth import ADMIN_KEY_FILE
+    from fedloom_core.admin_key import ADMIN_KEY_FILE
 
     # The API child reads the same FEDLOOM_TLS_* settings from the environment and serves HTTPS with them.
     base = f"{'https' if settings.tls_certfile else 'http'}://{host}:{port}"
