@@ -20,7 +20,6 @@ from fedloom_core.errors import Conflict, InvalidRequest, NotFound
 from fedloom_core.ids import check_id, check_optional_id
 from fedloom_core.learning.catalog import builtin_architecture, builtin_dataset, canonical_dataset
 from fedloom_core.learning.datasets import check_available, dataset_info
-from fedloom_core.learning.zoo import build_model, parameters_count
 from fedloom_core.schemas import (
     EvaluationConfig,
     ExperimentConfig,
@@ -175,6 +174,8 @@ def _resources(body: CreateExperiment, min_clients: int) -> dict:
     # A custom model's size is known once its initial weights are uploaded.
     params = 0
     if builtin_architecture(spec.architecture) is not None:
+        from fedloom_core.learning.zoo import build_model, parameters_count  # torch: only when asked
+
         params = parameters_count(build_model(spec.architecture, spec.input_shape or [], spec.num_classes or 2))
     tc = body.training_config
     model_bytes = params * 4

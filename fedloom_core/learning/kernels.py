@@ -15,10 +15,13 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedloom_core.learning.weights import mapped_tensors, save_state
+
+# torch is imported where tensors are made: the API imports this module without needing torch.
+if TYPE_CHECKING:
+    import torch
 
 
 def fold(acc: torch.Tensor, update: torch.Tensor, weight: float) -> None:
@@ -32,6 +35,8 @@ def start_fold(update: torch.Tensor, weight: float) -> torch.Tensor:
     The same arithmetic as zeros followed by ``fold`` (so ``-0.0`` products still come out ``+0.0``),
     without writing the zeros first: one pass over the accumulator instead of two.
     """
+    import torch
+
     acc = torch.empty(update.shape, dtype=update.dtype)
     torch.add(torch.zeros((), dtype=update.dtype), update, alpha=weight, out=acc)
     return acc
@@ -104,6 +109,8 @@ def fedavg(
     Floating-point tensors are accumulated in float32 (or float64 when they are float64);
     integer tensors are taken from the first update in canonical order.
     """
+    import torch
+
     ordered = sorted(updates, key=lambda u: u.client_id)
     weights = fedavg_weights(ordered, weighted)
     acc: dict[str, torch.Tensor] = {}

@@ -16,29 +16,63 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+# torch is imported by the functions that make or read tensors: checking an upload (header, structure,
+# finite values) needs numpy only, so the API process runs without torch (about 250 MB of RSS).
+if TYPE_CHECKING:
+    import torch
 
 # Largest safetensors header we parse; real headers are a few KiB per hundred tensors.
 MAX_HEADER_BYTES = 16 << 20
 # A torch.save archive holds a few entries per tensor; far more is not a state_dict.
 MAX_ZIP_ENTRIES = 100_000
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# Bytes per element of each safetensors dtype we read.
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# The numpy type each dtype's bytes are viewed as (numpy has no bfloat16: its bits, as int16).
+_NUMPY_VIEW = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.int16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """Safetensors dtype name -> torch dtype."""
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+
+@cache
+def _dtype_names() -> dict[torch.dtype, str]:
+    return {v: k for k, v in _torch_dtypes().items()}
+
+
 # The order in which the safetensors library lays out tensors by dtype (then by name), so that
 # save_state writes the very bytes ``safetensors.torch.save_file`` would.
 _LAYOUT_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
@@ -85,7 +119,7 @@ def read_header(path: str | Path) -> dict[str, TensorSpec]:
         if not isinstance(entry, dict):
             raise WeightsFormatError(f"tensor {name!r}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _DTYPES:
+        if dtype not in _ITEMSIZE:
             raise WeightsFormatError(f"tensor {name!r}: unsupported dtype {dtype!r}")
         if not (isinstance(shape, list) and all(_is_int(d) and 0 <= d < 1 << 40 for d in shape)):
             raise WeightsFormatError(f"tensor {name!r}: invalid shape {shape!r}")
@@ -95,7 +129,7 @@ def read_header(path: str | Path) -> dict[str, TensorSpec]:
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        nbytes = numel * _ITEMSIZE[dtype]
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
             raise WeightsFormatError(
                 f"tensor {name!r}: data_offsets {offsets} do not match shape {shape} and dtype {dtype} "
@@ -125,20 +159,6 @@ def _check_layout(specs: Mapping[str, TensorSpec], data_start: int, size: int) -
         raise WeightsFormatError(f"{size - position} bytes after the last tensor: the data section must end there")
 
 
-_NUMPY_VIEW = {
-    torch.float64: np.float64,
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.bfloat16: np.int16,  # numpy has no bfloat16: map the bits, then view them as bfloat16
-    torch.int64: np.int64,
-    torch.int32: np.int32,
-    torch.int16: np.int16,
-    torch.int8: np.int8,
-    torch.uint8: np.uint8,
-    torch.bool: np.bool_,
-}
-
-
 @contextmanager
 def mapped_tensors(path: str | Path) -> Iterator[dict[str, torch.Tensor]]:
     """Tensors of a safetensors file as zero-copy views of a private (copy-on-write) memory map.
@@ -146,14 +166,16 @@ def mapped_tensors(path: str | Path) -> Iterator[dict[str, torch.Tensor]]:
     Each view holds a numpy array that holds the map, so a view kept past the block stays valid;
     the map is released when the last view is gone.
     """
+    import torch
+
     specs = read_header(path)
     with open(path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     tensors: dict[str, torch.Tensor] = {}
     try:
         for name, spec in specs.items():
-            dtype = _DTYPES[spec.dtype]
-            size = torch.empty((), dtype=dtype).element_size()
+            dtype = _torch_dtypes()[spec.dtype]
+            size = _ITEMSIZE[spec.dtype]
             count = (spec.end - spec.begin) // size
             if count == 0:
                 tensors[name] = torch.empty(spec.shape, dtype=dtype)
@@ -161,7 +183,8 @@ def mapped_tensors(path: str | Path) -> Iterator[dict[str, torch.Tensor]]:
                 raw = bytearray(mm[spec.begin : spec.end])
                 tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(spec.shape)
             else:
-                view = torch.from_numpy(np.frombuffer(mm, dtype=_NUMPY_VIEW[dtype], count=count, offset=spec.begin))
+                raw_view = np.frombuffer(mm, dtype=_NUMPY_VIEW[spec.dtype], count=count, offset=spec.begin)
+                view = torch.from_numpy(raw_view)
                 tensors[name] = (view.view(dtype) if view.dtype != dtype else view).reshape(spec.shape)
         yield tensors
     finally:
@@ -187,6 +210,8 @@ def save_state(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     models. The file is written beside ``path`` and renamed into place, so a reader never sees
     half a model, and replacing a large file does not pay for truncating it in place.
     """
+    import torch
+
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     rank = {name: i for i, name in enumerate(_LAYOUT_ORDER)}
     order = sorted(tensors, key=lambda name: (rank[dtype_name(tensors[name].dtype)], name))
@@ -222,7 +247,7 @@ def structure(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors spelling of a torch dtype."""
-    return _DTYPE_NAMES[dtype]
+    return _dtype_names()[dtype]
 
 
 def normalize_upload(src: str | Path, dst: str | Path) -> str:
@@ -237,6 +262,8 @@ def normalize_upload(src: str | Path, dst: str | Path) -> str:
         magic = fh.read(4)
     if magic == b"PK\x03\x04":  # a zip archive, as torch.save writes; as a safetensors length it is absurd
         _check_zip(src)
+        import torch
+
         try:
             obj = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure to read means "not a valid state_dict"
@@ -247,7 +274,7 @@ def normalize_upload(src: str | Path, dst: str | Path) -> str:
         for name, value in obj.items():
             if not isinstance(name, str) or not isinstance(value, torch.Tensor):
                 raise WeightsFormatError(f"entry {name!r} is not a named tensor")
-            if value.dtype not in _DTYPE_NAMES:
+            if value.dtype not in _dtype_names():
                 raise WeightsFormatError(f"tensor {name!r}: unsupported dtype {value.dtype}")
             if value.layout != torch.strided:
                 raise WeightsFormatError(f"tensor {name!r}: only dense tensors are accepted, not {value.layout}")
@@ -335,23 +362,28 @@ def nonfinite_tensors(path: str | Path) -> list[str]:
     ``isfinite(t).all()``.
     """
     specs = read_header(path)
-    staging = torch.empty(SCAN_CHUNK, dtype=torch.uint8)
-    view = memoryview(staging.numpy())
+    staging = np.empty(SCAN_CHUNK, dtype=np.uint8)
+    view = memoryview(staging)
     bad = []
     fd = os.open(path, os.O_RDONLY)
     try:
         for name, spec in specs.items():
-            dtype = _DTYPES[spec.dtype]
-            if dtype.is_floating_point and not _finite(fd, spec, dtype, staging, view):
+            if spec.dtype in _FLOATS and not _finite(fd, spec, staging, view):
                 bad.append(name)
     finally:
         os.close(fd)
     return bad
 
 
-def _finite(fd: int, spec: TensorSpec, dtype: torch.dtype, staging: torch.Tensor, view: memoryview) -> bool:
+_FLOATS = ("F64", "F32", "F16", "BF16")
+# Half-precision formats: a value is NaN or infinite exactly when its exponent bits are all ones.
+_EXPONENT_BITS = {"F16": 0x7C00, "BF16": 0x7F80}
+
+
+def _finite(fd: int, spec: TensorSpec, staging: np.ndarray, view: memoryview) -> bool:
     """Whether every value of one tensor is finite, reading it ``len(view)`` bytes at a time."""
     offset = spec.begin
+    bits = _EXPONENT_BITS.get(spec.dtype)
     while offset < spec.end:
         want = min(len(view), spec.end - offset)
         got = 0
@@ -360,8 +392,13 @@ def _finite(fd: int, spec: TensorSpec, dtype: torch.dtype, staging: torch.Tensor
             if n == 0:
                 raise WeightsFormatError("the file is shorter than its header says")
             got += n
-        low, high = torch.aminmax(staging[:want].view(dtype))
-        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-            return False
+        if bits is not None:
+            raw = staging[:want].view(np.uint16)
+            if np.any((raw & bits) == bits):
+                return False
+        else:
+            values = staging[:want].view(_NUMPY_VIEW[spec.dtype])
+            if values.size and not (math.isfinite(values.min()) and math.isfinite(values.max())):
+                return False
         offset += want
     return True

@@ -13,9 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedloom_core.learning.kernels import Opener, UpdateFile, open_path
 from fedloom_core.learning.weights import (
@@ -31,6 +29,10 @@ from fedloom_core.policy.selection import Candidate
 from fedloom_core.policy.trust import TRUST_PRIOR, anomaly_score, round_cosine_tau
 from fedloom_core.schemas import PolicyConfig
 
+# torch is imported where tensors are made: the API imports this module without needing torch.
+if TYPE_CHECKING:
+    import torch
+
 
 @dataclass(frozen=True)
 class UpdateStats:
@@ -44,6 +46,8 @@ class UpdateStats:
 
 
 def _deltas(global_tensors: dict[str, torch.Tensor], update: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
+    import torch
+
     for name, g in global_tensors.items():
         if g.is_floating_point():
             yield name, update[name].to(torch.float64) - g.to(torch.float64)

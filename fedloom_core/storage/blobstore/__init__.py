@@ -10,6 +10,7 @@ stream.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from fedloom_core.storage.blobstore.base import (
@@ -25,7 +26,10 @@ from fedloom_core.storage.blobstore.base import (
     validate_key,
 )
 from fedloom_core.storage.blobstore.local import LocalBlobStore
-from fedloom_core.storage.blobstore.s3 import S3BlobStore
+
+# The S3 backend (boto3, ~35 MB of RSS) is imported when first named: a server on the local store never loads it.
+if TYPE_CHECKING:
+    from fedloom_core.storage.blobstore.s3 import S3BlobStore
 
 __all__ = [
     "CHUNK_SIZE",
@@ -44,6 +48,14 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name == "S3BlobStore":
+        from fedloom_core.storage.blobstore.s3 import S3BlobStore
+
+        return S3BlobStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def open_blob_store(blob_url: str, s3_endpoint_url: str | None = None) -> BlobStore:
     """Open the store named by ``file:///abs/path`` or ``s3://bucket/prefix``."""
     parsed = urlparse(blob_url)
@@ -52,5 +64,7 @@ def open_blob_store(blob_url: str, s3_endpoint_url: str | None = None) -> BlobSt
             raise ValueError(f"blob URL must be file:///absolute/path, got {blob_url!r}")
         return LocalBlobStore(parsed.path)
     if parsed.scheme == "s3" and parsed.netloc:
+        from fedloom_core.storage.blobstore.s3 import S3BlobStore
+
         return S3BlobStore(parsed.netloc, parsed.path, endpoint_url=s3_endpoint_url, create_bucket=True)
     raise ValueError(f"blob URL must be file:///abs/path or s3://bucket[/prefix], got {blob_url!r}")
