@@ -280,7 +280,7 @@ async def get_client_task(
     """
     valid_id(client_id, "client_id")
     principal.require_client(client_id)
-    return await board.next_task(client_id, wait)
+    return await board.next_task(client_id, wait, vouched=principal.client_id == client_id)
 
 
 def _revoke_keys(engine, client_id: str, rotate: bool) -> tuple[int, str | None]:  # type: ignore[no-untyped-def]

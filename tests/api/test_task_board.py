@@ -92,3 +92,23 @@ def test_the_clients_last_seen_marks_are_written_together_and_an_inactive_client
     assert asyncio.run(polls()) == 4
     assert len(updates) == 2  # the four marks in one UPDATE
     assert seen() == {**{c: ("registered", True) for c in ids[:4]}, "seen-4": ("active", True)}
+
+
+def test_a_client_vouched_for_by_its_own_key_is_answered_from_the_board_on_its_first_poll() -> None:
+    import time
+
+    async def check() -> None:
+        board = TaskBoard(engine=None)
+        board._board = Board(time.monotonic(), "e1", "running", 3, frozenset({"a"}), inactive=frozenset({"z"}))
+        assert board.quick_answer("b") is None  # never checked: only the database can tell it exists
+        answer, signature, _ = board.quick_answer("b", vouched=True)
+        assert answer == {"experiment_id": "e1", "experiment_status": "running", "status": "wait"}
+        assert signature == ("e1", "running", None, None)
+        assert board._seen == {"b"}  # its last_seen goes out with the next flush
+        assert board.quick_answer("b") is not None  # now checked for LAST_SEEN_RESOLUTION_S
+        # Selected for the open round, or inactive (to be reactivated): the database answers.
+        assert board.quick_answer("a", vouched=True) is None
+        assert board.quick_answer("z", vouched=True) is None
+        assert board._seen == {"b"}
+
+    asyncio.run(check())
