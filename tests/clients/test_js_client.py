@@ -222,3 +222,49 @@ def test_js_client_installed_in_an_empty_project_reads_and_replays_the_run(run: 
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ℹ pass 4" in done.stdout, done.stdout
+
+
+def test_js_client_resumes_an_upload_dropped_at_90_percent(tmp_path: Path) -> None:
+    """``uploadModelUpdate`` through a resumable session: a chunk cut mid-request resumes from the server's offset."""
+    import hashlib
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from fedloom_core.storage.keys import update_key
+    from tests.api.test_training_api import register, start_body, wait_task
+
+    chunk = 4096
+    server = start_serve(tmp_path / "data", {"FEDLOOM_UPLOAD_CHUNK_MB": str(chunk / 1e6)})
+    try:
+        with httpx.Client(base_url=server.api, headers=server.headers(), timeout=60) as http:
+            keys = {cid: register(http, cid) for cid in ("j1", "j2")}
+            started = http.post("/training/start", json=start_body("exp-js-resume", rounds=1, round_timeout_s=3600))
+            assert started.status_code == 200, started.text
+            state = st_load(http.get(f"/model/download/{wait_task(http, 'j1')['model_id']}").content)
+        data = st_save({k: v + 0.05 for k, v in state.items()})
+        path = tmp_path / "update.safetensors"
+        path.write_bytes(data)
+        cut_at = int(len(data) * 0.9)
+        env = {
+            **os.environ,
+            "FEDLOOM_URL": server.url,
+            "FEDLOOM_KEY": keys["j1"],
+            "FEDLOOM_CLIENT": "j1",
+            "FEDLOOM_FILE": str(path),
+            "FEDLOOM_CUT_AT": str(cut_at),
+        }
+        done = subprocess.run(
+            ["node", str(PACKAGE / "e2e" / "resume.mjs")], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        assert out["cut"] and out["update"]["client_id"] == "j1" and out["update"]["round"] == 1
+        firsts = [int(r.split()[1].split("-")[0]) for r in out["ranges"]]
+        cut_index = next(i for i, r in enumerate(out["ranges"]) if int(r.split("-")[1].split("/")[0]) >= cut_at)
+        # After the drop it went on from the server's offset (past 80% of the file), not from the start.
+        assert firsts[cut_index + 1] > 0.8 * len(data), out["ranges"][cut_index:]
+        stored = server.data_dir / "blobs" / update_key("exp-js-resume", 1, "j1", hashlib.sha256(data).hexdigest())
+        assert stored.read_bytes() == data
+    finally:
+        stop_serve(server)

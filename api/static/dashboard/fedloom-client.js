@@ -39,6 +39,11 @@ function queryString(params = {}) {
   return text ? `?${text}` : '';
 }
 
+/** Uploads of at least this many bytes go through a resumable session by default (64 MiB). */
+export const RESUMABLE_THRESHOLD = 64 * 1024 * 1024;
+/** Answers after which a resumable upload asks the server's offset and goes on. */
+const RETRY_STATUSES = new Set([408, 409, 425, 429, 500, 502, 503, 504]);
+
 /** A Blob for an upload from a Blob, ArrayBuffer or typed array. */
 function asBlob(file) {
   if (typeof Blob !== 'undefined' && file instanceof Blob) return file;
@@ -204,10 +209,68 @@ export class FLAPIClient {
     return { data: new Uint8Array(await response.arrayBuffer()), sha256: response.headers.get('x-model-sha256') };
   }
 
-  uploadModelUpdate(clientId, file, metrics, { filename = 'update.safetensors' } = {}) {
+  /**
+   * Upload a trained model with its metrics. Files of RESUMABLE_THRESHOLD bytes or more (or with
+   * `resumable: true`) go through a resumable session (see uploadModelUpdateResumable).
+   */
+  uploadModelUpdate(clientId, file, metrics, { filename = 'update.safetensors', resumable, ...options } = {}) {
+    const blob = asBlob(file);
+    if (resumable ?? blob.size >= RESUMABLE_THRESHOLD) {
+      return this.uploadModelUpdateResumable(clientId, blob, metrics, options);
+    }
     return this.request('POST', `/model/update/${encodeURIComponent(clientId)}`, {
-      body: this.modelForm(file, metrics, filename),
+      body: this.modelForm(blob, metrics, filename),
     });
+  }
+
+  /**
+   * Upload through a resumable session: `POST .../sessions`, then `PUT` chunks with `Content-Range`,
+   * then `POST .../complete`. A failed chunk (a dropped connection, a 5xx, 408, 409 or 429) is followed
+   * by `GET` of the session and the upload goes on from the server's committed offset; it gives up
+   * after `maxStalled` attempts in a row that move the offset no further.
+   */
+  async uploadModelUpdateResumable(
+    clientId,
+    file,
+    metrics,
+    { chunkSize, maxStalled = 6, onProgress, sleep = (ms) => new Promise((done) => setTimeout(done, ms)) } = {},
+  ) {
+    const blob = asBlob(file);
+    const base = `/model/update/${encodeURIComponent(clientId)}/sessions`;
+    const opened = await this.request('POST', base, { json: { size: blob.size, metrics: metrics ?? {} } });
+    const url = `${base}/${encodeURIComponent(opened.upload_id)}`;
+    const chunk = Math.min(chunkSize ?? opened.chunk_max_bytes, opened.chunk_max_bytes);
+    let offset = 0;
+    let stalled = 0;
+    while (offset < blob.size) {
+      const end = Math.min(offset + chunk, blob.size);
+      let next;
+      try {
+        const answer = await this.request('PUT', url, {
+          body: blob.slice(offset, end),
+          headers: { 'Content-Type': 'application/octet-stream', 'Content-Range': `bytes ${offset}-${end - 1}/${blob.size}` },
+        });
+        next = answer.offset;
+      } catch (error) {
+        if (!(error instanceof FLAPIError) || !(error.status === 0 || RETRY_STATUSES.has(error.status))) throw error;
+        stalled += 1;
+        if (stalled >= maxStalled) throw error;
+        await sleep(1000 * (error.retryAfter ?? Math.min(0.5 * 2 ** stalled, 30)));
+        next = (await this.request('GET', url)).offset;
+        if (next > offset) stalled = 0;
+        offset = next;
+        continue;
+      }
+      stalled = 0;
+      offset = next;
+      if (onProgress) onProgress({ offset, size: blob.size });
+    }
+    return this.request('POST', `${url}/complete`);
+  }
+
+  /** The committed offset and size of a resumable upload session. */
+  getUploadSession(clientId, uploadId) {
+    return this.request('GET', `/model/update/${encodeURIComponent(clientId)}/sessions/${encodeURIComponent(uploadId)}`);
   }
 
   getUpdate(updateId) {

@@ -4,6 +4,18 @@ export type Json = null | boolean | number | string | Json[] | { [key: string]: 
 export type JsonObject = { [key: string]: any };
 
 /** An error answer of the API, or a request that never reached it (status 0, code NETWORK_ERROR). */
+/** Uploads of at least this many bytes go through a resumable session by default (64 MiB). */
+export const RESUMABLE_THRESHOLD: number;
+
+export interface ResumableOptions {
+  /** Bytes per PUT (at most the server's chunk_max_bytes, which is the default). */
+  chunkSize?: number;
+  /** Failed attempts in a row that move the offset no further before giving up (default 6). */
+  maxStalled?: number;
+  onProgress?: (progress: { offset: number; size: number }) => void;
+  sleep?: (ms: number) => Promise<void>;
+}
+
 export class FLAPIError extends Error {
   constructor(fields?: {
     status?: number;
@@ -110,7 +122,17 @@ export class FLAPIClient {
 
   getGlobalModel(options?: { round?: number; format?: string; experimentId?: string }): Promise<JsonObject>;
   downloadModel(modelId: string, options?: { format?: string }): Promise<{ data: Uint8Array; sha256: string | null }>;
-  uploadModelUpdate(clientId: string, file: ModelFile, metrics: JsonObject, options?: { filename?: string }): Promise<JsonObject>;
+  /** Files of RESUMABLE_THRESHOLD bytes or more (or with `resumable: true`) go through a resumable session. */
+  uploadModelUpdate(
+    clientId: string,
+    file: ModelFile,
+    metrics: JsonObject,
+    options?: { filename?: string; resumable?: boolean } & ResumableOptions,
+  ): Promise<JsonObject>;
+  /** Chunked upload that resumes from the server's committed offset after a dropped connection. */
+  uploadModelUpdateResumable(clientId: string, file: ModelFile, metrics: JsonObject, options?: ResumableOptions): Promise<JsonObject>;
+  /** `{upload_id, size, offset, complete, chunk_max_bytes, expires_at, ...}` of a resumable upload. */
+  getUploadSession(clientId: string, uploadId: string): Promise<JsonObject>;
   getUpdate(updateId: string): Promise<JsonObject>;
   validateModel(clientId: string, file: ModelFile, metrics: JsonObject, options?: { filename?: string }): Promise<JsonObject>;
   submitEvaluation(clientId: string, report: JsonObject): Promise<JsonObject>;
