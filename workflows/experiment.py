@@ -232,7 +232,7 @@ class ExperimentWorkflow:
             task_queue=inp.aggregation_queue,
             **rounds.HEAVY,
         )
-        inputs.check_enough(validation, done, inputs.min_updates(inp))
+        inputs.check_enough(validation, done, inputs.min_updates(inp), self._bounded)
         return done
 
     def _set_status(self, status: str) -> None:

@@ -54,11 +54,21 @@ def min_updates(inp: ExperimentInput) -> int:
     return inp.config.aggregation_config.min_updates or inp.config.experiment_config.min_clients
 
 
-def check_enough(validation: ValidateInput, done: ProcessRoundOutput, min_updates: int) -> None:
-    """Fail the experiment when the round accepted fewer than ``min_updates`` updates."""
-    bounded = done.received is not None  # runs with "bounded-round-v1" carry counts, not the updates
-    accepted = done.accepted_count if bounded else len(done.validation.accepted)
-    received = done.received if bounded else len(validation.updates)
+def check_enough(validation: ValidateInput, done: ProcessRoundOutput, min_updates: int, bounded: bool = False) -> None:
+    """Fail the experiment when the round accepted fewer than ``min_updates`` updates.
+
+    ``bounded``: the run asked process_round for counts ("bounded-round-v1"); a result without them
+    came from an aggregation worker older than that, which cannot read the updates itself.
+    """
+    if bounded and done.received is None:
+        raise ApplicationError(
+            "process_round ran on an aggregation worker that predates bounded-round-v1; upgrade it",
+            type="AGGREGATION_WORKER_OUTDATED",
+            non_retryable=True,
+        )
+    counted = done.received is not None  # runs with "bounded-round-v1" carry counts, not the updates
+    accepted = done.accepted_count if counted else len(done.validation.accepted)
+    received = done.received if counted else len(validation.updates)
     if accepted < min_updates:
         raise ApplicationError(
             f"round {validation.round} closed with {accepted} accepted update(s) of "

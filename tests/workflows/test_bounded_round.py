@@ -23,23 +23,30 @@ from sqlalchemy import insert
 from sqlmodel import select
 from temporalio.api.enums.v1 import EventType
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.aggregation import AggregationActivities
 from fedloom_core.learning.weights import load_state, save_state
 from fedloom_core.messages import (
+    INSUFFICIENT_CLIENTS,
+    CompleteRoundInput,
+    Evaluation,
     ExperimentInput,
     ExperimentState,
+    ModelRef,
     ProcessRoundInput,
     ProcessRoundOutput,
     RoundClosed,
     UpdateNotice,
+    UpdateRef,
     ValidateInput,
+    ValidationOutcome,
 )
 from fedloom_core.schemas import PolicyConfig, StartRequest
 from fedloom_core.settings import Settings
 from fedloom_core.storage import uploads
-from fedloom_core.storage.blobstore import open_blob_store
+from fedloom_core.storage.blobstore import LocalBlobStore, open_blob_store
 from fedloom_core.storage.db import (
     Client,
     ClientRoundScore,
@@ -54,7 +61,13 @@ from fedloom_core.storage.db import (
 )
 from fedloom_core.storage.model_rows import model_ref
 from fedloom_core.storage.repo import session_scope
-from fedloom_core.storage.round_outcomes import complete_input, load_outcome, received_updates
+from fedloom_core.storage.round_outcomes import (
+    RoundOutcome,
+    complete_input,
+    load_outcome,
+    received_updates,
+    store_outcome,
+)
 from tests.conftest import start_dev_server
 from workers.main import build_workers
 from workflows import inputs
@@ -285,3 +298,50 @@ async def _wait_open_round(engine, exp_id: str, timeout: float) -> Round:  # typ
             return row
         await asyncio.sleep(0.2)
     raise AssertionError("round 1 did not open")
+
+
+def test_outcome_blob_round_trip_and_content_key(tmp_path: Path) -> None:
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    ref = UpdateRef(update_id="u1", client_id="a", blob_key="updates/exp/1/a-x.safetensors", num_samples=7)
+    outcome = RoundOutcome(
+        accepted=[ref],
+        rejected={"b": "Update norm 9.0 above max_update_norm 1.0"},
+        stats={"a": {"update_norm": 0.5}},
+        loo_loss_deltas={"a": 0.01},
+        strategy_info={"selected": ["a"]},
+    )
+    key = store_outcome(blobs, "exp", 1, outcome)
+    assert key.startswith("outcomes/exp/round-1-") and load_outcome(blobs, key) == outcome
+    # The same outcome names the same blob (a retry); a different one, another blob.
+    assert store_outcome(blobs, "exp", 1, outcome) == key
+    assert store_outcome(blobs, "exp", 1, outcome.model_copy(update={"rejected": {}})) != key
+    model = ModelRef(model_id="m", blob_key="models/exp/round-1.safetensors", sha256="0" * 64, round=1)
+    evaluation = Evaluation(accuracy=0.5, loss=1.0, evaluation_time=0.1)
+    inp = CompleteRoundInput(
+        experiment_id="exp",
+        round=1,
+        total_rounds=1,
+        model=model,
+        evaluation=evaluation,
+        updates=[],
+        round_duration=1.0,
+        aggregation_time=0.1,
+    )
+    assert complete_input(blobs, inp) == inp  # no key: the input as older runs carried it
+    filled = complete_input(blobs, inp.model_copy(update={"outcome_key": key}))
+    assert filled.updates == [ref] and filled.rejected == outcome.rejected and filled.stats == outcome.stats
+    assert filled.strategy_info == {"selected": ["a"]} and filled.evaluation.loo_loss_deltas == {"a": 0.01}
+
+
+def test_too_few_accepted_and_an_outdated_aggregation_worker_fail_the_round() -> None:
+    model = ModelRef(model_id="m", blob_key="k", sha256="0" * 64, round=0)
+    validation = ValidateInput(experiment_id="exp", round=3, global_model=model, updates=[])
+    counted = ProcessRoundOutput(validation=ValidationOutcome(accepted=[]), received=5, accepted_count=2)
+    inputs.check_enough(validation, counted, 2, bounded=True)
+    with pytest.raises(ApplicationError, match="2 accepted update.s. of 5 received") as exc:
+        inputs.check_enough(validation, counted, 3, bounded=True)
+    assert exc.value.type == INSUFFICIENT_CLIENTS and exc.value.non_retryable
+    # A bounded run's result without counts came from a worker that ignored ``bounded``.
+    with pytest.raises(ApplicationError) as exc:
+        inputs.check_enough(validation, ProcessRoundOutput(validation=ValidationOutcome(accepted=[])), 0, bounded=True)
+    assert exc.value.type == "AGGREGATION_WORKER_OUTDATED"

@@ -31,7 +31,7 @@ from fedloom_core.storage.db import (
 from fedloom_core.storage.keys import model_id_for
 from fedloom_core.storage.repo import session_scope
 from workers.main import build_workers
-from workflows.experiment import FEDERATED_EVALUATION_PATCH, ExperimentWorkflow, workflow_id
+from workflows.experiment import BOUNDED_ROUND_PATCH, ExperimentWorkflow, workflow_id
 
 HISTORIES = Path(__file__).parent / "histories"
 CLIENTS = ["fe-a", "fe-b", "fe-c"]
@@ -172,7 +172,8 @@ async def test_every_round_including_the_last_is_evaluated_by_its_participants(
     assert [e.payload["federated_metrics"]["data_samples"] for e in completed] == [400, 400]
     assert closed == ["closed", "closed"]
     if os.environ.get("FEDLOOM_RECORD_HISTORIES"):
-        (HISTORIES / f"federated-evaluation-{FEDERATED_EVALUATION_PATCH}.json").write_text(history.to_json())
+        # One file per workflow version, named after the newest patch: older files stay and keep replaying.
+        (HISTORIES / f"federated-evaluation-{BOUNDED_ROUND_PATCH}.json").write_text(history.to_json())
 
 
 async def test_a_fraction_evaluates_and_the_phase_ends_at_its_timeout(
