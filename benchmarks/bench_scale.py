@@ -18,7 +18,6 @@ import asyncio
 import json
 import random
 import signal
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -39,11 +38,10 @@ from _common import (  # noqa: E402
     machine_line,
     median,
     percentile,
-    plot_path,
+    publish,
     pyplot,
     save_figure,
     table,
-    update_doc_section,
     write_result,
 )
 from _control_plane import RssSampler as _Sampler  # noqa: E402
@@ -52,15 +50,19 @@ from _control_plane import Server, start_server  # noqa: E402
 from fedloom_tools.launch import memory_bytes  # noqa: E402
 
 NAME = "scale"
-FULL = {"clients": 1000, "selected": 100, "rounds": 5, "procs": 4}
+FULL = {"clients": 10_000, "selected": 1000, "rounds": 5, "procs": 4}
 QUICK = {"clients": 40, "selected": 10, "rounds": 2, "procs": 2}
 # How long the server holds a task request while there is nothing to do (the runtime's own value).
 LONG_POLL_S = 10.0
 # Registrations in flight per client process.
 REGISTER_CONCURRENCY = 8
 ROUND_TIMEOUT_S = 120
+# A round of 1,000 takes its uploads over minutes on this machine; the deadline only bounds a failure.
+ROUND_TIMEOUT_LARGE_S = 900
 MIB = 2**20
 EXPERIMENT_ID = "scale"
+# The PostgreSQL server the scratch database is created on (trust auth), as the tests use it.
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 _T0 = time.perf_counter()
 
 
@@ -284,7 +286,7 @@ def wait_registered(spawned: list[tuple], timeout: float) -> int:
     return total
 
 
-def start_body(clients: int, selected: int, rounds: int) -> dict:
+def start_body(clients: int, selected: int, rounds: int, round_timeout: float = ROUND_TIMEOUT_S) -> dict:
     """An MLP experiment on digits sampling ``selected`` of ``clients`` each round, waiting for all of them."""
     return {
         "experiment_config": {
@@ -295,7 +297,7 @@ def start_body(clients: int, selected: int, rounds: int) -> dict:
             "dataset": "digits",
             "model_architecture": "MLP",
             "seed": 0,
-            "round_timeout_s": ROUND_TIMEOUT_S,
+            "round_timeout_s": round_timeout,
         },
         "training_config": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.05},
         "aggregation_config": {"strategy": "FedAvg", "min_updates": selected},
@@ -365,7 +367,11 @@ def run_experiment(server: Server, body: dict, timeout: float) -> tuple[dict, li
         while time.monotonic() < deadline:
             time.sleep(1.0)
             s0 = time.perf_counter()
-            status = http.get(f"{api}/training/status", headers=headers).json()
+            try:
+                status = http.get(f"{api}/training/status", headers=headers).json()
+            except httpx.HTTPError as exc:  # a loaded server may miss one poll: the next one tells
+                say(f"training/status: {type(exc).__name__}")
+                continue
             latencies.append(time.perf_counter() - s0)
             if status.get("status") in ("completed", "failed", "stopped"):
                 record = http.get(f"{api}/experiments/{EXPERIMENT_ID}", headers=headers).json()
@@ -374,42 +380,106 @@ def run_experiment(server: Server, body: dict, timeout: float) -> tuple[dict, li
     raise RuntimeError(f"the experiment did not end in {timeout:.0f} s")
 
 
-def _ts(value: str | None) -> float | None:
-    """A naive-UTC SQLite timestamp as Unix seconds."""
+def _ts(value: str | datetime | None) -> float | None:
+    """A naive-UTC timestamp (SQLite hands back text, PostgreSQL a datetime) as Unix seconds."""
     if value is None:
         return None
-    return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC).timestamp() if value.tzinfo is None else value.timestamp()
 
 
-def server_rounds(data_dir: Path, experiment_id: str) -> list[dict]:
+# -- the database (SQLite in the data dir, or a scratch PostgreSQL database) ----------------------
+
+
+def create_scratch_database(admin_url: str) -> tuple[str, str]:
+    """A new empty database on the PostgreSQL server of ``admin_url``; (its name, its SQLAlchemy URL)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url)
+    name = f"fedloom_bench_scale_{int(time.time())}_{random.randrange(10**6)}"
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, url.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_scratch_database(admin_url: str, name: str) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    with psycopg.connect(_libpq(make_url(admin_url)), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _libpq(url) -> str:  # type: ignore[no-untyped-def]
+    """A libpq connection string for a SQLAlchemy URL (psycopg's own URL has no driver suffix)."""
+    parts = {"host": url.host, "port": url.port, "user": url.username, "password": url.password}
+    parts["dbname"] = url.database
+    return " ".join(f"{k}={v}" for k, v in parts.items() if v is not None)
+
+
+class Database:
+    """Read-only views of the server's database after (or during) the run, on either backend."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        self.url = url
+        self.sqlite = url.startswith("sqlite")
+        self.engine = create_engine(url, poolclass=NullPool)
+
+    def rows(self, sql: str, **params: Any) -> list[tuple]:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+
+    def size_bytes(self) -> int:
+        """The database's size: SQLite's pages in use (WAL included, as a reader sees them), or
+        ``pg_database_size``."""
+        if self.sqlite:
+            return int(self.rows("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")[0][0])
+        return int(self.rows("SELECT pg_database_size(current_database())")[0][0])
+
+    def table_rows(self) -> dict[str, int]:
+        """Rows per table of the tables that grow with clients and rounds."""
+        names = ("client", "api_key", "event", "update", "experiment_client", "client_round_score", "client_metrics")
+        return {n: int(self.rows(f'SELECT COUNT(*) FROM "{n}"')[0][0]) for n in names}
+
+    def events_between(self, start: float, end: float) -> int:
+        """Rows of the event log written between two Unix times."""
+        rows = self.rows("SELECT created_at FROM event")
+        return sum(1 for (t,) in rows if start <= (_ts(t) or 0.0) <= end)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def server_rounds(db: Database, experiment_id: str) -> list[dict]:
     """Per round, from the server's database: timestamps, update counts, aggregation and evaluation time."""
-    db = sqlite3.connect(f"file:{data_dir / 'fedloom.db'}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            "SELECT r.round, r.status, r.started_at, r.closed_at, r.completed_at, r.selected_clients, "
-            "m.round_duration, m.aggregation_time, m.evaluation_time, m.participating_clients "
-            "FROM round r LEFT JOIN round_metrics m ON m.experiment_id = r.experiment_id AND m.round = r.round "
-            "WHERE r.experiment_id = ? ORDER BY r.round",
-            (experiment_id,),
-        ).fetchall()
-        uploads = defaultdict(list)
-        for rnd, received in db.execute(
-            "SELECT round, received_at FROM \"update\" WHERE experiment_id = ? AND validation_status = 'accepted'",
-            (experiment_id,),
-        ):
-            uploads[rnd].append(_ts(received))
-        started_exp = _ts(
-            db.execute("SELECT started_at FROM experiment WHERE experiment_id = ?", (experiment_id,)).fetchone()[0]
-        )
-    finally:
-        db.close()
+    rows = db.rows(
+        "SELECT r.round, r.status, r.started_at, r.closed_at, r.completed_at, r.selected_clients, "
+        "m.round_duration, m.aggregation_time, m.evaluation_time, m.participating_clients "
+        "FROM round r LEFT JOIN round_metrics m ON m.experiment_id = r.experiment_id AND m.round = r.round "
+        "WHERE r.experiment_id = :e ORDER BY r.round",
+        e=experiment_id,
+    )
+    uploads = defaultdict(list)
+    for rnd, received in db.rows(
+        "SELECT round, received_at FROM \"update\" WHERE experiment_id = :e AND validation_status = 'accepted'",
+        e=experiment_id,
+    ):
+        uploads[rnd].append(_ts(received))
+    started_exp = _ts(db.rows("SELECT started_at FROM experiment WHERE experiment_id = :e", e=experiment_id)[0][0])
     out = []
     for rnd, status, started, closed, completed, selected, duration, agg, ev, participating in rows:
         out.append(
             {
                 "round": rnd,
                 "status": status,
-                "selected": len(json.loads(selected)),
+                "selected": len(json.loads(selected) if isinstance(selected, str) else selected),
                 "accepted_updates": participating or 0,
                 "opened": _ts(started),
                 "closed": _ts(closed),
@@ -425,6 +495,11 @@ def server_rounds(data_dir: Path, experiment_id: str) -> list[dict]:
         r["before_open_s"] = r["opened"] - previous_end if previous_end and r["opened"] else None
         previous_end = r["completed"]
     return out
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes in the files under ``path`` (the blob store)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
 def breakdown(rounds: list[dict], dispatch: dict[int, list[float]]) -> list[dict]:
@@ -467,20 +542,26 @@ def latency_table(latencies: dict[str, list[float]], errors: dict[str, list[str]
     return out
 
 
-def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dict:
-    """One full benchmark run in ``work``; everything reported comes from here."""
-    server = start_server(work / "data")
-    say(f"serve is healthy at {server.url}")
+def run(clients: int, selected: int, rounds: int, procs: int, work: Path, database_url: str | None = None) -> dict:
+    """One full benchmark run in ``work`` (on ``database_url``, else SQLite in the data dir)."""
+    data = work / "data"
+    url = database_url or f"sqlite:///{data / 'fedloom.db'}"
+    server = start_server(data, {"FEDLOOM_DATABASE_URL": database_url} if database_url else None)
+    say(f"serve is healthy at {server.url} ({url.split(':', 1)[0]})")
+    db = Database(url)
     sampler = RssSampler(server)
     sampler.start()
     spawned: list[tuple] = []
+    round_timeout = ROUND_TIMEOUT_S if selected <= 100 else ROUND_TIMEOUT_LARGE_S
     try:
-        max_s = 60 + rounds * (ROUND_TIMEOUT_S + 60)
+        size_empty = db.size_bytes()
+        max_s = 60 + rounds * (round_timeout + 60)
         t_reg = time.perf_counter()
         spawned = spawn_client_processes(server, clients, procs, work, max_s)
-        registered = wait_registered(spawned, timeout=600)
+        registered = wait_registered(spawned, timeout=1800)
         registration_s = time.perf_counter() - t_reg
         say(f"{registered} clients registered in {registration_s:.1f} s")
+        size_registered = db.size_bytes()
         probe = Probe(server, "scale-00000")
         reference = probe.reference()
         say(f"idle reference: task (no hold) p50 {median(reference) * 1000:.1f} ms")
@@ -489,10 +570,13 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
             proc.stdin.flush()
         probe.start()
         rss_registered = {role: memory_bytes(pid) for role, pid in server.children().items()}
+        started = time.time()
         try:
-            status, status_lat, wall = run_experiment(server, start_body(clients, selected, rounds), max_s)
+            body = start_body(clients, selected, rounds, round_timeout)
+            status, status_lat, wall = run_experiment(server, body, max_s)
         finally:
             probe.stop()
+        ended = time.time()
         say(f"experiment {status.get('status')} after {wall:.1f} s {status.get('error') or ''}")
         results = []
         for proc, path in spawned:
@@ -521,12 +605,29 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
             errors[endpoint] += values
         for _cid, rnd, got, _done in res["rounds"]:
             dispatch[rnd].append(got)
+    # Every client request made while the experiment ran (registrations came before it).
+    requests = sum(len(v) for k, v in latencies.items() if k != "register")
     latencies["training/status (admin)"] = status_lat
     latencies["task, no hold (admin probe)"] = probe.latencies
     errors["task, no hold (admin probe)"] = probe.errors
-    per_round = server_rounds(work / "data", EXPERIMENT_ID)
+    try:
+        per_round = server_rounds(db, EXPERIMENT_ID)
+        storage = {
+            "db_empty_bytes": size_empty,
+            "db_registered_bytes": size_registered,
+            "db_end_bytes": db.size_bytes(),
+            "blob_bytes": tree_bytes(data / "blobs"),
+            # What the clients' updates took in the blob store before retention removed them.
+            "update_bytes": int(db.rows('SELECT COALESCE(SUM(size_bytes), 0) FROM "update"')[0][0]),
+            "rows": db.table_rows(),
+        }
+        events = db.events_between(started, ended)
+    finally:
+        db.dispose()
     return {
+        "backend": "sqlite" if url.startswith("sqlite") else "postgresql",
         "workload": {"clients": clients, "selected": selected, "rounds": rounds, "client_processes": procs},
+        "round_timeout_s": round_timeout,
         "registered": registered,
         "registration_s": round(registration_s, 2),
         "experiment_status": status.get("status"),
@@ -539,6 +640,10 @@ def run(clients: int, selected: int, rounds: int, procs: int, work: Path) -> dic
         "round_time_s": [round(b["total_s"], 3) for b in breakdown(per_round, dispatch)],
         "breakdown": breakdown(per_round, dispatch),
         "latency": latency_table(latencies, errors),
+        "storage": storage,
+        "events": events,
+        "events_per_s": round(events / wall, 2) if wall else None,
+        "requests_per_s": round(requests / wall, 1) if wall else None,
         "reference": {
             "request": "GET /clients/{id}/task without a hold (admin), one at a time",
             "idle_p50_ms": round(median(reference) * 1000, 2),
@@ -566,8 +671,33 @@ PHASES = {
     "validate_aggregate_evaluate_persist_s": "validation, aggregation, evaluation and persistence",
 }
 
-CHANGES = """What the profiles showed, and what was changed (py-spy on the API and worker pids during runs of
-this benchmark):
+CHANGES = """What the profiles showed at 10,000 clients, and what was changed (py-spy on the API during
+runs of this benchmark):
+
+1. **Every task poll looked its key up in the database.** Resolved keys were trusted for 5 s, and a
+   client polls every 10 s, so each poll was a lookup (about 1,000 a second at this size; 15-21% of
+   the API's samples in `resolve_key`). Keys past the 5 s are now re-checked all at once, one
+   indexed query per 500 cached keys shared by every request waiting on it (`api/deps.py`); a key
+   revoked elsewhere still stops working within the 5 s.
+2. **last_seen was a write transaction per client.** Written at most once a minute per client,
+   that is still about 170 write transactions a second at 10,000 clients; a run at this size
+   before the change had all 40 API threads waiting for SQLite's writer in `_mark_seen`, and round 1 had no
+   upload after 8 minutes. The marks are now queued and written together once a second, one
+   `UPDATE` per 500 clients (`api/taskboard.py`).
+3. **Every client's first poll ran the whole task query** (25-41% of the API's samples in
+   `read_task` while the round was open; with the two changes above, round 1 had 540 of its 1,000
+   uploads 3.5 minutes after opening). A client polling with its own key is registered, so when the
+   shared round state says it is not selected and not inactive, its first poll is answered from that
+   state without a query and its last_seen is queued.
+4. **Selection loaded every registered client as an ORM object**: 0.6-1.0 s for 10,000 here, now
+   only the columns it uses as rows, 0.24 s (`fedloom_core/storage/candidates.py`).
+
+What is left in the way at this size: the API is one Python process, and with 10,000 clients
+holding 10-s polls it is CPU-bound (see the long-poll and download latencies above: requests queue
+for tens of seconds, and some kept-alive connections are dropped under that load, which the clients
+retry). The round's time is that queue, not the database or the workflow.
+
+Earlier changes, at 1,000 clients:
 
 1. **The task long-poll re-ran its whole query for every held request every 0.25 s.** With 1,000
    clients holding requests, most of the API's samples were in that query, and about a third in
@@ -619,10 +749,105 @@ def _largest_phase(result: dict) -> tuple[str, float, float]:
     return PHASES[key], shares[key], shares[key] / total if total else 0.0
 
 
-def report(result: dict) -> str:
-    """The Markdown section: workload, outcome, round times and breakdown, latencies, RSS, changes."""
-    w = result["workload"]
-    met = result["all_rounds_complete"]
+def _summary(runs: list[dict]) -> str:
+    """One column per backend: the figures the issue asks for."""
+
+    def lat(r: dict, ep: str, q: str) -> str:
+        return _fmt(r["latency"].get(ep, {}).get(q), 1)
+
+    def rss(r: dict, role: str) -> str:
+        return _fmt(r["rss"].get(role, {}).get("peak_mib"), 0)
+
+    def mib(n: float) -> str:
+        return f"{n / MIB:,.1f}"
+
+    rows: list[list[str]] = []
+
+    def add(label: str, fn) -> None:  # type: ignore[no-untyped-def]
+        rows.append([label, *(fn(r) for r in runs)])
+
+    add("every round complete (all updates aggregated)", lambda r: "yes" if r["all_rounds_complete"] else "**NO**")
+    add("accepted updates per round", lambda r: ", ".join(str(n) for n in r["updates_per_round"]) or "-")
+    add("registration of all clients, s", lambda r: f"{r['registration_s']:.1f}")
+    add("registrations per s", lambda r: f"{r['registered'] / r['registration_s']:.0f}")
+    add("registration p50 / p99 ms", lambda r: f"{lat(r, 'register', 'p50_ms')} / {lat(r, 'register', 'p99_ms')}")
+    add("upload p50 / p99 ms", lambda r: f"{lat(r, 'upload', 'p50_ms')} / {lat(r, 'upload', 'p99_ms')}")
+    add("download p50 / p99 ms", lambda r: f"{lat(r, 'download', 'p50_ms')} / {lat(r, 'download', 'p99_ms')}")
+    add("round time median (min-max) s", _round_times)
+    add("selection + opening median s", lambda r: _fmt(_phase(r, "select_and_open_s"), 1))
+    add("API RSS peak MiB", lambda r: rss(r, "api"))
+    add("worker RSS peak MiB", lambda r: rss(r, "worker"))
+    add("Temporal RSS peak MiB", lambda r: rss(r, "temporal"))
+    add(
+        "database empty / registered / end MiB",
+        lambda r: " / ".join(mib(r["storage"][k]) for k in ("db_empty_bytes", "db_registered_bytes", "db_end_bytes")),
+    )
+    add(
+        "updates stored / blob store at end MiB",
+        lambda r: f"{mib(r['storage']['update_bytes'])} / {mib(r['storage']['blob_bytes'])}",
+    )
+    add("events logged per s (experiment)", lambda r: _fmt(r["events_per_s"], 1))
+    add("client requests per s (experiment)", lambda r: _fmt(r["requests_per_s"], 0))
+    add("experiment wall time s", lambda r: f"{r['wall_s']:.0f}")
+    return table(["", *(r["backend"] for r in runs)], rows)
+
+
+def _round_times(r: dict) -> str:
+    t = r["round_time_s"]
+    return f"{median(t):.1f} ({min(t):.1f}-{max(t):.1f})" if t else "-"
+
+
+def _phase(r: dict, key: str) -> float | None:
+    values = [b[key] for b in r["breakdown"] if b[key] is not None]
+    return median(values) if values else None
+
+
+def per_client_costs(r: dict) -> dict[str, float]:
+    """What one client, one round and one update cost on this backend, from the measurements."""
+    st, w = r["storage"], r["workload"]
+    updates = max(1, sum(r["updates_per_round"]))
+    return {
+        "registration_ms": r["registration_s"] / max(1, r["registered"]) * 1000,
+        "db_bytes_per_client": (st["db_registered_bytes"] - st["db_empty_bytes"]) / max(1, r["registered"]),
+        "db_bytes_per_update": (st["db_end_bytes"] - st["db_registered_bytes"]) / updates,
+        "blob_bytes_per_update": st["update_bytes"] / updates,
+        "selection_ms_per_client": (_phase(r, "select_and_open_s") or 0.0) / w["clients"] * 1000,
+        "upload_window_ms_per_update": (_phase(r, "uploads_s") or 0.0) / w["selected"] * 1000,
+    }
+
+
+def projection(runs: list[dict], target: int = 100_000, selected: int = 10_000) -> str:
+    """Linear projection of each backend's measured per-client costs to ``target`` clients."""
+    rows = []
+    for r in runs:
+        c = per_client_costs(r)
+        rows.append(
+            [
+                r["backend"],
+                f"{c['registration_ms']:.1f} ms → {c['registration_ms'] * target / 1000 / 60:.0f} min",
+                f"{c['db_bytes_per_client'] / 1024:.1f} KiB → {c['db_bytes_per_client'] * target / MIB:,.0f} MiB",
+                f"{c['db_bytes_per_update'] / 1024:.1f} KiB → {c['db_bytes_per_update'] * selected / MIB:,.0f} MiB",
+                f"{c['blob_bytes_per_update'] / 1024:.1f} KiB → {c['blob_bytes_per_update'] * selected / MIB:,.0f} MiB",
+                f"{c['selection_ms_per_client'] * 1000:.0f} µs → {c['selection_ms_per_client'] * target / 1000:.1f} s",
+                f"{(up := c['upload_window_ms_per_update']):.0f} ms → {up * selected / 1000:,.0f} s",
+                f"{target / LONG_POLL_S:,.0f}",
+            ]
+        )
+    headers = [
+        "backend",
+        "registration per client → all",
+        "database per client → all",
+        f"database per update → per round of {selected:,}",
+        f"blobs per update → per round of {selected:,}",
+        "selection+opening per registered client → per round",
+        f"upload window per update → {selected:,}",
+        f"task polls per s at {LONG_POLL_S:g} s holds",
+    ]
+    return table(headers, rows)
+
+
+def _detail(r: dict) -> str:
+    """One backend's round breakdown, latencies and RSS."""
     rows = [
         [
             b["round"],
@@ -636,116 +861,126 @@ def report(result: dict) -> str:
             _fmt(b["aggregation_s"]),
             _fmt(b["evaluation_s"]),
         ]
-        for b in result["breakdown"]
+        for b in r["breakdown"]
     ]
     headers = ["round", "round s", "select+open s", "told p50 s", "told max s", "all uploads in s"]
     headers += ["last upload→closed s", "closed→completed s", "of which aggregation s", "evaluation s"]
-    breakdown_md = table(headers, rows)
     lat_rows = [
         [ep, v["count"], v["errors"], _fmt(v["p50_ms"], 1), _fmt(v["p99_ms"], 1), _fmt(v["max_ms"], 1)]
-        for ep, v in result["latency"].items()
+        for ep, v in r["latency"].items()
     ]
-    lat_md = table(["endpoint", "requests", "errors", "p50 ms", "p99 ms", "max ms"], lat_rows)
     rss_rows = [
-        [role, _fmt(v["start_mib"], 1), _fmt(result["rss_after_registration_mib"].get(role), 1)]
-        + [_fmt(v["peak_mib"], 1), _fmt(v["end_mib"], 1)]
-        for role, v in result["rss"].items()
+        [
+            role,
+            _fmt(v["start_mib"], 1),
+            _fmt(r["rss_after_registration_mib"].get(role), 1),
+            _fmt(v["peak_mib"], 1),
+            _fmt(v["end_mib"], 1),
+        ]
+        for role, v in r["rss"].items()
     ]
-    rss_md = table(["process", "at start MiB", "after registration MiB", "peak MiB", "at end MiB"], rss_rows)
-    times = result["round_time_s"]
-    ref = result["reference"]
-    ratio_p50 = ref["loaded_p50_ms"] / ref["idle_p50_ms"] if ref["loaded_p50_ms"] else None
-    ratio_p99 = ref["loaded_p99_ms"] / ref["idle_p50_ms"] if ref["loaded_p99_ms"] else None
-    outcome = (
-        f"**Target: every round completes with all {w['selected']} updates: {'met' if met else 'NOT met'}.** "
-        f"Rounds completed: {result['rounds_completed']} of {w['rounds']}; accepted updates per round: "
-        f"{', '.join(str(n) for n in result['updates_per_round'])}."
-        + (f" The experiment failed: {result['experiment_error']}" if result.get("experiment_error") else "")
-    )
-    timing = "no round completed."
-    if times:
-        phase, seconds, share = _largest_phase(result)
-        timing = (
-            f"Round time: median **{median(times):.1f} s** (min {min(times):.1f}, max {max(times):.1f}). "
-            f"The largest part is {phase}: median {seconds:.1f} s, {share:.0%} of the median round."
-        )
-    return f"""## Scale: {w["clients"]:,} clients, {w["selected"]} selected per round
+    ref = r["reference"]
+    outcome = "" if not r.get("experiment_error") else f" The experiment failed: {r['experiment_error']}."
+    largest = ""
+    if r["breakdown"]:
+        phase, seconds, share = _largest_phase(r)
+        largest = f" The largest part of a round is {phase}: median {seconds:.1f} s, {share:.0%} of the median round."
+    rows_md = ", ".join(f"{k} {v:,}" for k, v in r["storage"]["rows"].items())
+    return f"""### {r["backend"]}
 
-Workload: `fedloom serve` (embedded Temporal dev server, one worker, one API process, SQLite, blobs
-in a directory) in a fresh data dir; {w["clients"]:,} clients registered with the admin key, run as
-asyncio tasks, each on its own `httpx.AsyncClient` (as a real client has its own connection: one pool
-shared by hundreds of held requests queues them inside httpx), in {w["client_processes"]} client
-processes on the same machine. Each round selects
-{w["selected"]} of them (`client_fraction` {w["selected"] / w["clients"]:g}, `min_updates` {w["selected"]}),
-for {w["rounds"]} rounds of FedAvg on the digits MLP, contribution scores on (the default). A client
-long-polls `GET /clients/{{id}}/task?wait={LONG_POLL_S:g}` (the client runtime's value); when
-selected it downloads the global model and uploads it plus a precomputed perturbation (no
-training), so the rounds measure the server. Rate limits are raised for the run. Latency is
-measured by the clients for every request; RSS is sampled from `/proc` every 0.5 s; the round
-breakdown uses the server's own timestamps (round opened, updates received, round closed and
-completed) and the time each client received its `train` task.
+Experiment `{r["experiment_status"]}` after {r["wall_s"]:.0f} s.{outcome}{largest} Per round, in seconds
+("select+open" runs from the previous round's completion, or the start, to this round's opening; "told"
+is when the selected clients received their `train` task, from the opening):
 
-Machine: {machine_line(result["machine"])}. The machine is shared, so every absolute number here
-moves with the load of the moment.
+{table(headers, rows)}
 
-{outcome} Registering {result["registered"]:,} clients took {result["registration_s"]:.1f} s; the
-experiment ran {result["wall_s"]:.1f} s from `POST /training/start` to `{result["experiment_status"]}`.
+Reference request (one admin `GET /clients/{{id}}/task` without a hold): idle p50 {ref["idle_p50_ms"]:.1f} ms,
+during the run p50 {_fmt(ref["loaded_p50_ms"], 1)} ms, p99 {_fmt(ref["loaded_p99_ms"], 1)} ms. Rows at the end:
+{rows_md}.
 
-{timing} Per round, in seconds ("select+open" runs from the previous round's completion, or the
-start, to this round's opening; "told" is when the selected clients received their `train` task,
-from the opening):
+{table(["endpoint", "requests", "errors", "p50 ms", "p99 ms", "max ms"], lat_rows)}
 
-{breakdown_md}
-
-In-run reference: one admin `GET /clients/{{id}}/task` without a hold, one request at a time,
-measured first with every client registered but idle (p50 {ref["idle_p50_ms"]:.1f} ms), then every
-0.5 s during the experiment: p50 {_fmt(ref["loaded_p50_ms"], 1)} ms ({_fmt(ratio_p50, 1)}x the idle p50),
-p99 {_fmt(ref["loaded_p99_ms"], 1)} ms ({_fmt(ratio_p99, 1)}x).
-
-API latency per endpoint, measured client-side (a task long-poll is held by the server up to
-{LONG_POLL_S:g} s while there is nothing to do, so its latency is mostly that hold; the "told"
-columns above and the probe are its real delay):
-
-{lat_md}
-
-Server RSS (the API, the worker, the Temporal dev server):
-
-{rss_md}
-
-{CHANGES}
-
-![scale](img/bench_{NAME}.png)
+{table(["process", "at start MiB", "after registration MiB", "peak MiB", "at end MiB"], rss_rows)}
 """
 
 
-def plot(result: dict, path: Path) -> None:
+def section(res: dict, info: dict, image: str) -> str:
+    """The Markdown section: workload, the two backends side by side, projection, details, changes."""
+    runs = res["runs"]
+    w = runs[0]["workload"]
+    met = all(r["all_rounds_complete"] for r in runs)
+    return f"""## Scale: {w["clients"]:,} clients, {w["selected"]:,} selected per round
+
+Workload: `fedloom serve` (embedded Temporal dev server, one worker, one API process, blobs in a
+directory) in a fresh data dir, once on the embedded SQLite and once on PostgreSQL (a scratch
+database created for the run on the local server and dropped after it). {w["clients"]:,} clients
+register with the admin key, run as asyncio tasks, each on its own `httpx.AsyncClient`, in
+{w["client_processes"]} client processes on the same machine. Each round selects {w["selected"]:,} of them
+(`client_fraction` {w["selected"] / w["clients"]:g}, `min_updates` {w["selected"]:,}), for {w["rounds"]} rounds of
+FedAvg on the digits MLP. A client long-polls `GET /clients/{{id}}/task?wait={LONG_POLL_S:g}` (the client
+runtime's value); when selected it downloads the global model and uploads it plus a precomputed
+perturbation (no training), so the rounds measure the server. Rate limits are raised for the run.
+Latency is measured by the clients; RSS is sampled from `/proc` every 0.5 s (the PostgreSQL server's
+own processes are not counted); the database size is the SQLite file with its WAL, or
+`pg_database_size`; "events" are rows of the server's event log written while the experiment ran.
+Retention is at its default, which deletes a round's updates once its model is committed, so the
+blob store at the end holds the global models; "updates stored" is what the updates took before.
+
+Machine: {machine_line(info)}. The machine is shared (2 cores, other jobs running), so every absolute
+number here moves with the load of the moment.
+
+**Target: every round completes with all {w["selected"]:,} updates, on both backends: {"met" if met else "NOT met"}.**
+
+{_summary(runs)}
+
+### Projection to 100,000 clients
+
+Each backend's measured cost per registered client, per round and per update, multiplied out to
+100,000 registered clients with 10,000 selected a round (linear: the selection reads every
+registered client, a round's writes grow with its updates):
+
+{projection(runs)}
+
+{"".join(_detail(r) + chr(10) for r in runs)}
+{CHANGES}
+
+![scale]({image})
+"""
+
+
+def plot(res: dict, path: Path) -> None:
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    parts = [
-        ("select_and_open_s", "select+open"),
-        ("uploads_s", "uploads"),
-        ("close_s", "close"),
-        ("validate_aggregate_evaluate_persist_s", "validate+aggregate+evaluate+persist"),
-    ]
-    bottom = [0.0] * len(result["breakdown"])
-    xs = [b["round"] for b in result["breakdown"]]
-    for key, label in parts:
-        values = [b[key] or 0.0 for b in result["breakdown"]]
-        ax1.bar(xs, values, bottom=bottom, label=label)
-        bottom = [a + b for a, b in zip(bottom, values, strict=True)]
+    for r in res["runs"]:
+        xs = [b["round"] for b in r["breakdown"]]
+        ax1.plot(xs, [b["total_s"] for b in r["breakdown"]], marker="o", label=r["backend"])
+        for role in ("api", "worker"):
+            series = [(t, s[role]) for t, s in r["rss_series"] if role in s]
+            if series:
+                ax2.plot([t for t, _ in series], [v for _, v in series], label=f"{r['backend']} {role}")
     ax1.set_xlabel("round")
     ax1.set_ylabel("seconds")
-    ax1.set_title("round time breakdown")
+    ax1.set_title("round time")
     ax1.legend(fontsize=7)
-    for role in ("api", "worker", "temporal"):
-        series = [(t, s[role]) for t, s in result["rss_series"] if role in s]
-        if series:
-            ax2.plot([t for t, _ in series], [v for _, v in series], label=role)
     ax2.set_xlabel("seconds since serve started")
     ax2.set_ylabel("RSS MiB")
     ax2.set_title("server RSS")
     ax2.legend(fontsize=7)
     save_figure(fig, path)
+
+
+def run_backend(backend: str, sizes: dict, pg_url: str) -> dict:
+    """One run on ``backend``; PostgreSQL gets a scratch database that is dropped afterwards."""
+    say(f"--- {backend} ---")
+    with tempfile.TemporaryDirectory(prefix="fedloom-bench-scale-") as tmp:
+        args = (sizes["clients"], sizes["selected"], sizes["rounds"], sizes["procs"], Path(tmp))
+        if backend == "sqlite":
+            return run(*args)
+        name, url = create_scratch_database(pg_url)
+        try:
+            return run(*args, database_url=url)
+        finally:
+            drop_scratch_database(pg_url, name)
 
 
 def main() -> int:
@@ -754,6 +989,8 @@ def main() -> int:
     parser.add_argument("--selected", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--procs", type=int, help="client processes")
+    parser.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
+    parser.add_argument("--pg-url", default=PG_URL, help="a PostgreSQL server database to create the scratch one from")
     # Internal: run as one client process.
     parser.add_argument("--client-worker", action="store_true", help=argparse_hidden())
     parser.add_argument("--server", help=argparse_hidden())
@@ -765,21 +1002,20 @@ def main() -> int:
     args = parser.parse_args()
     if args.client_worker:
         return client_worker_main(args)
+    # SIGTERM unwinds like an error, so the server, its clients and a scratch database are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = dict(QUICK if args.quick else FULL)
     for key in sizes:
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
-    with tempfile.TemporaryDirectory(prefix="fedloom-bench-scale-") as tmp:
-        result = run(sizes["clients"], sizes["selected"], sizes["rounds"], sizes["procs"], Path(tmp))
-    result["machine"] = machine()
-    path = write_result(args.out, NAME, {"quick": args.quick, **result})
-    plot(result, plot_path(args.out, NAME, args.quick))
-    text = report(result)
-    print(text)
-    print(f"wrote {path}")
-    if not args.quick:
-        update_doc_section(NAME, text)
-    return 0 if result["all_rounds_complete"] else 1
+    runs = []
+    for backend in (b.strip() for b in args.backends.split(",") if b.strip()):
+        runs.append(run_backend(backend, sizes, args.pg_url))
+        write_result(args.out, f"{NAME}-{backend}", {"quick": args.quick, **runs[-1]})  # kept if a later one fails
+    res = {"quick": args.quick, "runs": runs}
+    publish(args, NAME, res, plot, lambda info, image: section(res, info, image))
+    print(section(res, machine(), f"img/bench_{NAME}.png"))
+    return 0 if all(r["all_rounds_complete"] for r in runs) else 1
 
 
 def argparse_hidden() -> str:
