@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from fedloom_core.learning import weights
 from fedloom_core.learning.datasets import Split
+from fedloom_core.learning.delta_slices import delta_slices
 from fedloom_core.learning.kernels import Opener, UpdateFile, fedavg, open_path
 from fedloom_core.learning.training import evaluate_states
 
@@ -108,25 +110,27 @@ def update_alignment(
 ) -> dict[str, float]:
     """Cosine between each update's delta and the round's step (new global model minus the previous one).
 
-    Needs no test data: contribution scores use it when the server does not evaluate. The updates are
-    read one at a time (client-id order), so memory holds the two models, the step and one update.
+    Needs no test data: contribution scores use it when the server does not evaluate. One pass over the
+    coordinates with the new model and every update mapped at once (``delta_slices``), so memory holds
+    K + 1 slices whatever the model's size.
     """
-    with weights.mapped_tensors(previous_path) as previous, weights.mapped_tensors(new_path) as new:
-        step = {
-            name: t.to(torch.float64) - previous[name].to(torch.float64)
-            for name, t in new.items()
-            if t.is_floating_point() and name in previous
-        }
-        step_sq = sum(float(s.pow(2).sum()) for s in step.values())
-        cosines: dict[str, float] = {}
-        for f in sorted(updates, key=lambda u: u.client_id):
-            dot = own_sq = 0.0
-            with opener(f) as path, weights.mapped_tensors(path) as own:
-                for name, s in step.items():
-                    delta = own[name].to(torch.float64) - previous[name].to(torch.float64)
-                    dot += float((delta * s).sum())
-                    own_sq += float(delta.pow(2).sum())
-            denominator = math.sqrt(own_sq * step_sq)
-            cosine = dot / denominator if denominator > 0 else 0.0
-            cosines[f.client_id] = max(-1.0, min(1.0, cosine)) if math.isfinite(cosine) else 0.0
+    ordered = sorted(updates, key=lambda u: u.client_id)
+    with ExitStack() as stack:
+        previous = stack.enter_context(weights.mapped_tensors(previous_path))
+        new = stack.enter_context(weights.mapped_tensors(new_path))
+        mapped = [stack.enter_context(weights.mapped_tensors(stack.enter_context(opener(f)))) for f in ordered]
+        names = [name for name, t in new.items() if t.is_floating_point() and name in previous]
+        dots = torch.zeros(len(ordered), dtype=torch.float64)
+        own_sq = torch.zeros(len(ordered), dtype=torch.float64)
+        step_sq = 0.0
+        for _name, block in delta_slices(previous, [new, *mapped], names):
+            step, deltas = block[0], block[1:]
+            dots += deltas @ step
+            own_sq += deltas.pow(2).sum(dim=1)
+            step_sq += float(step.dot(step))
+    cosines: dict[str, float] = {}
+    for i, f in enumerate(ordered):
+        denominator = math.sqrt(float(own_sq[i]) * step_sq)
+        cosine = float(dots[i]) / denominator if denominator > 0 else 0.0
+        cosines[f.client_id] = max(-1.0, min(1.0, cosine)) if math.isfinite(cosine) else 0.0
     return cosines

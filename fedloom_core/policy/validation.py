@@ -1,9 +1,9 @@
 """Update validation in one place: the checks of an uploaded file, and a round's measurements and verdict.
 
-Measurement is two streaming passes over the updates, so memory stays at about two models whatever their
-number: the first sums the deltas (update - global) and their norms, the second takes each
-delta's dot product with that sum, from which the similarity to the mean of the *other* deltas
-follows without materialising it.
+Measurement is one streaming pass over the coordinates of every update at once, a slice at a time, so
+memory stays at K slices whatever the model's size: each slice adds to the deltas' (update - global)
+squared norms, their sum S and each delta's dot product with S, from which the similarity to the mean
+of the *other* deltas follows without materialising it.
 
 """
 
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedloom_core.learning.kernels import Opener, UpdateFile, open_path
 from fedloom_core.learning.weights import (
@@ -29,9 +30,7 @@ from fedloom_core.policy.selection import Candidate
 from fedloom_core.policy.trust import TRUST_PRIOR, anomaly_score, round_cosine_tau
 from fedloom_core.schemas import PolicyConfig
 
-# torch is imported where tensors are made: the API imports this module without needing torch.
-if TYPE_CHECKING:
-    import torch
+# torch is imported where tensors are made (measure_updates): the API imports this module without it.
 
 
 @dataclass(frozen=True)
@@ -45,39 +44,33 @@ class UpdateStats:
     cosine_similarity: float
 
 
-def _deltas(global_tensors: dict[str, torch.Tensor], update: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
+def measure_updates(global_path, updates: Sequence[UpdateFile], opener: Opener = open_path) -> dict[str, UpdateStats]:  # type: ignore[no-untyped-def]
+    """Norm, norm ratio and cosine similarity of each update's delta (canonical client-id order).
+
+    One pass over the coordinates with every update mapped at once (``delta_slices``): each slice gives
+    the deltas' squared norms, their sum S and each delta's dot product with S, so memory stays at K
+    slices whatever the model's size. An opener that copies updates (S3) holds K local files meanwhile.
+    """
     import torch
 
-    for name, g in global_tensors.items():
-        if g.is_floating_point():
-            yield name, update[name].to(torch.float64) - g.to(torch.float64)
+    from fedloom_core.learning.delta_slices import delta_slices
 
-
-def measure_updates(global_path, updates: Sequence[UpdateFile], opener: Opener = open_path) -> dict[str, UpdateStats]:  # type: ignore[no-untyped-def]
-    """Norm, norm ratio and cosine similarity of each update's delta (canonical client-id order)."""
     ordered = sorted(updates, key=lambda u: u.client_id)
     if not ordered:
         return {}
-    with mapped_tensors(global_path) as global_tensors:
-        total: dict[str, torch.Tensor] = {}
-        sq_norms: dict[str, float] = {}
-        for update in ordered:
-            with opener(update) as path, mapped_tensors(path) as tensors:
-                sq = 0.0
-                for name, delta in _deltas(global_tensors, tensors):
-                    sq += float(delta.pow(2).sum())
-                    if name in total:
-                        total[name].add_(delta)
-                    else:
-                        total[name] = delta.clone()
-                sq_norms[update.client_id] = sq
-        total_sq = sum(float(t.pow(2).sum()) for t in total.values())
-        dots: dict[str, float] = {}
-        for update in ordered:
-            with opener(update) as path, mapped_tensors(path) as tensors:
-                dots[update.client_id] = sum(
-                    float((delta * total[name]).sum()) for name, delta in _deltas(global_tensors, tensors)
-                )
+    with ExitStack() as stack:
+        global_tensors = stack.enter_context(mapped_tensors(global_path))
+        mapped = [stack.enter_context(mapped_tensors(stack.enter_context(opener(u)))) for u in ordered]
+        sq = torch.zeros(len(ordered), dtype=torch.float64)
+        dot = torch.zeros(len(ordered), dtype=torch.float64)
+        total_sq = 0.0
+        for _name, deltas in delta_slices(global_tensors, mapped):
+            total = deltas.sum(dim=0)
+            sq += deltas.pow(2).sum(dim=1)
+            dot += deltas @ total
+            total_sq += float(total.dot(total))
+    sq_norms = {u.client_id: float(sq[i]) for i, u in enumerate(ordered)}
+    dots = {u.client_id: float(dot[i]) for i, u in enumerate(ordered)}
     norms = {cid: math.sqrt(sq) for cid, sq in sq_norms.items()}
     median = _median(list(norms.values()))
     stats = {}
