@@ -173,7 +173,17 @@ def update_doc_section(name: str, markdown: str, doc: Path = DOC) -> None:
 
 
 # The page's order: the numbering of the benchmarks.
-SECTION_ORDER = ("aggregation", "memory", "transfer", "round_overhead", "efficiency", "scale", "long_run", "run")
+SECTION_ORDER = (
+    "aggregation",
+    "memory",
+    "transfer",
+    "large_model",
+    "round_overhead",
+    "efficiency",
+    "scale",
+    "long_run",
+    "run",
+)
 
 
 def order_sections(doc: Path = DOC, order: Sequence[str] = SECTION_ORDER) -> None:
