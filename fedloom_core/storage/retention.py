@@ -42,7 +42,8 @@ log = logging.getLogger("fedloom.retention")
 
 _MODEL_RE = re.compile(r"(models|state)/([^/]+)/round-(\d+)\.safetensors")
 _UPDATE_RE = re.compile(r"updates/([^/]+)/(\d+)/[^/]+")
-_SELECTION_RE = re.compile(r"selections/[^/]+/round-(\d+)-[0-9a-f]+\.json")
+# A round's selection details and its per-client outcome: each read only until the round is recorded.
+_ROUND_RECORD_RE = re.compile(r"(?:selections|outcomes)/[^/]+/round-(\d+)-[0-9a-f]+\.json")
 # The prefixes retention owns; blobs under any other prefix are never touched.
 PREFIXES = ("models", "state", "updates")
 _FINISHED = ("completed", "failed", "stopped")
@@ -163,14 +164,15 @@ def apply_retention(engine: Engine, blobs: BlobStore, settings: Settings, swept:
                 s.exec(delete(GlobalModel).where(GlobalModel.model_id.in_([m for m, _ in gone])))  # type: ignore[attr-defined]
             _delete(blobs, [key for _, key in gone], report)
         _delete(blobs, [state_key(exp_id, r) for r in range(max(start - 1, 1), last)], report)
-        _delete(blobs, _selections(blobs, exp_id, last), report)
+        _delete(blobs, _round_records(blobs, exp_id, last), report)
         swept[exp_id] = last
     return report
 
 
-def _selections(blobs: BlobStore, exp_id: str, last: int) -> list[str]:
-    """Selection details of rounds up to ``last``: each was copied into its round's row when it opened."""
-    found = ((key, _SELECTION_RE.fullmatch(key)) for key, _ in blobs.list_keys(f"selections/{exp_id}"))
+def _round_records(blobs: BlobStore, exp_id: str, last: int) -> list[str]:
+    """Selection details and outcomes of rounds up to ``last``: the round's rows hold what they carried."""
+    keys = [*blobs.list_keys(f"selections/{exp_id}"), *blobs.list_keys(f"outcomes/{exp_id}")]
+    found = ((key, _ROUND_RECORD_RE.fullmatch(key)) for key, _ in keys)
     return [key for key, m in found if m is not None and int(m.group(1)) <= last]
 
 

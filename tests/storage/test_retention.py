@@ -24,6 +24,7 @@ from fedloom_core.storage.candidates import details_key
 from fedloom_core.storage.db import Experiment, GlobalModel, RoundMetrics, Update, create_schema, make_engine
 from fedloom_core.storage.keys import model_id_for, model_key, state_key, update_key
 from fedloom_core.storage.repo import latest_model, session_scope
+from fedloom_core.storage.round_outcomes import outcome_key
 from tests.storage.test_blobstore import moto_endpoint  # noqa: F401 - the session's moto server
 from tests.storage.test_db import DEFAULT_PG_URL, PG_URL_ENV, _in_ci, _pg_unreachable
 
@@ -153,6 +154,7 @@ def _commit_round(engine, blobs: BlobStore, exp_id: str, rnd: int) -> None:  # t
         _record_model(s, blobs, exp_id, rnd)
         _put(blobs, state_key(exp_id, rnd))
         _put(blobs, details_key(exp_id, rnd, f"{rnd:064x}"))
+        _put(blobs, outcome_key(exp_id, rnd, f"{rnd:064x}"))
         s.add(
             RoundMetrics(
                 experiment_id=exp_id, round=rnd, participating_clients=2, round_duration=1.0, aggregation_time=0.1
@@ -195,8 +197,9 @@ def test_sweep_deletes_what_the_rules_let_go(engine, store: BlobStore, tmp_path:
     assert _keys(store, f"updates/{EXP}") == set()
     assert _keys(store, f"state/{EXP}") == {state_key(EXP, 7)}
     assert _keys(store, f"selections/{EXP}") == set()  # each was copied into its round's row
+    assert _keys(store, f"outcomes/{EXP}") == set()
     assert len(_keys(store, "updates/exp-all")) == 6 and len(_keys(store, "models/exp-all")) == 4
-    assert len(_keys(store, "selections/exp-all")) == 3
+    assert len(_keys(store, "selections/exp-all")) == 3 and len(_keys(store, "outcomes/exp-all")) == 3
     with session_scope(engine) as s:
         assert latest_model(s, EXP, 6) is not None and latest_model(s, EXP).round == 7
         with pytest.raises(retention.ModelRemoved) as removed:
@@ -211,6 +214,7 @@ def test_sweep_deletes_what_the_rules_let_go(engine, store: BlobStore, tmp_path:
     _put(store, model_key(EXP, 8))
     _put(store, state_key(EXP, 8))
     _put(store, details_key(EXP, 8, "8" * 64))
+    _put(store, outcome_key(EXP, 8, "8" * 64))
     if isinstance(store, LocalBlobStore):  # a write in progress: its temp file
         (store.root / "models" / EXP / ".round-9.safetensors.x1.tmp").write_bytes(b"partial")
     assert retention.apply_retention(engine, store, settings, swept).deleted == []
@@ -237,7 +241,9 @@ def test_sweep_deletes_what_the_rules_let_go(engine, store: BlobStore, tmp_path:
                 )
             )
     deleted = retention.apply_retention(engine, store, settings, swept).deleted
-    assert sorted(deleted) == sorted([*_sorted_updates(EXP, 8), state_key(EXP, 7), details_key(EXP, 8, "8" * 64)])
+    assert sorted(deleted) == sorted(
+        [*_sorted_updates(EXP, 8), state_key(EXP, 7), details_key(EXP, 8, "8" * 64), outcome_key(EXP, 8, "8" * 64)]
+    )
     assert _keys(store, f"models/{EXP}") == {model_key(EXP, r) for r in (0, 3, 6, 7, 8)}
 
 
@@ -364,8 +370,8 @@ def test_worker_sweep_pass(engine, local_store: LocalBlobStore, tmp_path: Path) 
         s.get(Experiment, EXP).status = "completed"  # type: ignore[union-attr]
     _put(local_store, update_key(EXP, 3, "c1", "e" * 32))  # a replaced upload
     swept: dict[str, int] = {}
-    # rounds 1-3's six updates and selections, models 1 and 2, states 1 and 2; the orphan only when
-    # orphans are swept
-    assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=False) == 13
+    # rounds 1-3's six updates, selections and outcomes, models 1 and 2, states 1 and 2; the orphan
+    # only when orphans are swept
+    assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=False) == 16
     assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=True) == 1
     assert sweeper.sweep_once(engine, local_store, settings, swept, orphans=True) == 0
