@@ -112,3 +112,27 @@ def test_a_client_vouched_for_by_its_own_key_is_answered_from_the_board_on_its_f
         assert board._seen == {"b"}
 
     asyncio.run(check())
+
+
+def test_held_requests_sleep_until_the_state_changes(local_app, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    admin = local_app()
+    ids = [f"held-{i}" for i in range(10)]
+    for cid in ids:
+        assert admin.post("/clients/register", json={"client_id": cid}).status_code == 200
+    looks = []
+    real = Board.signature
+    monkeypatch.setattr(Board, "signature", lambda self, cid: looks.append(cid) or real(self, cid))
+
+    async def hold() -> list[dict]:
+        board = TaskBoard(admin.app.state.engine)
+        board._board = await board.current()
+        started = time.monotonic()
+        answers = await asyncio.gather(*(board.next_task(cid, 1.5, vouched=True) for cid in ids))
+        assert time.monotonic() - started >= 1.5  # held to the end: nothing changed
+        return answers
+
+    assert all(a["status"] == "idle" for a in asyncio.run(hold()))
+    # One look when answered and one when the hold ends; waking every 0.25 s would be about 7 each.
+    assert len(looks) <= 2 * len(ids), len(looks)
