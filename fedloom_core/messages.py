@@ -75,6 +75,34 @@ class SelectClientsInput(BaseModel):
     hour_utc: int = 0
     weekday: int = 0
 
+    @classmethod
+    def for_round(
+        cls,
+        experiment_id: str,
+        config: StartRequest,
+        policy: PolicyConfig,
+        *,
+        round: int,
+        hour_utc: int,
+        weekday: int,
+        timeout_s: float = 0.0,
+    ) -> SelectClientsInput:
+        """The selection of ``round`` of an experiment with this start config and policy, judged at that hour
+        (the workflow's round and ``GET /clients/select``'s dry run both build it here)."""
+        exp = config.experiment_config
+        return cls(
+            experiment_id=experiment_id,
+            round=round,
+            min_clients=exp.min_clients,
+            client_fraction=exp.client_fraction,
+            seed=exp.seed,
+            timeout_s=timeout_s,
+            trust_threshold=policy.trust_threshold,
+            policy=policy,
+            hour_utc=hour_utc,
+            weekday=weekday,
+        )
+
 
 class Selection(BaseModel):
     """A round's selection as the workflow carries it: bounded by the round's size, not the registry's.

@@ -80,18 +80,14 @@ def check_enough(validation: ValidateInput, done: ProcessRoundOutput, min_update
 
 def select_clients(inp: ExperimentInput, rnd: int, round_started: datetime) -> SelectClientsInput:
     """Who may take part in round ``rnd``, judged at the workflow's clock."""
-    exp = inp.config.experiment_config
-    return SelectClientsInput(
-        experiment_id=inp.experiment_id,
+    return SelectClientsInput.for_round(
+        inp.experiment_id,
+        inp.config,
+        inp.policy,
         round=rnd,
-        min_clients=exp.min_clients,
-        client_fraction=exp.client_fraction,
-        seed=exp.seed,
-        timeout_s=inp.selection_timeout_s,
-        trust_threshold=inp.policy.trust_threshold,
-        policy=inp.policy,
         hour_utc=round_started.hour,
         weekday=round_started.weekday(),
+        timeout_s=inp.selection_timeout_s,
     )
 
 

@@ -26,8 +26,9 @@ from api.deps import (
 )
 from fedloom_core.errors import ClientNotRegistered, Conflict, InvalidRequest, NotFound
 from fedloom_core.ids import check_id
+from fedloom_core.messages import SelectClientsInput
 from fedloom_core.schemas import PolicyConfig, StartRequest
-from fedloom_core.storage.candidates import select_round, selection_input
+from fedloom_core.storage.candidates import select_round
 from fedloom_core.storage.db import Client, ClientMetrics, Experiment, Round, Update, utcnow
 from fedloom_core.storage.repo import (
     current_round,
@@ -222,7 +223,9 @@ def _selection(engine, experiment_id: str | None, round: int | None, policy_chec
         now = datetime.now(UTC)
         config = StartRequest.model_validate(exp.config or {})
         policy = PolicyConfig.model_validate(exp.policy_config or {})
-        inp = selection_input(exp.experiment_id, config, policy, round=round, hour_utc=now.hour, weekday=now.weekday())
+        inp = SelectClientsInput.for_round(
+            exp.experiment_id, config, policy, round=round, hour_utc=now.hour, weekday=now.weekday()
+        )
         _, outcome = select_round(engine, inp)
         selected, excluded, results = outcome.selected, outcome.excluded, outcome.policy_results
     return {

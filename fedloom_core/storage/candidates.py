@@ -20,7 +20,6 @@ from sqlmodel import Session, select
 from fedloom_core.messages import SelectClientsInput, Selection
 from fedloom_core.policy.rules import validate_rules
 from fedloom_core.policy.selection import Candidate, SelectionOutcome, select_clients
-from fedloom_core.schemas import PolicyConfig, StartRequest
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import Client, ExperimentClient
 from fedloom_core.storage.repo import session_scope
@@ -83,32 +82,6 @@ def select_round(engine: Engine, inp: SelectClientsInput) -> tuple[list[Candidat
         weekday=inp.weekday,
     )
     return candidates, outcome
-
-
-def selection_input(
-    experiment_id: str,
-    config: StartRequest,
-    policy: PolicyConfig,
-    *,
-    round: int,
-    hour_utc: int,
-    weekday: int,
-    timeout_s: float = 0.0,
-) -> SelectClientsInput:
-    """The selection input of ``round`` of an experiment with this start config and policy."""
-    exp = config.experiment_config
-    return SelectClientsInput(
-        experiment_id=experiment_id,
-        round=round,
-        min_clients=exp.min_clients,
-        client_fraction=exp.client_fraction,
-        seed=exp.seed,
-        timeout_s=timeout_s,
-        trust_threshold=policy.trust_threshold,
-        policy=policy,
-        hour_utc=hour_utc,
-        weekday=weekday,
-    )
 
 
 # Kinds of exclusion reason a selection summary counts; the rest are counted under "other".
