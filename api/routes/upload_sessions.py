@@ -21,7 +21,7 @@ from api import openapi
 from api.deps import BlobsDep, BodyStreamDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
 from api.multipart import paced
 from api.routes.models import accept_update, update_body
-from fedloom_core.errors import Conflict, FedloomError, InvalidRequest, PayloadTooLarge
+from fedloom_core.errors import Conflict, FedloomError, InvalidRequest, PayloadTooLarge, RoundNotActive
 from fedloom_core.settings import Settings
 from fedloom_core.storage import upload_sessions as sessions
 from fedloom_core.storage import uploads
@@ -247,6 +247,12 @@ async def finish_session(
         await run_in_threadpool(sessions.remove, sess)
         raise InvalidRequest("Upload digest mismatch", f"the received file's sha256 is {digest}, not {min(declared)}")
     try:
+        target = await run_in_threadpool(uploads.find_target, engine, client_id, sess.experiment_id)
+        if target.round != sess.round:
+            raise RoundNotActive(
+                "Specified round is not currently active",
+                f"the session was opened for round {sess.round}; round {target.round} is open now",
+            )
         answer = await accept_update(
             engine, blobs, temporal, client_id, sess.data, sess.metrics, digest, sess.experiment_id
         )
