@@ -11,6 +11,7 @@ _DESCRIPTIONS = {
     401: "UNAUTHORIZED: missing or invalid API key",
     403: "FORBIDDEN: the key may not do this",
     404: "NOT_FOUND or CLIENT_NOT_REGISTERED",
+    408: "INVALID_REQUEST: the upload stalled, or came slower than FEDLOOM_UPLOAD_MIN_RATE_KBPS",
     409: "CONFLICT, TRAINING_ALREADY_RUNNING, EXPERIMENT_NOT_ACTIVE or ROUND_NOT_ACTIVE",
     413: "INVALID_REQUEST: the upload is too large",
     429: "RATE_LIMITED: see Retry-After and the X-RateLimit-* headers",

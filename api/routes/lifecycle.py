@@ -16,10 +16,12 @@ from sqlmodel import select
 from api import openapi
 from api.current import claim_start
 from api.deps import AdminDep, BlobsDep, BodyStreamDep, EngineDep, SettingsDep, TemporalDep, valid_id
+from api.multipart import paced
 from api.routes.training import launch_experiment, repair_orphans
 from fedloom_core.errors import Conflict, NotFound, PayloadTooLarge
 from fedloom_core.messages import ExperimentState
 from fedloom_core.schemas import StartRequest
+from fedloom_core.settings import Settings
 from fedloom_core.storage import initial_models
 from fedloom_core.storage.blobstore import BlobStore
 from fedloom_core.storage.db import (
@@ -46,8 +48,10 @@ _RAW_MODEL_BODY = {
 }
 
 
-async def _spool(body: AsyncIterator[bytes], request: Request, directory: Path, limit: int) -> Path:
-    """Write the raw request body to a file in ``directory``, refusing it (413) once it passes ``limit`` bytes."""
+async def _spool(body: AsyncIterator[bytes], request: Request, settings: Settings) -> Path:
+    """Write the raw request body to a file in the spool directory, refusing it once it passes the upload
+    limit (413) or stalls or trickles as an update upload may not (408)."""
+    directory, limit = settings.data_dir / "tmp", int(settings.max_upload_mb * 1e6)
     too_large = PayloadTooLarge("Model file too large", f"the model exceeds the upload limit of {limit} bytes")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -57,7 +61,7 @@ async def _spool(body: AsyncIterator[bytes], request: Request, directory: Path, 
     size = 0
     try:
         with os.fdopen(fd, "wb") as fh:
-            async for chunk in body:
+            async for chunk in paced(body, settings.upload_read_timeout_s, settings.upload_min_rate_kbps * 1000):
                 size += len(chunk)
                 if size > limit:
                     raise too_large
@@ -70,7 +74,7 @@ async def _spool(body: AsyncIterator[bytes], request: Request, directory: Path, 
 
 @router.put(
     "/experiments/{experiment_id}/initial_model",
-    responses=openapi.ok(openapi.INITIAL_MODEL, 400, 404, 409, 413),
+    responses=openapi.ok(openapi.INITIAL_MODEL, 400, 404, 408, 409, 413),
     openapi_extra=_RAW_MODEL_BODY,
 )
 async def upload_initial_model(
@@ -85,7 +89,7 @@ async def upload_initial_model(
     """Store an experiment's round-0 global model, before it starts (required for a custom architecture)."""
     valid_id(experiment_id, "experiment_id")
     await run_in_threadpool(_created, engine, experiment_id)
-    path = await _spool(body, request, settings.data_dir / "tmp", int(settings.max_upload_mb * 1e6))
+    path = await _spool(body, request, settings)
     try:
         return await run_in_threadpool(initial_models.store, engine, blobs, experiment_id, path)
     finally:

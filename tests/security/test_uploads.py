@@ -157,6 +157,36 @@ def test_a_stalled_upload_is_dropped_with_408_and_its_spool_file_removed(server:
     assert _spool(server) == []
 
 
+def test_a_stalled_initial_model_is_dropped_with_408_and_its_spool_file_removed(server: LiveServer) -> None:
+    http = httpx.Client(base_url=server.api, headers=server.headers(), timeout=30)
+    body = {
+        "name": "stalled",
+        "dataset_config": {"name": "site-data", "clients_count": 2},
+        "model_config": {"architecture": "custom"},
+    }
+    created = http.post("/experiments", json=body)
+    assert created.status_code == 200, created.text
+    exp_id = created.json()["experiment_id"]
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (
+        f"PUT /api/v1/experiments/{exp_id}/initial_model HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {server.admin_key}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {10 * MB}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + b"\0" * (256 << 10))
+        started = time.monotonic()
+        time.sleep(0.5)
+        assert len(_spool(server)) == 1, "the body was being spooled"
+        status, body = _read_answer(sock)
+        took = time.monotonic() - started
+    _assert_spec_error(status, body, 408, "INVALID_REQUEST")
+    assert "no part of the body arrived" in body["error"]["details"]
+    assert READ_TIMEOUT_S - 0.5 < took < READ_TIMEOUT_S + 1.5
+    assert _spool(server) == []
+    assert http.get(f"/experiments/{exp_id}").json()["status"] == "created"
+
+
 def test_a_trickled_upload_is_dropped_once_below_the_floor_rate(server: LiveServer) -> None:
     """A byte every 0.2 s never stalls for the read timeout, but falls behind the minimum rate."""
 
