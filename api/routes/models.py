@@ -213,7 +213,7 @@ async def _receive(
 
 @router.post(
     "/model/update/{client_id}",
-    responses=openapi.ok(openapi.UPLOAD_RESPONSE, 400, 404, 409, 413),
+    responses=openapi.ok(openapi.UPLOAD_RESPONSE, 400, 404, 408, 409, 413),
     openapi_extra=_form_body(["model_file", "metrics"]),
 )
 async def upload_update(
@@ -305,7 +305,7 @@ async def get_update(update_id: str, engine: EngineDep, principal: PrincipalDep)
 
 @router.post(
     "/model/validate/{client_id}",
-    responses=openapi.errors(400, 404, 413),
+    responses=openapi.errors(400, 404, 408, 413),
     openapi_extra=_form_body(["model_file"]),
 )
 async def validate_update(

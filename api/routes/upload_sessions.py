@@ -175,7 +175,7 @@ def _content_range(raw: str | None, sess: sessions.Session, chunk_max: int) -> t
 
 @router.put(
     "/model/update/{client_id}/sessions/{upload_id}",
-    responses={**openapi.ok(SESSION, 400, 404, 409, 413), 408: {"description": "The chunk stalled or came too slowly"}},
+    responses=openapi.ok(SESSION, 400, 404, 408, 409, 413),
     openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {}}}},
 )
 async def put_chunk(

@@ -79,3 +79,17 @@ def test_a_body_behind_the_floor_rate_is_dropped_with_408(tmp_path: Path) -> Non
     # Never idle for 1 s, but 20 small pieces in 2 s is far below 100 kB/s once the 0.3 s grace is over.
     pieces = [part("model_file", b"", "m")] + [b"x"] * 20 + [end()]
     refused(tmp_path, pieces, 408, "slower than 100 kB/s", pause=0.1, idle_s=0.3, min_rate=100_000)
+
+
+def test_every_streamed_upload_route_documents_its_408() -> None:
+    from api.app import create_app
+
+    paths = create_app().openapi()["paths"]
+    streamed = [
+        ("post", "/api/v1/model/update/{client_id}"),
+        ("post", "/api/v1/model/validate/{client_id}"),
+        ("put", "/api/v1/model/update/{client_id}/sessions/{upload_id}"),
+        ("put", "/api/v1/experiments/{experiment_id}/initial_model"),
+    ]
+    for method, path in streamed:
+        assert "408" in paths[path][method]["responses"], (method, path)
