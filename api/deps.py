@@ -94,6 +94,7 @@ class PrincipalCache:
         # within PRINCIPAL_TTL_S. The lock makes concurrent requests share one re-check.
         self._rechecked_at = float("-inf")
         self._recheck_lock: asyncio.Lock | None = None
+        self._refresher: asyncio.Task | None = None
 
     def get(self, digest: str) -> auth.Principal | None:
         """The principal of a key resolved within ``PRINCIPAL_TTL_S``, else None."""
@@ -107,19 +108,31 @@ class PrincipalCache:
         return digest in self._entries and self.get(digest) is None
 
     async def recheck(self) -> None:
-        """Re-check every cached key against the database at once, dropping the revoked ones."""
+        """Re-check every cached key against the database at once, dropping the revoked ones.
+
+        Its query runs on asyncio's own executor, not behind the requests queued for the API's
+        threads: a re-check slower than the TTL would leave every key stale again.
+        """
         if self._recheck_lock is None:
             self._recheck_lock = asyncio.Lock()
-        asked = time.monotonic()
         async with self._recheck_lock:
-            if self._rechecked_at >= asked:  # a re-check that began after we asked has just run
+            if time.monotonic() - self._rechecked_at <= PRINCIPAL_TTL_S / 2:  # one just ran: no convoy
                 return
             started = time.monotonic()
-            revoked = await run_in_threadpool(auth.revoked_among, self.engine, list(self._entries))
+            clients = [d for d, (_, who) in self._entries.items() if not who.is_admin]  # the admin key is no row
+            revoked = await asyncio.to_thread(auth.revoked_among, self.engine, clients)
             for digest in revoked:
                 self._entries.pop(digest, None)
                 self._verified.pop(digest, None)
             self._rechecked_at = started
+
+    def refresh_soon(self) -> None:
+        """Start a re-check in the background once the last one is half a TTL old, so keys in use
+        are renewed before they go stale and requests rarely wait for one."""
+        if time.monotonic() - self._rechecked_at <= PRINCIPAL_TTL_S / 2 or not self._entries:
+            return
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self.recheck())
 
     def put(self, digest: str, principal: auth.Principal) -> None:
         """Remember a key the database resolved."""
@@ -194,6 +207,7 @@ async def resolve_principal(state, authorization: str | None) -> auth.Principal:
         await cache.recheck()
         principal = cache.get(digest)
     if principal is not None:
+        cache.refresh_soon()
         return principal
     if cache.is_unknown(digest):
         raise auth.unknown_key()

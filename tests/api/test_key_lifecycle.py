@@ -201,16 +201,21 @@ def test_cached_keys_past_their_ttl_are_rechecked_all_at_once_and_revoked_ones_r
     def use_all() -> dict[str, int]:
         return {cid: admin.get(f"/clients/{cid}", headers=_as(key)).status_code for cid, key in keys.items()}
 
+    def since(before: dict[str, int]) -> dict[str, int]:
+        return {name: calls[name] - before[name] for name in calls}
+
     assert set(use_all().values()) == {200}
-    assert calls == {"resolve_key": 4, "revoked_among": 0}  # each key resolved once
+    assert calls["resolve_key"] == 4  # each key resolved once
+    before = dict(calls)
     clock[0] += PRINCIPAL_TTL_S + 0.1
     assert set(use_all().values()) == {200}
-    assert calls == {"resolve_key": 4, "revoked_among": 1}  # past the TTL: one re-check for every key
+    assert since(before) == {"resolve_key": 0, "revoked_among": 1}  # past the TTL: one re-check for every key
 
     # Revoked in the database, as another API process would: refused once the TTL has passed.
     with session_scope(admin.app.state.engine) as s:
         assert revoke_client_keys(s, "site-2") == 1
     assert use_all()["site-2"] == 200  # still within the TTL of the last re-check
+    before = dict(calls)
     clock[0] += PRINCIPAL_TTL_S + 0.1
     assert use_all() == {"site-0": 200, "site-1": 200, "site-2": 401, "site-3": 200}
-    assert calls == {"resolve_key": 5, "revoked_among": 2}  # the dropped key was looked up on its own
+    assert since(before) == {"resolve_key": 1, "revoked_among": 1}  # the dropped key was looked up on its own
