@@ -202,24 +202,29 @@ class FLClient:
         model_file: str | Path | bytes | BinaryIO,
         metrics: dict[str, Any],
         resumable: bool | None = None,
+        experiment_id: str | None = None,
     ) -> dict[str, Any]:
         """Upload a locally trained model with its training metrics.
 
-        ``resumable`` sends it through a resumable session (chunks, resumed from the server's offset
-        after a dropped connection); by default files of ``RESUMABLE_THRESHOLD`` (64 MiB) or more are.
+        ``experiment_id`` names the experiment whose task it answers (needed when the client serves
+        several at once). ``resumable`` sends it through a resumable session (chunks, resumed from the
+        server's offset after a dropped connection); by default files of ``RESUMABLE_THRESHOLD`` (64 MiB)
+        or more are.
         """
         if resumable is None:
             resumable = _size_of(model_file) >= RESUMABLE_THRESHOLD
         if resumable:
-            return upload_resumable(self, client_id, model_file, metrics)
+            return upload_resumable(self, client_id, model_file, metrics, experiment_id=experiment_id)
         data = {"metrics": json.dumps(metrics)}
+        url = f"/model/update/{client_id}"
+        params = {"experiment_id": experiment_id} if experiment_id else None
         if isinstance(model_file, (str, Path)):
             with open(model_file, "rb") as fh:
                 return self._json(
-                    "POST", f"/model/update/{client_id}", files={"model_file": ("model.safetensors", fh)}, data=data
+                    "POST", url, files={"model_file": ("model.safetensors", fh)}, data=data, params=params
                 )
         return self._json(
-            "POST", f"/model/update/{client_id}", files={"model_file": ("model.safetensors", model_file)}, data=data
+            "POST", url, files={"model_file": ("model.safetensors", model_file)}, data=data, params=params
         )
 
 

@@ -80,6 +80,7 @@ def upload_resumable(
     *,
     chunk_size: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    experiment_id: str | None = None,
 ) -> dict[str, Any]:
     """Upload ``data`` through a resumable session; a dropped connection resumes from the server's offset.
 
@@ -91,7 +92,12 @@ def upload_resumable(
     source = _Source(data)
     try:
         base = f"/model/update/{client_id}/sessions"
-        opened = client._json("POST", base, json={"size": source.size, "metrics": metrics})
+        opening = {
+            "size": source.size,
+            "metrics": metrics,
+            **({"experiment_id": experiment_id} if experiment_id else {}),
+        }
+        opened = client._json("POST", base, json=opening)
         url = f"{base}/{opened['upload_id']}"
         chunk = min(chunk_size or opened["chunk_max_bytes"], opened["chunk_max_bytes"])
         offset, stalled, last_error, resumed = 0, 0, None, False

@@ -282,7 +282,10 @@ def _train(api, client_id, task, model, train_fn, work, backoff) -> int:  # type
     out = work / "update.safetensors"
     out.write_bytes(state_dict_bytes(module.state_dict()))
     started = time.perf_counter()
-    with_retries(lambda: api.upload_model_update(client_id, out, metrics), backoff, f"{client_id}: upload")
+    exp_id = task.get("experiment_id")
+    with_retries(
+        lambda: api.upload_model_update(client_id, out, metrics, experiment_id=exp_id), backoff, f"{client_id}: upload"
+    )
     log.info(
         "%s round %s: %s (%.2fs upload)", client_id, task["round"], _summary(metrics), time.perf_counter() - started
     )

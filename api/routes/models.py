@@ -225,12 +225,18 @@ async def upload_update(
     settings: SettingsDep,
     temporal: TemporalDep,
     principal: PrincipalDep,
+    experiment_id: str | None = Query(default=None, description="The experiment whose task this update answers."),
 ) -> dict:
-    """Receive a client's locally trained model; it is validated before aggregation."""
+    """Receive a client's locally trained model; it is validated before aggregation.
+
+    Without ``experiment_id`` it goes to the running experiment whose open round selected the client.
+    """
     valid_id(client_id, "client_id")
+    if experiment_id is not None:
+        valid_id(experiment_id, "experiment_id")
     principal.require_client(client_id)
     # Registered, selected, round open: known before a byte of the body is read.
-    target = await run_in_threadpool(uploads.find_target, engine, client_id)
+    target = await run_in_threadpool(uploads.find_target, engine, client_id, experiment_id)
     form = await _receive(body, request, settings, ("model_file", "metrics"))
     assert form.path is not None
     try:

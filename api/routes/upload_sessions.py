@@ -62,6 +62,9 @@ class OpenSession(BaseModel):
     sha256: str | None = Field(
         default=None, pattern="^[0-9a-f]{64}$", description="If given, the finished file must have this digest."
     )
+    experiment_id: str | None = Field(
+        default=None, max_length=128, description="The experiment whose task this update answers."
+    )
 
 
 def _limits(settings: Settings) -> tuple[int, int]:
@@ -119,9 +122,11 @@ async def open_session(
 ) -> JSONResponse:
     """Extension: open a resumable upload of ``size`` bytes for this client's open round."""
     valid_id(client_id, "client_id")
+    if body.experiment_id is not None:
+        valid_id(body.experiment_id, "experiment_id")
     principal.require_client(client_id)
     # Registered, selected, round open: checked before anything is accepted, as for a single upload.
-    target = await run_in_threadpool(uploads.find_target, engine, client_id)
+    target = await run_in_threadpool(uploads.find_target, engine, client_id, body.experiment_id)
     limit, _ = _limits(settings)
     if body.size > limit:
         raise PayloadTooLarge("Model file too large", f"size {body.size} exceeds the upload limit of {limit} bytes")

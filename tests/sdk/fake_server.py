@@ -80,7 +80,12 @@ class FakeServer:
         if m := re.fullmatch(r"/model/update/([\w-]+)", path):
             parts = form_parts(request)
             self.updates.append(
-                {"client_id": m.group(1), "metrics": json.loads(parts["metrics"]), "model": parts["model_file"]}
+                {
+                    "client_id": m.group(1),
+                    "experiment_id": request.url.params.get("experiment_id"),
+                    "metrics": json.loads(parts["metrics"]),
+                    "model": parts["model_file"],
+                }
             )
             return httpx.Response(200, json={"status": "received"})
         if m := re.fullmatch(r"/model/evaluation/([\w-]+)", path):

@@ -74,6 +74,7 @@ def test_own_key_trains_evaluates_and_ends_without_registering(fake: FakeServer)
     assert call["config"] == {"local_epochs": 1, "learning_rate": 0.1, "mu": 0.1}
     assert all(torch.equal(call["state"][k], sent[k]) for k in sent), "global weights were loaded before training"
     [update] = fake.updates
+    assert update["experiment_id"] == "exp_1", "the update names the experiment whose task it answers"
     assert update["metrics"]["data_samples"] == 12 and update["metrics"]["local_loss"] == 0.25
     assert torch.equal(load(update["model"])["head.weight"], sent["head.weight"] + 1)
     assert torch.equal(seen_eval[0], sent["body.bias"] + 2), "the evaluated model is the task's new global model"
