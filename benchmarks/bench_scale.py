@@ -691,6 +691,15 @@ runs of this benchmark):
    state without a query and its last_seen is queued.
 4. **Selection loaded every registered client as an ORM object**: 0.6-1.0 s for 10,000 here, now
    only the columns it uses as rows, 0.24 s (`fedloom_core/storage/candidates.py`).
+5. **Every held long-poll woke every 0.25 s** to compare its answer with the shared round state,
+   though the state's reader already wakes every waiter when the state changes: 10,000 held
+   requests made 40,000 wake-ups a second on the API's event loop. A held request now sleeps until
+   a change or the end of its hold (`api/taskboard.py`).
+6. **Key re-checks queued behind the requests**: the re-check's query waited for one of the API's
+   40 threads, behind the queued requests; when it took longer than the 5-s TTL every key was stale
+   again and each request went back to a lookup of its own (`resolve_key` was still 11% of the API's
+   samples in round 4). It now runs on asyncio's own executor, starts in the background once the
+   last one is half a TTL old, and requests that waited for one do not run another.
 
 What is left in the way at this size: the API is one Python process, and with 10,000 clients
 holding 10-s polls it is CPU-bound (see the long-poll and download latencies above: requests queue
@@ -846,6 +855,27 @@ def projection(runs: list[dict], target: int = 100_000, selected: int = 10_000) 
     return table(headers, rows)
 
 
+def limits(runs: list[dict], target: int = 100_000, selected: int = 10_000) -> str:
+    """What the measurements say about 100,000 clients: the request load against what one API process
+    served, and the write load against what each backend's writers took (its registration rate)."""
+    by = {r["backend"]: r for r in runs}
+    polls = target / LONG_POLL_S
+    lines = []
+    for name, r in by.items():
+        served = r["requests_per_s"] or 0.0
+        writes = r["registered"] / r["registration_s"]
+        need = polls / served if served else float("inf")
+        lines.append(
+            f"- **{name}**: one API process served {served:,.0f} client requests a second during the run, "
+            f"while {r['workload']['clients']:,} clients at {LONG_POLL_S:g}-s holds ask for up to "
+            f"{r['workload']['clients'] / LONG_POLL_S:,.0f}; {target:,} clients would ask for {polls:,.0f}, "
+            f"about {need:,.0f} such processes. Registrations (three rows each, one transaction) ran at "
+            f"{writes:,.0f} a second: {target:,} take {target / writes / 60:,.0f} min, and a round's "
+            f"{selected:,} upload transactions at that rate take {selected / writes:,.0f} s of writing."
+        )
+    return "\n".join(lines)
+
+
 def _detail(r: dict) -> str:
     """One backend's round breakdown, latencies and RSS."""
     rows = [
@@ -904,11 +934,19 @@ during the run p50 {_fmt(ref["loaded_p50_ms"], 1)} ms, p99 {_fmt(ref["loaded_p99
 """
 
 
+def _measured(res: dict) -> str:
+    """Which code the numbers are from, and which of the changes below came after it, when recorded."""
+    if not res.get("commit"):
+        return ""
+    later = f" {res['later']}" if res.get("later") else ""
+    return f"Measured on commit `{res['commit']}`.{later}\n\n"
+
+
 def section(res: dict, info: dict, image: str) -> str:
     """The Markdown section: workload, the two backends side by side, projection, details, changes."""
     runs = res["runs"]
     w = runs[0]["workload"]
-    met = all(r["all_rounds_complete"] for r in runs)
+    verdict = "met" if all(r["all_rounds_complete"] for r in runs) else "NOT met"
     return f"""## Scale: {w["clients"]:,} clients, {w["selected"]:,} selected per round
 
 Workload: `fedloom serve` (embedded Temporal dev server, one worker, one API process, blobs in a
@@ -929,7 +967,7 @@ blob store at the end holds the global models; "updates stored" is what the upda
 Machine: {machine_line(info)}. The machine is shared (2 cores, other jobs running), so every absolute
 number here moves with the load of the moment.
 
-**Target: every round completes with all {w["selected"]:,} updates, on both backends: {"met" if met else "NOT met"}.**
+{_measured(res)}**Target: every round completes with all {w["selected"]:,} updates, on both backends: {verdict}.**
 
 {_summary(runs)}
 
@@ -940,6 +978,8 @@ Each backend's measured cost per registered client, per round and per update, mu
 registered client, a round's writes grow with its updates):
 
 {projection(runs)}
+
+{limits(runs)}
 
 {"".join(_detail(r) + chr(10) for r in runs)}
 {CHANGES}
@@ -1012,10 +1052,23 @@ def main() -> int:
     for backend in (b.strip() for b in args.backends.split(",") if b.strip()):
         runs.append(run_backend(backend, sizes, args.pg_url))
         write_result(args.out, f"{NAME}-{backend}", {"quick": args.quick, **runs[-1]})  # kept if a later one fails
-    res = {"quick": args.quick, "runs": runs}
+    res = {"quick": args.quick, "commit": _commit(), "runs": runs}
     publish(args, NAME, res, plot, lambda info, image: section(res, info, image))
     print(section(res, machine(), f"img/bench_{NAME}.png"))
     return 0 if all(r["all_rounds_complete"] for r in runs) else 1
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with ``+`` when it has local changes), or None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True)
+    except OSError:
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def argparse_hidden() -> str:
