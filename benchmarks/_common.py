@@ -182,6 +182,7 @@ SECTION_ORDER = (
     "efficiency",
     "scale",
     "long_run",
+    "vs_flower",
     "run",
 )
 
