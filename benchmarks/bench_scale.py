@@ -876,6 +876,54 @@ def limits(runs: list[dict], target: int = 100_000, selected: int = 10_000) -> s
     return "\n".join(lines)
 
 
+def where_sqlite_stops(runs: list[dict], target: int = 100_000, selected: int = 10_000) -> str:
+    """The reasoning on the two backends, with this run's numbers."""
+    by = {r["backend"]: r for r in runs}
+    sizes = ", ".join(
+        f"{n}: {per_client_costs(r)['db_bytes_per_client'] * target / MIB:,.0f} MiB for {target:,} clients and "
+        f"{per_client_costs(r)['db_bytes_per_update'] * selected / MIB:,.0f} MiB of rows per round of {selected:,}"
+        for n, r in by.items()
+    )
+    rates = ", ".join(f"{n} {r['registered'] / r['registration_s']:,.0f} a second" for n, r in by.items())
+    served = max((r["requests_per_s"] or 0.0) for r in runs)
+    per_process = served * LONG_POLL_S
+    upload_bound = [n for n, r in by.items() if r["breakdown"] and _largest_phase(r)[0] == PHASES["uploads_s"]]
+    bound = (
+        f"In these runs the API was the bottleneck on {' and '.join(upload_bound)}: the selected clients' "
+        'downloads and uploads queued behind the polls, so a round\'s time is its "all uploads in" column, '
+        "not the database."
+        if upload_bound
+        else "In these runs the uploads were not the largest part of a round."
+    )
+    first = runs[0]
+    carried = (
+        f"SQLite carries the {first['workload']['clients']:,} clients measured here with one API process"
+        if by.get("sqlite", {}).get("all_rounds_complete")
+        else "SQLite did not carry every round here"
+    )
+    return f"""### Where the embedded SQLite stops and PostgreSQL takes over
+
+The database's size is not the limit on either backend ({sizes}). Two things are:
+
+1. **Requests.** Every registered client long-polls whether or not it is selected, so the request
+   rate grows with the registered clients ({LONG_POLL_S:g}-s holds: one request per client per
+   {LONG_POLL_S:g} s). {bound} At the pace measured here (at most {served:,.0f} client requests a
+   second) one API process serves about {per_process:,.0f} clients without queueing their polls;
+   more clients need more API processes. SQLite is one file on one host: API processes on that host can share it
+   (WAL lets readers run side by side, and the rate limiter and key cache already work across
+   processes through the database), but API replicas on other hosts cannot. So SQLite stops where one
+   host's API processes no longer serve the polls; past that it is PostgreSQL, with API replicas on
+   several hosts.
+2. **Writes.** SQLite takes one writer at a time across every process. Registrations ran at
+   {rates} here (one API process each, so this is the API's pace as much as the database's). A
+   round's uploads, the batched last_seen writes and the round's records all go through SQLite's one
+   writer; PostgreSQL takes them side by side, so several API processes add write capacity there and
+   not on SQLite.
+
+On this machine, then: {carried}; {target:,} clients need the request capacity of several API
+processes, and once those no longer fit on one host, PostgreSQL."""
+
+
 def _detail(r: dict) -> str:
     """One backend's round breakdown, latencies and RSS."""
     rows = [
@@ -980,6 +1028,8 @@ registered client, a round's writes grow with its updates):
 {projection(runs)}
 
 {limits(runs)}
+
+{where_sqlite_stops(runs)}
 
 {"".join(_detail(r) + chr(10) for r in runs)}
 {CHANGES}
