@@ -253,6 +253,7 @@ def test_js_client_resumes_an_upload_dropped_at_90_percent(tmp_path: Path) -> No
             "FEDLOOM_CLIENT": "j1",
             "FEDLOOM_FILE": str(path),
             "FEDLOOM_CUT_AT": str(cut_at),
+            "FEDLOOM_EXPERIMENT": "exp-js-resume",
         }
         done = subprocess.run(
             ["node", str(PACKAGE / "e2e" / "resume.mjs")], env=env, capture_output=True, text=True, timeout=120
@@ -260,6 +261,7 @@ def test_js_client_resumes_an_upload_dropped_at_90_percent(tmp_path: Path) -> No
         assert done.returncode == 0, done.stdout + done.stderr
         out = json.loads(done.stdout.strip().splitlines()[-1])
         assert out["cut"] and out["update"]["client_id"] == "j1" and out["update"]["round"] == 1
+        assert out["update"]["experiment_id"] == "exp-js-resume"
         firsts = [int(r.split()[1].split("-")[0]) for r in out["ranges"]]
         cut_index = next(i for i, r in enumerate(out["ranges"]) if int(r.split("-")[1].split("/")[0]) >= cut_at)
         # After the drop it went on from the server's offset (past 80% of the file), not from the start.

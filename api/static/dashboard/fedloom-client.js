@@ -219,6 +219,7 @@ export class FLAPIClient {
       return this.uploadModelUpdateResumable(clientId, blob, metrics, options);
     }
     return this.request('POST', `/model/update/${encodeURIComponent(clientId)}`, {
+      query: { experiment_id: options.experimentId },
       body: this.modelForm(blob, metrics, filename),
     });
   }
@@ -233,11 +234,12 @@ export class FLAPIClient {
     clientId,
     file,
     metrics,
-    { chunkSize, maxStalled = 6, onProgress, sleep = (ms) => new Promise((done) => setTimeout(done, ms)) } = {},
+    { chunkSize, maxStalled = 6, onProgress, experimentId, sleep = (ms) => new Promise((done) => setTimeout(done, ms)) } = {},
   ) {
     const blob = asBlob(file);
     const base = `/model/update/${encodeURIComponent(clientId)}/sessions`;
-    const opened = await this.request('POST', base, { json: { size: blob.size, metrics: metrics ?? {} } });
+    const opening = { size: blob.size, metrics: metrics ?? {}, ...(experimentId ? { experiment_id: experimentId } : {}) };
+    const opened = await this.request('POST', base, { json: opening });
     const url = `${base}/${encodeURIComponent(opened.upload_id)}`;
     const chunk = Math.min(chunkSize ?? opened.chunk_max_bytes, opened.chunk_max_bytes);
     let offset = 0;

@@ -39,6 +39,7 @@ const client = new FLAPIClient(process.env.FEDLOOM_URL, process.env.FEDLOOM_KEY,
 const file = readFileSync(process.env.FEDLOOM_FILE);
 const update = await client.uploadModelUpdate(process.env.FEDLOOM_CLIENT, file, { data_samples: 20 }, {
   resumable: true,
+  experimentId: process.env.FEDLOOM_EXPERIMENT,
   sleep: (ms) => new Promise((done) => setTimeout(done, Math.min(ms, 200))),
 });
 console.log(JSON.stringify({ cut, ranges, update }));

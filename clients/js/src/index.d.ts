@@ -13,6 +13,8 @@ export interface ResumableOptions {
   /** Failed attempts in a row that move the offset no further before giving up (default 6). */
   maxStalled?: number;
   onProgress?: (progress: { offset: number; size: number }) => void;
+  /** The experiment whose task the update answers (a client serving several should name it). */
+  experimentId?: string;
   sleep?: (ms: number) => Promise<void>;
 }
 
