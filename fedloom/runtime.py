@@ -66,6 +66,8 @@ def run_client(
         check_task=site.check_task,
     )
     api = register(FLClient(server, api_key), client_id, options)
+    # After registering: the server can count this client while torch's lazy set-up runs.
+    _warm_up(data)
     try:
         return serve_tasks(api, client_id, site.model_for, site.train, site.evaluate, options)
     finally:
@@ -155,11 +157,9 @@ class BuiltinSite:
 
 
 def _load_shard(client_id, dataset, partition, seed, strategy, alpha, shards_per_client):  # type: ignore[no-untyped-def]
-    """This client's slice of ``dataset``, logged with its label counts; training is warmed up on it."""
+    """This client's slice of ``dataset``, logged with its label counts."""
     from fedloom_core.learning.datasets import client_partition
     from fedloom_core.learning.partition import label_summary, strategy_label
-    from fedloom_core.learning.training import train_local
-    from fedloom_core.learning.zoo import build_model
 
     index, count = parse_partition(partition)
     data = client_partition(
@@ -174,13 +174,14 @@ def _load_shard(client_id, dataset, partition, seed, strategy, alpha, shards_per
         len(data),
         label_summary(data.y.numpy(), [range(len(data))])[0],
     )
-    _warm_up(build_model, train_local, data)
     return data
 
 
-def _warm_up(build_model, train_local, data) -> None:  # type: ignore[no-untyped-def]
+def _warm_up(data) -> None:  # type: ignore[no-untyped-def]
     """One tiny training step, so torch's lazy imports happen now rather than inside the first round."""
     from fedloom_core.learning.datasets import Split
+    from fedloom_core.learning.training import train_local
+    from fedloom_core.learning.zoo import build_model
 
     sample = Split(data.x[:2], data.y[:2])
     shape = (int(data.x.shape[2]), int(data.x.shape[3]), int(data.x.shape[1]))

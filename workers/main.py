@@ -106,6 +106,11 @@ def warm_up() -> None:
     evaluate(build_model("MLP", (8, 8, 1), 10), load_test("digits"))
 
 
+def _prepare_torch() -> None:
+    limit_torch_threads()
+    warm_up()
+
+
 def _log_failure(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("warm-up failed (the first round pays for it instead): %s", future.exception())
@@ -115,11 +120,12 @@ async def run_workers(
     client: Client, settings: Settings, queues: Sequence[str] = QUEUES, interceptors: Sequence[Interceptor] = ()
 ) -> None:
     """Run the workers until cancelled."""
-    limit_torch_threads()
     if "aggregation" in queues:
-        # In the background: the workers start polling at once.
-        warming = asyncio.get_running_loop().run_in_executor(None, warm_up)
+        # In the background, torch's import (about 2 s) included: the workers start polling at once.
+        warming = asyncio.get_running_loop().run_in_executor(None, _prepare_torch)
         warming.add_done_callback(_log_failure)
+    else:
+        limit_torch_threads()
     # A workflow that upserts an unregistered search attribute stalls: register them first.
     await ensure_search_attributes(client, settings.temporal_namespace)
     # Activity timings, the SDK's metrics and experiment tracking (workers/metrics.py).
