@@ -171,10 +171,8 @@ def _mark_seen(session: Session, client_id: str, note_seen: Callable[[str], None
 
 
 def _open_round_for_task(session: Session, experiment_id: str):  # type: ignore[no-untyped-def]
-    """The open round's columns a task needs, without the per-client policy results and exclusions.
-
-    Those two JSON columns hold an entry for every registered client, too much to decode on every poll.
-    """
+    """The open round's columns a task needs, without the per-client policy results and exclusions
+    (an entry for every registered client, too much to decode on every poll)."""
     return session.exec(
         select(Round.round, Round.selected_clients, Round.global_model_id, Round.deadline, Round.client_config).where(
             Round.experiment_id == experiment_id, Round.status == "open"
@@ -409,7 +407,7 @@ class TaskBoard:
         async with self._lock:
             board = self._board
             if board is None or asked - board.read_at >= TASK_POLL_S:
-                board = self._board = await run_in_threadpool(read_board, self.engine)
+                board = self._board = await asyncio.to_thread(read_board, self.engine)
         return board
 
     async def wait_change(self, timeout: float) -> Board:
@@ -433,7 +431,8 @@ class TaskBoard:
     async def _refresh(self) -> None:
         while self._held > 0:
             before = self._board
-            board = self._board = await run_in_threadpool(read_board, self.engine)
+            # Not behind the requests queued for the API's threads: a stale board sends every poll to the database.
+            board = self._board = await asyncio.to_thread(read_board, self.engine)
             if before is None or board.state() != before.state():
                 self._changed.set()
                 self._changed = asyncio.Event()

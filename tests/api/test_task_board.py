@@ -136,3 +136,25 @@ def test_held_requests_sleep_until_the_state_changes(local_app, monkeypatch) -> 
     assert all(a["status"] == "idle" for a in asyncio.run(hold()))
     # One look when answered and one when the hold ends; waking every 0.25 s would be about 7 each.
     assert len(looks) <= 2 * len(ids), len(looks)
+
+
+def test_the_board_is_read_beside_the_requests_queued_for_the_api_threads(local_app) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    import anyio
+    from fastapi.concurrency import run_in_threadpool
+
+    engine = local_app().app.state.engine
+
+    async def check() -> Board:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+        release = threading.Event()
+        busy = asyncio.create_task(run_in_threadpool(release.wait, 10))  # takes the only request thread
+        await asyncio.sleep(0.05)
+        try:
+            return await asyncio.wait_for(TaskBoard(engine).current(), 3)
+        finally:
+            release.set()
+            await busy
+
+    assert asyncio.run(check()).experiment_id is None  # read at once: no experiment yet
