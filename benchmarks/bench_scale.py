@@ -700,6 +700,10 @@ runs of this benchmark):
    again and each request went back to a lookup of its own (`resolve_key` was still 11% of the API's
    samples in round 4). It now runs on asyncio's own executor, starts in the background once the
    last one is half a TTL old, and requests that waited for one do not run another.
+7. **The shared round state went stale at the start of a round.** Its read waited for one of the
+   API's threads behind the first polls' task queries; a stale state cannot answer a poll, so every
+   poll went to the database, which kept the state stale (`read_task` was 56% of the API's samples
+   in round 1 on PostgreSQL). It is now read on asyncio's own executor.
 
 What is left in the way at this size: the API is one Python process, and with 10,000 clients
 holding 10-s polls it is CPU-bound (see the long-poll and download latencies above: requests queue
