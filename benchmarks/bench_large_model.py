@@ -331,6 +331,15 @@ chunks, `docs/api.md#resumable-uploads`), one after another; the global model is
 - The new global model differs from the expected average by at most {res["max_abs_diff_vs_expected"]:.2e}
   (float32 rounding); the experiment ended `{res["experiment_status"]}`.
 
+**What changed to get here.** Uploads of this size go through resumable sessions (a dropped connection
+costs the rest of the file, not all of it). FedAvg drops each mapped tensor's pages once it is folded, so
+aggregation holds the accumulator and one tensor (it held a whole mapped update besides: about 2 model
+sizes). The round's measurements (the policy's norms and similarities, and the contribution alignment when
+there is no central evaluation) are one pass over the coordinates, a slice of every update at a time;
+they held two float64 copies of the model plus the mapped models, 7.2 model sizes in the worker at this
+size. The round close is bound by reading the K updates: the validation, FedAvg and the alignment each
+read all {res["clients"]} GB, and the worker checks each update's digest as it opens it.
+
 ![1 GB model]({plot_name})
 """
 
