@@ -332,7 +332,7 @@ def run_fedloom(work: Path, clients: int, rounds: int) -> dict[str, Any]:
         sampler.kill_leftovers()
     ((finished,),) = db_rows(data_dir, "SELECT finished_at FROM experiment WHERE experiment_id = ?", exp_id)
     times = db_round_times(data_dir, exp_id)
-    rows = db_rows(data_dir, "SELECT round, accuracy FROM round_metrics WHERE experiment_id = ?", exp_id)
+    rows = db_rows(data_dir, "SELECT round, global_accuracy FROM round_metrics WHERE experiment_id = ?", exp_id)
     accuracy = {int(r): float(a) for r, a in rows}
     return {
         "wall_s": _epoch(finished) - t0,
@@ -349,7 +349,7 @@ def _start_when_registered(api: httpx.Client, serve, procs, clients: int, rounds
         if wait_for_exit(serve, 0) or any(wait_for_exit(p, 0) for p in procs):
             raise RuntimeError("fedloom serve or a client exited before the experiment started")
         try:
-            if api.get("/training/status").json().get("registered_clients", 0) >= clients:
+            if api.get("/status").json().get("registered_clients", 0) >= clients:
                 started = api.post("/training/start", json=start_body(rounds, clients))
                 started.raise_for_status()
                 return started.json()["experiment_id"]
