@@ -295,6 +295,8 @@ def _activity_spans(history: Any) -> list[tuple[str, float, float | None, float 
 # New runs do a round's heavy work in one activity (process_round); older ones in three.
 _HEAVY_STEPS = ("process_round", "validate_updates", "aggregate_round", "evaluate_model")
 _STEPS = ("select_clients", "open_round", "close_round", *_HEAVY_STEPS, "complete_round")
+# Runs with the bounded-round-v1 patch close a round with close_round_bounded, the same step.
+_SAME_STEP = {"close_round_bounded": "close_round"}
 _PHASE_OF = {
     "select_clients": "selection",
     "open_round": "open",
@@ -327,6 +329,7 @@ def history_phases(
     steps: dict[int, dict[str, tuple[float, float | None, float | None]]] = defaultdict(dict)
     rnd = 0
     for name, t0, t_run, t1 in spans:
+        name = _SAME_STEP.get(name, name)
         # A round starts with its selection; a waiting selection after a quick local one is the same round.
         if name == "select_clients" and (rnd == 0 or "open_round" in steps[rnd]):
             rnd += 1
