@@ -15,7 +15,7 @@ from temporalio.client import Client as TemporalClient
 from temporalio.service import RPCError
 
 from api import errors, openapi, prometheus, ratelimit
-from api.auth import hash_key, load_or_create_admin_key
+from api.auth import hash_key
 from api.body_limits import BodyLimit
 from api.routes import (
     clients,
@@ -30,6 +30,7 @@ from api.routes import (
     training,
     upload_sessions,
 )
+from fedloom_core.admin_key import load_or_create_admin_key
 from fedloom_core.settings import Settings
 from fedloom_core.storage import retention
 from fedloom_core.storage.blobstore import open_blob_store

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from fedloom_core.admin_key import new_key
 from fedloom_core.errors import Forbidden, Unauthorized
 from fedloom_core.storage.db import ApiKey
 from fedloom_core.storage.repo import session_scope
-
-ADMIN_KEY_FILE = "admin_api_key"
 
 
 @dataclass(frozen=True)
@@ -40,32 +36,9 @@ class Principal:
             raise Forbidden("Insufficient permissions", f"this key may not act for client '{client_id}'")
 
 
-def new_key(prefix: str = "fl") -> str:
-    """A fresh random API key."""
-    return f"{prefix}_{secrets.token_urlsafe(32)}"
-
-
 def hash_key(key: str) -> str:
     """The sha256 of a key, which is all we store."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def load_or_create_admin_key(data_dir: Path, configured: str | None) -> tuple[str, bool]:
-    """The admin key: the configured one, else the one in the data dir, else a new one saved there (0600).
-
-    Returns the key and whether it was created now.
-    """
-    if configured:
-        return configured, False
-    path = data_dir / ADMIN_KEY_FILE
-    if path.exists():
-        return path.read_text().strip(), False
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = new_key("fladmin")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
-    return key, True
 
 
 def add_client_key(session: Session, client_id: str) -> str:
