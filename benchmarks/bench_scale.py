@@ -1,4 +1,5 @@
-"""Scale: 1,000 registered clients, 100 selected per round, 5 rounds, against a real ``fedloom serve``.
+"""Scale: 10,000 registered clients, 1,000 selected per round, 5 rounds, on SQLite and on PostgreSQL, against a
+real ``fedloom serve``.
 
     .venv/bin/python benchmarks/bench_scale.py [--quick] [--out DIR] [--clients N --selected K --rounds R]
 
