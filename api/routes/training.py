@@ -31,6 +31,7 @@ from fedloom_core.errors import (
 from fedloom_core.ids import check_id
 from fedloom_core.learning.catalog import KNOWN_ARCHITECTURES
 from fedloom_core.learning.datasets import check_available, dataset_info
+from fedloom_core.learning.strategies.specs import check_strategy
 from fedloom_core.messages import WORKFLOW_TASK_QUEUE, ExperimentInput, ExperimentState
 from fedloom_core.policy.selection import Candidate, select_clients
 from fedloom_core.schemas import ExperimentConfig, PolicyConfig, StartRequest
@@ -87,16 +88,17 @@ def _eligible(session, req: StartRequest, policy: PolicyConfig) -> int:  # type:
 
 
 def _check_strategy(req: StartRequest) -> None:
-    """The strategy's params are valid (unknown names and out-of-range values are refused here, not mid-run)."""
-    from fedloom_core.learning.strategies import build_strategy
+    """The strategy's params are valid (unknown names and out-of-range values are refused here, not mid-run).
 
+    Checked against the strategies' specs, not by building a strategy: that would import torch into the API.
+    """
     agg = req.aggregation_config
     try:
-        strategy = build_strategy(agg.strategy, agg.params, agg.weighted)
+        strategy = check_strategy(agg.strategy, agg.params, agg.weighted)
     except ValueError as exc:
         raise InvalidRequest("Invalid aggregation_config", f"aggregation_config: {exc}") from None
     floor = agg.min_updates or req.experiment_config.min_clients
-    needed = strategy.minimum_updates() if hasattr(strategy, "minimum_updates") else 1
+    needed = strategy.minimum_updates()
     if needed > floor:
         raise InvalidRequest(
             "Invalid aggregation_config",

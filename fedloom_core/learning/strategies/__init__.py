@@ -2,22 +2,37 @@
 
 ``make_strategy("FedAdam", {"server_lr": 0.05})`` returns a ready ``Strategy``; see
 ``docs/strategies.md`` for each strategy's formula, parameters and memory use.
+
+Importing this package imports no torch: the strategy classes (and ``STRATEGIES``) are loaded when
+first used, so the API can check parameters with ``specs.check_strategy`` and the schema without them.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedloom_core.learning.catalog import KNOWN_STRATEGIES
-from fedloom_core.learning.strategies.averaging import FedAvg, FedProx
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext, Strategy
-from fedloom_core.learning.strategies.clipping import NormClipping
-from fedloom_core.learning.strategies.dp import DPFedAvg
-from fedloom_core.learning.strategies.krum import Krum, MultiKrum
 from fedloom_core.learning.strategies.params import REGISTRY, ConfiguredStrategy, Param
-from fedloom_core.learning.strategies.robust import FedMedian, FedTrimmedAvg
-from fedloom_core.learning.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedloom_core.learning.strategies.specs import (
+    canonical_strategy_name,
+    experiment_params,
+    given_params,
+    strategy_params_schema,
+)
+
+if TYPE_CHECKING:
+    from fedloom_core.learning.strategies.averaging import FedAvg, FedProx
+    from fedloom_core.learning.strategies.clipping import NormClipping
+    from fedloom_core.learning.strategies.dp import DPFedAvg
+    from fedloom_core.learning.strategies.krum import Krum, MultiKrum
+    from fedloom_core.learning.strategies.robust import FedMedian, FedTrimmedAvg
+    from fedloom_core.learning.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+
+    #: Every strategy by its canonical name, in the catalog's (documentation) order.
+    STRATEGIES: dict[str, type[ConfiguredStrategy]]
 
 __all__ = [
     "STRATEGIES",
@@ -43,46 +58,32 @@ __all__ = [
     "strategy_params_schema",
 ]
 
-#: Every strategy by its canonical name, in the catalog's (documentation) order.
-STRATEGIES: dict[str, type[ConfiguredStrategy]] = {name: REGISTRY[name] for name in KNOWN_STRATEGIES}
+# The modules whose classes register themselves in REGISTRY (they import torch).
+_CLASS_MODULES = ("averaging", "server_opt", "robust", "krum", "clipping", "dp")
 
 
-def canonical_strategy_name(name: str) -> str:
-    """The registered spelling of ``name`` (matched case-insensitively); ValueError listing the known ones."""
-    if isinstance(name, str):
-        wanted = name.strip().lower()
-        for known in STRATEGIES:
-            if known.lower() == wanted:
-                return known
-    raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}")
+def _strategies() -> dict[str, type[ConfiguredStrategy]]:
+    """Every strategy class by its canonical name, in the catalog's order (imports their modules)."""
+    for module in _CLASS_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+    return {name: REGISTRY[name] for name in KNOWN_STRATEGIES}
+
+
+def __getattr__(name: str) -> Any:
+    """``STRATEGIES`` and the strategy classes, imported on first use."""
+    if name == "STRATEGIES" or name in KNOWN_STRATEGIES:
+        strategies = _strategies()
+        globals()["STRATEGIES"] = strategies
+        return strategies if name == "STRATEGIES" else strategies[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
     """A strategy by name with its parameters checked; ValueError says what is wrong and what is valid."""
-    cls = STRATEGIES[canonical_strategy_name(name)]
-    given = dict(params or {})
-    bad_keys = [k for k in given if not isinstance(k, str)]
-    if bad_keys:
-        raise ValueError(f"parameter names must be strings, not {bad_keys!r}")
-    return cls(**given)
-
-
-def strategy_params_schema(name: str) -> dict[str, Any]:
-    """A JSON-friendly description of a strategy and each parameter (name, type, default, range)."""
-    cls = STRATEGIES[canonical_strategy_name(name)]
-    schema: dict[str, Any] = {
-        "strategy": cls.name,
-        "description": (cls.__doc__ or "").strip().splitlines()[0],
-        "params": cls.param_schema(),
-    }
-    if cls is NormClipping:
-        schema["accepts_inner_params"] = True
-    return schema
+    spec, given = given_params(name, params)
+    return _strategies()[spec.name](**given)
 
 
 def build_strategy(name: str, params: Mapping[str, Any] | None, weighted: bool) -> Strategy:
     """The strategy for an experiment's ``aggregation_config``: its params, plus ``weighted`` where it takes one."""
-    merged = dict(params or {})
-    if any(p["name"] == "weighted" for p in strategy_params_schema(name)["params"]):
-        merged.setdefault("weighted", weighted)
-    return make_strategy(name, merged)
+    return make_strategy(name, experiment_params(name, params, weighted))

@@ -9,7 +9,8 @@ import torch
 
 from fedloom_core.learning.kernels import Opener, UpdateFile, fedavg
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.learning.strategies.params import WEIGHTED, ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.params import ConfiguredStrategy
+from fedloom_core.learning.strategies.specs import FEDAVG, FEDPROX
 from fedloom_core.learning.strategies.streaming import Structure, canonical, check_structure, work_dtype
 from fedloom_core.learning.weights import mapped_tensors
 
@@ -17,8 +18,7 @@ from fedloom_core.learning.weights import mapped_tensors
 class FedAvg(ConfiguredStrategy):
     """The (sample-weighted) mean of the updates, folded one update at a time in client-id order."""
 
-    name = "FedAvg"
-    PARAMS = (WEIGHTED,)
+    SPEC = FEDAVG
 
     def aggregate(self, ctx: AggregationContext) -> AggregateResult:
         """Write the mean of the updates (``aggregation.fedavg``)."""
@@ -30,11 +30,7 @@ class FedAvg(ConfiguredStrategy):
 class FedProx(FedAvg):
     """FedAvg on the server; each client adds ``mu/2 * |w - w_global|^2`` to its local loss."""
 
-    name = "FedProx"
-    PARAMS = (
-        Param("mu", float, 0.01, "Weight of the clients' proximal term.", minimum=0.0),
-        WEIGHTED,
-    )
+    SPEC = FEDPROX
 
     def configure_round(self, round: int, client_ids: Sequence[str]) -> Mapping[str, Mapping[str, Any]]:
         """Send ``proximal_mu`` to every selected client."""

@@ -19,16 +19,14 @@ from typing import Any
 
 import torch
 
-from fedloom_core.learning.catalog import KNOWN_STRATEGIES
 from fedloom_core.learning.kernels import UpdateFile, open_path
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
 from fedloom_core.learning.strategies.dp import clip_scale
-from fedloom_core.learning.strategies.params import REGISTRY, ConfiguredStrategy, Param, describe_params
+from fedloom_core.learning.strategies.params import REGISTRY, ConfiguredStrategy
+from fedloom_core.learning.strategies.specs import INNER_STRATEGIES as INNER_STRATEGIES
+from fedloom_core.learning.strategies.specs import NORMCLIPPING
 from fedloom_core.learning.strategies.streaming import canonical, check_structure, delta_sq_norm, work_dtype
 from fedloom_core.learning.weights import mapped_tensors, save_state, structure
-
-#: The strategies NormClipping can wrap: every strategy but itself, in the catalog's order.
-INNER_STRATEGIES = tuple(name for name in KNOWN_STRATEGIES if name != "NormClipping")
 
 
 def clipped_copy(
@@ -50,46 +48,18 @@ def clipped_copy(
 class NormClipping(ConfiguredStrategy):
     """Clip every update's delta to L2 norm ``max_norm``, then aggregate with the ``inner`` strategy."""
 
-    name = "NormClipping"
-    PARAMS = (
-        Param(
-            "inner",
-            str,
-            "FedAvg",
-            "Strategy that aggregates the clipped updates; its own parameters are accepted alongside.",
-            choices=INNER_STRATEGIES,
-        ),
-        Param(
-            "max_norm",
-            float,
-            None,
-            "Bound C on the L2 norm of each update's delta (all float tensors together).",
-            minimum=0.0,
-            exclusive_minimum=True,
-            required=True,
-        ),
-    )
+    SPEC = NORMCLIPPING
 
     def __init__(self, **params: Any) -> None:
-        own_names = {p.name for p in self.PARAMS}
-        super().__init__(**{k: v for k, v in params.items() if k in own_names})
+        # The spec checks NormClipping's own parameters and the inner strategy's (its values are in self.params).
+        super().__init__(**params)
         inner_cls = REGISTRY[self.params["inner"]]
-        try:
-            self.inner: ConfiguredStrategy = inner_cls(**{k: v for k, v in params.items() if k not in own_names})
-        except ValueError as exc:
-            raise ValueError(
-                f"{exc}; NormClipping itself takes: {describe_params(self.PARAMS)}, "
-                f"plus the parameters of its inner strategy {inner_cls.name}"
-            ) from None
-        self.params = {**self.params, **self.inner.params}
+        inner_names = {p.name for p in inner_cls.PARAMS}
+        self.inner: ConfiguredStrategy = inner_cls(**{k: v for k, v in self.params.items() if k in inner_names})
 
     def configure_round(self, round: int, client_ids: Sequence[str]) -> Mapping[str, Mapping[str, Any]]:
         """The inner strategy's client settings (e.g. FedProx's ``proximal_mu``)."""
         return self.inner.configure_round(round, client_ids)
-
-    def minimum_updates(self) -> int:
-        """The inner strategy's minimum."""
-        return self.inner.minimum_updates()
 
     def aggregate(self, ctx: AggregationContext) -> AggregateResult:
         """Clip the updates into a temporary directory, then run the inner strategy on them."""

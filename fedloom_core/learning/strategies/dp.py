@@ -19,7 +19,8 @@ import math
 import torch
 
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.learning.strategies.params import ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.params import ConfiguredStrategy
+from fedloom_core.learning.strategies.specs import DPFEDAVG
 from fedloom_core.learning.strategies.streaming import (
     canonical,
     check_structure,
@@ -38,19 +39,7 @@ def clip_scale(norm: float, max_norm: float) -> float:
 class DPFedAvg(ConfiguredStrategy):
     """Unweighted mean of clipped deltas plus Gaussian noise of std ``noise_multiplier * clip_norm / K``."""
 
-    name = "DPFedAvg"
-    PARAMS = (
-        Param(
-            "clip_norm",
-            float,
-            None,
-            "Clipping bound C on the L2 norm of each update's delta (all float tensors together).",
-            minimum=0.0,
-            exclusive_minimum=True,
-            required=True,
-        ),
-        Param("noise_multiplier", float, 1.0, "Noise multiplier z: noise std is z * C / K.", minimum=0.0),
-    )
+    SPEC = DPFEDAVG
 
     def aggregate(self, ctx: AggregationContext) -> AggregateResult:
         """Fold the clipped deltas in client-id order, then add the seeded noise."""

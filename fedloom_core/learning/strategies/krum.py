@@ -42,11 +42,11 @@ from fedloom_core.learning.strategies.blocks import (
     run_blocks,
 )
 from fedloom_core.learning.strategies.output import StreamedOutput
-from fedloom_core.learning.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.params import ConfiguredStrategy
+from fedloom_core.learning.strategies.specs import KRUM, MULTIKRUM
 from fedloom_core.learning.strategies.streaming import canonical, is_float
 from fedloom_core.learning.weights import mapped_tensors, save_state, structure
 
-NUM_BYZANTINE = Param("num_byzantine", int, 0, "Number f of Byzantine updates to tolerate.", minimum=0)
 # Coordinates per float32 dot product (longer float32 sums lose more to rounding: a relative error
 # of about 2e-4 over 65536 coordinates, 3e-6 over 1024, measured). Blocks are whole pieces.
 PIECE = 1 << 10
@@ -235,24 +235,7 @@ def krum_scores(ordered: Sequence[UpdateFile], dist: list[list[float]], num_byza
 class MultiKrum(ConfiguredStrategy):
     """Average of the ``num_selected`` updates with the lowest Krum scores."""
 
-    name = "MultiKrum"
-    PARAMS = (
-        NUM_BYZANTINE,
-        Param(
-            "num_selected",
-            int,
-            None,
-            "Number m of lowest-scored updates averaged (1 <= m <= K).",
-            minimum=1,
-            default_text="K - num_byzantine",
-        ),
-        Param("weighted", bool, False, "Weight the selected updates by their number of samples."),
-        CHUNK_ELEMS,
-    )
-
-    def minimum_updates(self) -> int:
-        """Krum needs more than ``2 f + 2`` updates (and at least ``num_selected``)."""
-        return max(2 * self.params["num_byzantine"] + 3, self.params.get("num_selected") or 1)
+    SPEC = MULTIKRUM
 
     def selected_count(self, count: int) -> int:
         """How many updates are averaged when there are ``count`` of them."""
@@ -323,8 +306,7 @@ class MultiKrum(ConfiguredStrategy):
 class Krum(MultiKrum):
     """The single update with the lowest Krum score, unchanged."""
 
-    name = "Krum"
-    PARAMS = (NUM_BYZANTINE, CHUNK_ELEMS)
+    SPEC = KRUM
 
     def selected_count(self, count: int) -> int:
         """Krum keeps exactly one update."""

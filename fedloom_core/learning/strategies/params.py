@@ -1,15 +1,16 @@
 """Declared, range-checked strategy parameters, and the strategy base class that checks them.
 
-Each strategy lists its parameters as ``Param`` objects; ``ConfiguredStrategy.__init__`` checks
-what it is given against them (unknown names, wrong types, values out of range) and fills in
-the defaults, so a strategy's ``params`` always holds every setting it uses. The error messages
-are shown to API users, so each one lists the valid parameters with their ranges.
+Each strategy lists its parameters as ``Param`` objects in its spec (``specs.py``, no torch);
+``ConfiguredStrategy.__init__`` checks what it is given against them (unknown names, wrong types,
+values out of range) and fills in the defaults, so a strategy's ``params`` always holds every
+setting it uses. The error messages are shown to API users, so each one lists the valid
+parameters with their ranges.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -168,26 +169,65 @@ def check_params(strategy: str, declared: Sequence[Param], given: Mapping[str, A
     return values
 
 
+def _at_least_one(values: Mapping[str, Any]) -> int:
+    return 1
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A strategy's name, one-line description, parameters and the fewest updates a round needs (no torch)."""
+
+    name: str
+    description: str
+    params: tuple[Param, ...]
+    # The fewest updates the strategy can aggregate, given its checked parameter values.
+    min_updates: Callable[[Mapping[str, Any]], int] = _at_least_one
+    # The strategies its ``inner`` parameter may name, whose parameters it accepts too (NormClipping).
+    inner_specs: Mapping[str, StrategySpec] | None = None
+
+    def check(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every parameter's checked value (an inner strategy's too); ValueError says what is valid."""
+        if self.inner_specs is None:
+            return check_params(self.name, self.params, given)
+        own_names = {p.name for p in self.params}
+        own = check_params(self.name, self.params, {k: v for k, v in given.items() if k in own_names})
+        inner = self.inner_specs[own["inner"]]
+        try:
+            rest = inner.check({k: v for k, v in given.items() if k not in own_names})
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}; {self.name} itself takes: {describe_params(self.params)}, "
+                f"plus the parameters of its inner strategy {inner.name}"
+            ) from None
+        return {**own, **rest}
+
+    def minimum_updates(self, values: Mapping[str, Any]) -> int:
+        """The fewest updates a round needs with these checked ``values`` (fewer: aggregation fails)."""
+        return self.min_updates(values)
+
+
 #: Every strategy class by its name; each registers itself when its module is imported.
 REGISTRY: dict[str, type[ConfiguredStrategy]] = {}
 
 
 class ConfiguredStrategy(Strategy):
-    """A strategy whose keyword parameters are declared in ``PARAMS`` and checked on construction."""
+    """A strategy whose name, parameters and minimum are its ``SPEC``'s (see ``specs.py``), checked when built."""
 
+    SPEC: ClassVar[StrategySpec]
     PARAMS: ClassVar[tuple[Param, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
+        if "SPEC" in cls.__dict__:
+            cls.name, cls.PARAMS = cls.SPEC.name, cls.SPEC.params
             REGISTRY[cls.name] = cls
 
     def __init__(self, **params: Any) -> None:
-        super().__init__(**check_params(self.name, self.PARAMS, params))
+        super().__init__(**self.SPEC.check(params))
 
     def minimum_updates(self) -> int:
         """The fewest updates this strategy can aggregate (a round with fewer raises ValueError)."""
-        return 1
+        return self.SPEC.minimum_updates(self.params)
 
     @classmethod
     def param_schema(cls) -> list[dict[str, Any]]:

@@ -32,7 +32,8 @@ from fedloom_core.learning.strategies.blocks import (
 )
 from fedloom_core.learning.strategies.networks import Plan, run_plan, selection_plan
 from fedloom_core.learning.strategies.output import StreamedOutput
-from fedloom_core.learning.strategies.params import CHUNK_ELEMS, ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.params import ConfiguredStrategy
+from fedloom_core.learning.strategies.specs import FEDMEDIAN, FEDTRIMMEDAVG
 from fedloom_core.learning.strategies.streaming import canonical, floor_fraction, is_float
 from fedloom_core.learning.weights import structure
 
@@ -99,8 +100,7 @@ class CoordinateWise(ConfiguredStrategy):
 class FedMedian(CoordinateWise):
     """Coordinate-wise median; for an even K, the mean of the two middle values."""
 
-    name = "FedMedian"
-    PARAMS = (CHUNK_ELEMS,)
+    SPEC = FEDMEDIAN
 
     def positions(self, count: int) -> tuple[int, int]:
         """The middle value, or the two middle values for an even count."""
@@ -116,19 +116,7 @@ class FedMedian(CoordinateWise):
 class FedTrimmedAvg(CoordinateWise):
     """Coordinate-wise trimmed mean: drop the ``floor(beta K)`` largest and smallest values, average the rest."""
 
-    name = "FedTrimmedAvg"
-    PARAMS = (
-        Param(
-            "trim_fraction",
-            float,
-            0.1,
-            "Fraction beta of the updates dropped at each end, per coordinate (floor(beta * K) each side).",
-            minimum=0.0,
-            maximum=0.5,
-            exclusive_maximum=True,
-        ),
-        CHUNK_ELEMS,
-    )
+    SPEC = FEDTRIMMEDAVG
 
     def trimmed(self, count: int) -> int:
         """How many values are dropped at each end when there are ``count`` updates."""

@@ -22,25 +22,10 @@ import torch
 from fedloom_core.learning.kernels import fedavg_weights
 from fedloom_core.learning.strategies.averaging import mean_of_updates
 from fedloom_core.learning.strategies.base import AggregateResult, AggregationContext
-from fedloom_core.learning.strategies.params import WEIGHTED, ConfiguredStrategy, Param
+from fedloom_core.learning.strategies.params import ConfiguredStrategy
+from fedloom_core.learning.strategies.specs import FEDADAGRAD, FEDADAM, FEDAVGM, FEDYOGI
 from fedloom_core.learning.strategies.streaming import Structure, canonical, is_float, work_dtype
 from fedloom_core.learning.weights import compare_structure, mapped_tensors, save_state, structure
-
-
-def _unit_interval(name: str, default: float, description: str) -> Param:
-    """A float parameter in [0, 1)."""
-    return Param(name, float, default, description, minimum=0.0, maximum=1.0, exclusive_maximum=True)
-
-
-def _positive(name: str, default: float, description: str) -> Param:
-    """A float parameter > 0."""
-    return Param(name, float, default, description, minimum=0.0, exclusive_minimum=True)
-
-
-SERVER_LR_ADAPTIVE = _positive("server_lr", 0.01, "Server learning rate eta: coordinates move by about eta a round.")
-BETA_1 = _unit_interval("beta_1", 0.9, "Decay of the first moment m.")
-BETA_2 = _unit_interval("beta_2", 0.99, "Decay of the second moment v.")
-TAU = _positive("tau", 1e-3, "Adaptivity tau: added to sqrt(v); v starts at tau**2.")
 
 
 class ServerOptimizer(ConfiguredStrategy):
@@ -117,13 +102,8 @@ def _previous_state(path: Path | None, expected: Structure) -> Iterator[dict[str
 class FedAvgM(ServerOptimizer):
     """Server momentum: ``v <- momentum * v + delta``; ``w <- w + server_lr * v``."""
 
-    name = "FedAvgM"
+    SPEC = FEDAVGM
     SLOTS = ("momentum",)
-    PARAMS = (
-        _positive("server_lr", 1.0, "Server learning rate."),
-        _unit_interval("momentum", 0.9, "Server momentum."),
-        WEIGHTED,
-    )
 
     def step(self, delta: torch.Tensor, slots: dict[str, torch.Tensor]) -> torch.Tensor:
         """Heavy-ball momentum on the pseudo-gradient."""
@@ -135,7 +115,6 @@ class _Adaptive(ServerOptimizer):
     """First moment as in Adam; the second moment's update is the subclass's."""
 
     SLOTS = ("m", "v")
-    PARAMS: ClassVar[tuple[Param, ...]] = (SERVER_LR_ADAPTIVE, BETA_1, BETA_2, TAU, WEIGHTED)
 
     def initial(self, slot: str, like: torch.Tensor) -> torch.Tensor:
         """Zero first moment; second moment ``tau**2``."""
@@ -158,7 +137,7 @@ class _Adaptive(ServerOptimizer):
 class FedAdam(_Adaptive):
     """Adam on the server: ``v <- beta_2 v + (1 - beta_2) delta**2``."""
 
-    name = "FedAdam"
+    SPEC = FEDADAM
 
     def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         """Exponential moving average of ``delta**2``."""
@@ -169,7 +148,7 @@ class FedAdam(_Adaptive):
 class FedYogi(_Adaptive):
     """Yogi on the server: ``v <- v - (1 - beta_2) delta**2 sign(v - delta**2)``."""
 
-    name = "FedYogi"
+    SPEC = FEDYOGI
 
     def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         """Additive update whose size is bounded by ``delta**2``."""
@@ -179,8 +158,7 @@ class FedYogi(_Adaptive):
 class FedAdagrad(_Adaptive):
     """Adagrad on the server: ``v <- v + delta**2`` (``beta_1 = 0`` gives plain Adagrad on delta)."""
 
-    name = "FedAdagrad"
-    PARAMS = (SERVER_LR_ADAPTIVE, BETA_1, TAU, WEIGHTED)
+    SPEC = FEDADAGRAD
 
     def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         """Running sum of ``delta**2``."""
