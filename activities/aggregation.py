@@ -75,10 +75,20 @@ def _kept_alive(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(self: AggregationActivities, *args: object, **kwargs: object) -> object:
-        with keep_alive(), self.blobs.read_once():
-            return fn(self, *args, **kwargs)
+        try:
+            with keep_alive(), self.blobs.read_once():
+                return fn(self, *args, **kwargs)
+        finally:
+            _return_free_memory()
 
     return wrapper
+
+
+def _return_free_memory() -> None:
+    """Give freed tensors' memory back to the OS between a round's steps (``kernels.return_free_memory``)."""
+    from fedloom_core.learning.kernels import return_free_memory
+
+    return_free_memory()
 
 
 class AggregationActivities:
@@ -211,6 +221,7 @@ class AggregationActivities:
             by_client[cid].model_copy(update={"num_samples": verdict.weights.get(cid, by_client[cid].num_samples)})
             for cid in verdict.accepted
         ]
+        _return_free_memory()  # the measurement's slices: FedAvg's accumulator should not sit on top of them
         return ValidationOutcome(accepted=accepted, rejected=verdict.rejected, stats=verdict.stats)
 
     def _aggregate(self, inp: AggregateInput) -> AggregateOutput:
@@ -239,6 +250,8 @@ class AggregationActivities:
                 except ValueError as exc:
                     # Settings this round cannot use: retrying would fail the same way.
                     raise ApplicationError(str(exc), type="AGGREGATION_FAILED", non_retryable=True) from None
+                finally:
+                    _return_free_memory()  # the strategy's accumulator, before the evaluation's slices
             info = self.blobs.put_file(model_key(inp.experiment_id, inp.round), out)
             new_state = None
             if outcome.wrote_state:
