@@ -42,13 +42,15 @@ def serve_options(args: argparse.Namespace) -> dict:
         "temporal_port": args.temporal_port,
         "temporal_ui_port": args.temporal_ui_port,
         "headless": args.temporal_headless,
+        "one_process": args.one_process,
     }
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from fedloom_tools.serve import serve
 
-    return serve(**serve_options(args))
+    # Once its plan is made, this process becomes the small stdlib-only supervisor.
+    return serve(**serve_options(args), exec_supervisor=True)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -79,8 +81,14 @@ def _cmd_api(args: argparse.Namespace) -> int:
     from fedloom_tools.serve import uvicorn_options
 
     settings = Settings()
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", **uvicorn_options(settings))
-    return 0
+    app = create_app(settings)
+    if not args.with_worker:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **uvicorn_options(settings))
+        return 0
+    from workers.main import run_beside_api
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", **uvicorn_options(settings))
+    return run_beside_api(uvicorn.Server(config), settings)
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
@@ -166,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--temporal-port", type=int, default=7233, help="gRPC port of the embedded Temporal server")
     serve.add_argument("--temporal-ui-port", type=int, default=8233, help="Web UI port of the embedded Temporal server")
     serve.add_argument("--temporal-headless", action="store_true", help="do not start the Temporal Web UI")
+    serve.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run the worker inside the API process: less memory, for small deployments (docs/deployment.md)",
+    )
     serve.set_defaults(func=_cmd_serve, require=require_server)
 
     worker = sub.add_parser("worker", help="run the workflow and activity workers")
@@ -179,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the REST API")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8080)
+    api.add_argument("--with-worker", action="store_true", help="also run the workers (all queues) in this process")
     api.set_defaults(func=_cmd_api, require=require_server)
 
     client = sub.add_parser("client", help="join experiments as a training client")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from fedloom_tools.supervisor import terminate
 
 # Far above any rate a test or benchmark reaches; the rate-limit tests pass their own values.
 GENEROUS_LIMITS = {
@@ -53,17 +54,6 @@ def free_port() -> int:
         _HANDED_OUT.add(port)
         return port
     raise RuntimeError("no free port in 20000-32000")
-
-
-def terminate(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM ``proc`` and wait for it; SIGKILL it if it has not ended after ``timeout`` seconds."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def memory_bytes(pid: int | str = "self", field: str = "VmRSS") -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -188,6 +189,21 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 )
 def test_sigkill_mid_round_loses_nothing(reference: str, tmp_path: Path, kill) -> None:  # type: ignore[no-untyped-def]
     assert _run(tmp_path / "killed", kill) == reference
+
+
+def _kill_one_process(server: LiveServer, *_: object) -> LiveServer:
+    """SIGKILL ``serve --one-process``'s single Python child, the API with the workers inside."""
+    assert set(server.children()) == {"api", "temporal"}, server.children()
+    # fedloom serve has become the stdlib-only supervisor, which restarts the child.
+    assert "supervisor.py" in Path(f"/proc/{server.proc.pid}/cmdline").read_text()
+    os.kill(server.child_pid("api"), signal.SIGKILL)
+    return server
+
+
+def test_one_process_serve_killed_mid_round_loses_nothing(reference: str, tmp_path: Path) -> None:
+    """``fedloom serve --one-process`` runs the same experiment to the same bytes, through a SIGKILL."""
+    command = [sys.executable, "-m", "fedloom.cli", "serve", "--one-process"]
+    assert _run(tmp_path / "killed", _kill_one_process, command=command) == reference
 
 
 @pytest.mark.postgres
