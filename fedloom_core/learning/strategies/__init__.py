@@ -73,7 +73,7 @@ def __getattr__(name: str) -> Any:
     """``STRATEGIES`` and the strategy classes, imported on first use."""
     if name == "STRATEGIES" or name in KNOWN_STRATEGIES:
         strategies = _strategies()
-        globals()["STRATEGIES"] = strategies
+        globals().update(strategies, STRATEGIES=strategies)  # later look-ups find them directly
         return strategies if name == "STRATEGIES" else strategies[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
