@@ -302,6 +302,7 @@ def doc_section(res: dict[str, Any], targets: dict[str, float], info: dict[str, 
     size = res["model_bytes"]
     fresh = res["aggregation_process"]
     agg_growth = fresh["growth_bytes"]
+    worker_ok = res["worker_growth_models"] <= MEMORY_TARGET_MODELS
     return f"""## 1 GB model
 
 Machine: {common.machine_line(info)}.
@@ -326,7 +327,8 @@ chunks, `docs/api.md#resumable-uploads`), one after another; the global model is
 - The worker while it closed the round on the server (the policy's validation of the {res["clients"]} updates,
   then FedAvg, then the round's records): from {res["worker_rss_before_bytes"] / 1e6:.0f} MB to a peak of
   {res["worker_rss_peak_bytes"] / 1e6:.0f} MB, a growth of {res["worker_rss_growth_bytes"] / 1e6:.0f} MB =
-  **{res["worker_growth_models"]:.2f} model sizes**. The API process peaked at {res["api_rss_peak_bytes"] / 1e6:.0f} MB
+  **{res["worker_growth_models"]:.2f} model sizes**, target within {MEMORY_TARGET_MODELS:g}:
+  **{word[worker_ok]}**. The API process peaked at {res["api_rss_peak_bytes"] / 1e6:.0f} MB
   during the uploads (from {res["api_rss_before_bytes"] / 1e6:.0f} MB).
 - The new global model differs from the expected average by at most {res["max_abs_diff_vs_expected"]:.2e}
   (float32 rounding); the experiment ended `{res["experiment_status"]}`.
@@ -338,7 +340,12 @@ sizes). The round's measurements (the policy's norms and similarities, and the c
 there is no central evaluation) are one pass over the coordinates, a slice of every update at a time;
 they held two float64 copies of the model plus the mapped models, 7.2 model sizes in the worker at this
 size. The round close is bound by reading the K updates: the validation, FedAvg and the alignment each
-read all {res["clients"]} GB, and the worker checks each update's digest as it opens it.
+read all {res["clients"]} GB, and the worker checks each update's digest as it opens it. The worker's
+round close peaked at 2.02 model sizes until the new model's parameter count, taken from a copy of the
+model (`weights.load_state`), stopped copying it out of a memory map whose pages counted in the RSS
+besides (it reads each tensor with `preadv`), and the aggregation activities hand freed memory back to
+the OS (`malloc_trim`) after the validation, FedAvg and each activity: glibc kept FedAvg's freed
+accumulator in the worker thread's arena under the next step.
 
 ![1 GB model]({plot_name})
 """
