@@ -2,14 +2,12 @@
 
 A dropped connection keeps what arrived; the client asks the committed offset and goes on from there.
 The finish step takes the single-request upload's own path (``models.accept_update``). Sessions live
-in ``fedloom_core.storage.upload_sessions``.
+in ``fedloom_core.storage.upload_sessions``; what every kind of session shares here, in ``upload_chunks``.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -19,17 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api import openapi
 from api.deps import BlobsDep, BodyStreamDep, EngineDep, PrincipalDep, SettingsDep, TemporalDep, valid_id
-from api.multipart import paced
+from api.routes import upload_chunks as chunks
 from api.routes.models import accept_update, update_body
-from fedloom_core.errors import Conflict, FedloomError, InvalidRequest, PayloadTooLarge, RoundNotActive
+from fedloom_core.errors import Conflict, FedloomError, RoundNotActive
 from fedloom_core.settings import Settings
 from fedloom_core.storage import upload_sessions as sessions
 from fedloom_core.storage import uploads
 
 router = APIRouter(tags=["models"])
-_RANGE = re.compile(r"bytes (\d{1,15})-(\d{1,15})/(\d{1,15})")
-SWEEP_EVERY_S = 60.0
-_last_sweep = 0.0
 SESSION = {
     "upload_id": "upl_5f0c1a2b3c4d5e6f708192a3b4c5d6e7",
     "client_id": "client-001",
@@ -67,49 +62,22 @@ class OpenSession(BaseModel):
     )
 
 
-def _limits(settings: Settings) -> tuple[int, int]:
-    return int(settings.max_upload_mb * 1e6), int(settings.upload_chunk_mb * 1e6)
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
 def _state(sess: sessions.Session, settings: Settings) -> JSONResponse:
-    offset = sess.offset()
-    body = {
+    fields = {
         "upload_id": sess.upload_id,
         "client_id": sess.client_id,
         "experiment_id": sess.experiment_id,
         "round": sess.round,
-        "size": sess.size,
-        "offset": offset,
-        "complete": offset == sess.size,
-        "chunk_max_bytes": _limits(settings)[1],
-        "expires_at": _iso(sess.expires_at(settings.upload_session_ttl_s)),
-        "upload_url": f"/api/v1/model/update/{sess.client_id}/sessions/{sess.upload_id}",
-        "update_id": sess.update_id,
     }
-    headers = {"Upload-Offset": str(offset), "Upload-Length": str(sess.size), "Cache-Control": "no-store"}
-    return JSONResponse(body, headers=headers)
-
-
-async def _sweep(settings: Settings) -> None:
-    """Remove expired sessions now and then (the start-up spool cleaning removes them too)."""
-    global _last_sweep
-    now = time.monotonic()
-    if now - _last_sweep >= SWEEP_EVERY_S:
-        _last_sweep = now
-        await run_in_threadpool(sessions.expire, settings.data_dir / "tmp", settings.upload_session_ttl_s)
+    url = f"/api/v1/model/update/{sess.client_id}/sessions/{sess.upload_id}"
+    return chunks.state(sess, settings, fields, url, {"update_id": sess.update_id})
 
 
 async def _load(settings: Settings, client_id: str, upload_id: str, principal) -> sessions.Session:  # type: ignore[no-untyped-def]
     valid_id(client_id, "client_id")
     valid_id(upload_id, "upload_id")
     principal.require_client(client_id)
-    await _sweep(settings)
-    spool = settings.data_dir / "tmp"
-    return await run_in_threadpool(sessions.load, spool, upload_id, client_id, settings.upload_session_ttl_s)
+    return await chunks.load(settings, upload_id, client_id, sessions.KIND_UPDATE)
 
 
 @router.post(
@@ -127,11 +95,9 @@ async def open_session(
     principal.require_client(client_id)
     # Registered, selected, round open: checked before anything is accepted, as for a single upload.
     target = await run_in_threadpool(uploads.find_target, engine, client_id, body.experiment_id)
-    limit, _ = _limits(settings)
-    if body.size > limit:
-        raise PayloadTooLarge("Model file too large", f"size {body.size} exceeds the upload limit of {limit} bytes")
+    chunks.check_size(body.size, settings)
     metrics = uploads.parse_metrics(json.dumps(body.metrics))
-    await _sweep(settings)
+    await chunks.sweep(settings)
     sess = await run_in_threadpool(
         lambda: sessions.create(
             settings.data_dir / "tmp",
@@ -163,21 +129,6 @@ async def session_offset(client_id: str, upload_id: str, settings: SettingsDep, 
     return _state(sess, settings)
 
 
-def _content_range(raw: str | None, sess: sessions.Session, chunk_max: int) -> tuple[int, int]:
-    """The chunk's first byte and length from ``Content-Range: bytes a-b/total``, checked against the session."""
-    match = _RANGE.fullmatch((raw or "").strip())
-    if match is None:
-        raise InvalidRequest("Invalid Content-Range", "a chunk needs the header 'Content-Range: bytes a-b/total'")
-    first, last, total = (int(g) for g in match.groups())
-    if total != sess.size:
-        raise InvalidRequest("Invalid Content-Range", f"total {total} is not the session's size {sess.size}")
-    if last < first or last >= total:
-        raise InvalidRequest("Invalid Content-Range", f"bytes {first}-{last} are not within 0-{total - 1}")
-    if last - first + 1 > chunk_max:
-        raise PayloadTooLarge("Chunk too large", f"a chunk may carry at most {chunk_max} bytes")
-    return first, last - first + 1
-
-
 @router.put(
     "/model/update/{client_id}/sessions/{upload_id}",
     responses=openapi.ok(SESSION, 400, 404, 408, 409, 413),
@@ -199,29 +150,7 @@ async def put_chunk(
     sess = await _load(settings, client_id, upload_id, principal)
     if sess.update_id is not None:
         raise Conflict("Upload session finished", f"upload session '{upload_id}' was stored as {sess.update_id}")
-    first, length = _content_range(request.headers.get("content-range"), sess, _limits(settings)[1])
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) != length:
-        raise InvalidRequest("Invalid Content-Length", f"Content-Length {declared}, Content-Range {length} bytes")
-    writer = await run_in_threadpool(sessions.Writer, sess)
-    try:
-        if first != writer.start:
-            raise Conflict(
-                "Chunk does not start at the committed offset",
-                f"the session's offset is {writer.start}; the chunk starts at {first} (GET the session to resume)",
-            )
-        async for piece in paced(body, settings.upload_read_timeout_s, settings.upload_min_rate_kbps * 1000):
-            if writer.written + len(piece) > length:
-                writer.rollback()
-                raise PayloadTooLarge("Chunk too large", f"the body carries more than the {length} bytes of its range")
-            writer.write(piece)
-    finally:
-        # A chunk cut short (a dropped connection, a timeout) keeps what arrived; a refused one was rolled back.
-        end = writer.close()
-    if writer.written < length:
-        raise InvalidRequest(
-            "Chunk cut short", f"the body ended after {writer.written} of {length} bytes; the session's offset is {end}"
-        )
+    await chunks.receive_chunk(request, body, sess, settings)
     return _state(sess, settings)
 
 
@@ -243,14 +172,7 @@ async def finish_session(
     sess = await _load(settings, client_id, upload_id, principal)
     if sess.update_id is not None:
         return update_body(await run_in_threadpool(uploads.get_update, engine, sess.update_id))
-    offset = sess.offset()
-    if offset != sess.size:
-        raise Conflict("Upload incomplete", f"{offset} of {sess.size} bytes received; send the rest first")
-    digest = await run_in_threadpool(sessions.digest, sess)
-    declared = {d for d in (sess.sha256, body.sha256 if body else None) if d}
-    if declared - {digest}:
-        await run_in_threadpool(sessions.remove, sess)
-        raise InvalidRequest("Upload digest mismatch", f"the received file's sha256 is {digest}, not {min(declared)}")
+    digest = await chunks.received_digest(sess, body.sha256 if body else None)
     try:
         target = await run_in_threadpool(uploads.find_target, engine, client_id, sess.experiment_id)
         if target.round != sess.round:

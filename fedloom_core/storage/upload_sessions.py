@@ -1,5 +1,7 @@
 """Resumable uploads: a session's bytes and record on disk, in ``<data dir>/tmp/sessions/<upload_id>/``.
 
+A session's ``kind`` says what the bytes become: a client's update (``"update"``, owned by its client)
+or an experiment's round-0 weights (``"initial_model"``, owned by the experiment, admin only).
 A session holds ``meta.json`` (who opened it, for which round, the declared size and metrics) and
 ``data``, the bytes received so far. The committed offset is ``data``'s size, so whatever part of a
 chunk arrived before a dropped connection counts. The sha256 of ``data`` is kept in memory while the
@@ -30,11 +32,17 @@ _ID_RE = re.compile(r"upl_[0-9a-f]{32}")
 # In-memory digests of sessions whose bytes this process received in order, by upload id.
 _DIGESTS: OrderedDict[str, tuple[int, Any]] = OrderedDict()
 _DIGESTS_MAX = 256
+KIND_UPDATE = "update"
+KIND_INITIAL_MODEL = "initial_model"
 
 
 @dataclass
 class Session:
-    """One resumable upload: its owner, target round, declared size, and (once finished) its update."""
+    """One resumable upload: its owner, target round, declared size, and (once finished) its result.
+
+    An update session's result is ``update_id``; an initial-model session's is ``result``, the answer
+    its finish gave (so a repeated finish answers the same).
+    """
 
     upload_id: str
     client_id: str
@@ -45,18 +53,29 @@ class Session:
     created: float
     sha256: str | None = None
     update_id: str | None = None
+    kind: str = KIND_UPDATE
+    result: dict[str, Any] | None = None
     directory: Path = field(default=Path("."), repr=False, compare=False)
 
     @property
     def data(self) -> Path:
         return self.directory / "data"
 
+    @property
+    def owner(self) -> str:
+        """Who may use the session: the client of an update, the experiment of an initial model."""
+        return self.experiment_id if self.kind == KIND_INITIAL_MODEL else self.client_id
+
+    @property
+    def finished(self) -> bool:
+        return self.update_id is not None or self.result is not None
+
     def offset(self) -> int:
         """The bytes committed so far."""
         try:
             return self.data.stat().st_size
         except FileNotFoundError:
-            return self.size if self.update_id else 0
+            return self.size if self.finished else 0
 
     def expires_at(self, ttl_s: float) -> float:
         return _newest_mtime(self.directory) + ttl_s
@@ -71,13 +90,23 @@ def is_upload_id(value: str) -> bool:
 
 
 def create(
-    spool: Path, *, client_id: str, experiment_id: str, round: int, size: int, metrics: dict, sha256: str | None
+    spool: Path,
+    *,
+    client_id: str,
+    experiment_id: str,
+    round: int,
+    size: int,
+    metrics: dict,
+    sha256: str | None,
+    kind: str = KIND_UPDATE,
 ) -> Session:
     """A new, empty session."""
     upload_id = f"upl_{secrets.token_hex(16)}"
     directory = sessions_root(spool) / upload_id
     directory.mkdir(parents=True)
-    sess = Session(upload_id, client_id, experiment_id, round, size, metrics, time.time(), sha256, None, directory)
+    sess = Session(
+        upload_id, client_id, experiment_id, round, size, metrics, time.time(), sha256, kind=kind, directory=directory
+    )
     sess.data.touch()
     _write_meta(sess)
     _DIGESTS[upload_id] = (0, hashlib.sha256())
@@ -92,10 +121,13 @@ def _write_meta(sess: Session) -> None:
     os.replace(tmp, sess.directory / "meta.json")
 
 
-def load(spool: Path, upload_id: str, client_id: str, ttl_s: float, now: float | None = None) -> Session:
-    """The session ``upload_id`` of ``client_id``; NOT_FOUND when unknown, someone else's or expired.
+def load(
+    spool: Path, upload_id: str, owner: str, ttl_s: float, now: float | None = None, *, kind: str = KIND_UPDATE
+) -> Session:
+    """The session ``upload_id`` of ``owner`` (a client id, or an experiment id for an initial model);
+    NOT_FOUND when unknown, of another kind, someone else's or expired.
 
-    An id is checked against its pattern before it becomes part of a path. Another client's session is
+    An id is checked against its pattern before it becomes part of a path. Another owner's session is
     answered like a missing one, so ids cannot be probed.
     """
     gone = NotFound("Upload session not found", f"upload session '{upload_id}' does not exist or has expired")
@@ -107,7 +139,7 @@ def load(spool: Path, upload_id: str, client_id: str, ttl_s: float, now: float |
     except (FileNotFoundError, NotADirectoryError, ValueError):
         raise gone from None
     sess = Session(**record, directory=directory)
-    if sess.client_id != client_id:
+    if sess.kind != kind or sess.owner != owner:
         raise gone
     if sess.expires_at(ttl_s) < (time.time() if now is None else now):
         remove(sess)
@@ -120,9 +152,9 @@ def remove(sess: Session) -> None:
     shutil.rmtree(sess.directory, ignore_errors=True)
 
 
-def mark_finished(sess: Session, update_id: str) -> None:
-    """Record the stored update (so a repeated finish answers the same) and drop the bytes."""
-    sess.update_id = update_id
+def mark_finished(sess: Session, update_id: str | None, result: dict[str, Any] | None = None) -> None:
+    """Record the stored update or result (so a repeated finish answers the same) and drop the bytes."""
+    sess.update_id, sess.result = update_id, result
     _write_meta(sess)
     sess.data.unlink(missing_ok=True)
     _DIGESTS.pop(sess.upload_id, None)
