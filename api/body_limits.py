@@ -18,7 +18,8 @@ from api.errors import error_response
 FORM_OVERHEAD = 1 << 20
 # Routes whose body is a model file.
 UPLOAD_PATHS = re.compile(
-    r"^/api/v1/(model/(update|validate)/[^/]+|model/update/[^/]+/sessions/[^/]+|experiments/[^/]+/initial_model)/?$"
+    r"^/api/v1/(model/(update|validate)/[^/]+|model/update/[^/]+/sessions/[^/]+"
+    r"|experiments/[^/]+/initial_model(/sessions/[^/]+)?)/?$"
 )
 
 
