@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
-from fedloom._resumable import RESUMABLE_THRESHOLD, upload_resumable
+from fedloom._resumable import RESUMABLE_THRESHOLD, upload_initial_resumable, upload_resumable
 
 DEFAULT_TIMEOUT = 60.0
 # Initial weights: a state_dict, a file path, or a file's bytes.
@@ -133,19 +133,28 @@ class FLClient:
             self.upload_initial_model(experiment["experiment_id"], initial_model)
         return experiment
 
-    def upload_initial_model(self, experiment_id: str, model: InitialModel) -> dict[str, Any]:
+    def upload_initial_model(
+        self, experiment_id: str, model: InitialModel, resumable: bool | None = None
+    ) -> dict[str, Any]:
         """Store an experiment's round-0 weights: a state_dict, a file path or the file's bytes.
 
         A file is sent as it is (the server reads safetensors and ``torch.save`` state_dicts); a
-        state_dict is serialised as safetensors, which needs torch and safetensors.
+        state_dict is serialised as safetensors, which needs torch and safetensors. ``resumable`` sends
+        it through a resumable session (chunks, resumed from the server's offset after a dropped
+        connection); by default files of ``RESUMABLE_THRESHOLD`` (64 MiB) or more are.
         """
         path = f"/experiments/{experiment_id}/initial_model"
         headers = {"Content-Type": "application/octet-stream"}
+        if not isinstance(model, (str, Path, bytes, bytearray, memoryview)):
+            model = state_dict_bytes(model)
+        if resumable is None:
+            resumable = _size_of(model) >= RESUMABLE_THRESHOLD
+        if resumable:
+            return upload_initial_resumable(self, experiment_id, model)
         if isinstance(model, (str, Path)):
             with open(model, "rb") as fh:
                 return self._json("PUT", path, content=fh, headers=headers)
-        data = bytes(model) if isinstance(model, (bytes, bytearray, memoryview)) else state_dict_bytes(model)
-        return self._json("PUT", path, content=data, headers=headers)
+        return self._json("PUT", path, content=bytes(model), headers=headers)
 
     def continue_experiment(self, experiment_id: str, rounds: int) -> dict[str, Any]:
         """Run a stopped or completed experiment for ``rounds`` more rounds, from its last model."""

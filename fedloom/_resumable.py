@@ -2,7 +2,8 @@
 
 The protocol (docs/api.md#resumable-uploads): ``POST /model/update/{client_id}/sessions`` with the size
 and metrics, ``PUT .../sessions/{upload_id}`` with ``Content-Range: bytes a-b/total`` for each chunk,
-``GET`` of the session for the committed offset, ``POST .../complete`` to store the file.
+``GET`` of the session for the committed offset, ``POST .../complete`` to store the file. An
+experiment's initial model goes the same way under ``/experiments/{experiment_id}/initial_model/sessions``.
 """
 
 from __future__ import annotations
@@ -87,17 +88,38 @@ def upload_resumable(
     ``client`` is an ``FLClient``. Returns the update record, as ``POST /model/update/{client_id}`` does.
     Gives up with the transport error once ``MAX_STALLED`` attempts in a row move the offset no further.
     """
+    opening = {"metrics": metrics, **({"experiment_id": experiment_id} if experiment_id else {})}
+    return _upload(client, f"/model/update/{client_id}/sessions", opening, data, chunk_size, sleep)
+
+
+def upload_initial_resumable(
+    client: Any,
+    experiment_id: str,
+    data: str | Path | bytes | bytearray | memoryview | BinaryIO,
+    *,
+    chunk_size: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Upload an experiment's round-0 weights through a resumable session, as ``upload_resumable`` does
+    an update. Returns what ``PUT /experiments/{experiment_id}/initial_model`` answers."""
+    return _upload(client, f"/experiments/{experiment_id}/initial_model/sessions", {}, data, chunk_size, sleep)
+
+
+def _upload(
+    client: Any,
+    base: str,
+    opening: dict[str, Any],
+    data: str | Path | bytes | bytearray | memoryview | BinaryIO,
+    chunk_size: int | None,
+    sleep: Callable[[float], None],
+) -> dict[str, Any]:
+    """Open a session at ``base`` with ``opening`` (and the size), send the chunks, resume after a failure,
+    finish."""
     from fedloom._client import FLAPIError
 
     source = _Source(data)
     try:
-        base = f"/model/update/{client_id}/sessions"
-        opening = {
-            "size": source.size,
-            "metrics": metrics,
-            **({"experiment_id": experiment_id} if experiment_id else {}),
-        }
-        opened = client._json("POST", base, json=opening)
+        opened = client._json("POST", base, json={"size": source.size, **opening})
         url = f"{base}/{opened['upload_id']}"
         chunk = min(chunk_size or opened["chunk_max_bytes"], opened["chunk_max_bytes"])
         offset, stalled, last_error, resumed = 0, 0, None, False
