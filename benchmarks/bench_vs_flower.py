@@ -9,7 +9,9 @@ test split after each round; 10 rounds.
 - **Flower** (its own virtualenv, as in ``bench_aggregation.py``, with flwr 1.42 and the CPU build
   of torch): ``flower-superlink``, one ``flower-supernode`` per client and ``flwr run`` of the Flower
   App in ``benchmarks/flower_app`` (which trains with fedloom's own loop, so the work is identical).
-- **fedloom**: ``fedloom serve`` and one ``fedloom client`` process per client.
+- **fedloom**, in both layouts of ``fedloom serve``: the default (the API and the worker as two
+  processes) and ``--one-process`` (the API process runs the worker too); one ``fedloom client``
+  process per client.
 
 Every process is started at t0. Start-up is t0 to round 1's training being sent (Flower: the
 strategy's ``configure_train`` of round 1; fedloom: round 1 recorded as open); wall time is t0 to
@@ -17,7 +19,8 @@ the end of the last round (Flower: ``strategy.start`` returned; fedloom: the exp
 finished). CPU seconds come from each process tree's rusage (and per-process /proc samples, the
 larger of the two); peak RSS is the largest sum, over one sample, of the peaks (VmHWM) of a side's
 live processes. Clients run torch on one thread on both sides (``OMP_NUM_THREADS=1`` and
-``torch.set_num_threads(1)``); so do both servers' evaluations. Runs alternate Flower, fedloom.
+``torch.set_num_threads(1)``); so do both servers' evaluations. Runs alternate Flower, fedloom,
+fedloom ``--one-process``.
 
     .venv/bin/python benchmarks/bench_vs_flower.py [--quick] [--out DIR] [--runs 3]
 """
@@ -298,14 +301,14 @@ def _events(work: Path) -> list[dict[str, Any]]:
 # -- fedloom -------------------------------------------------------------------------------------
 
 
-def run_fedloom(work: Path, clients: int, rounds: int) -> dict[str, Any]:
+def run_fedloom(work: Path, clients: int, rounds: int, one_process: bool = False) -> dict[str, Any]:
     data_dir = work / "data"
     data_dir.mkdir(parents=True)
     port, admin = free_port(), secrets.token_urlsafe(32)
     base = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
     env = base | GENEROUS_LIMITS | {"FEDLOOM_DATA_DIR": str(data_dir), "FEDLOOM_ADMIN_API_KEY": admin}
     cmd = [sys.executable, "-m", "fedloom.cli", "serve", "--port", str(port), "--temporal-port", str(free_port())]
-    cmd += ["--temporal-ui-port", str(free_port()), "--temporal-headless"]
+    cmd += ["--temporal-ui-port", str(free_port()), "--temporal-headless"] + (["--one-process"] if one_process else [])
     url = f"http://127.0.0.1:{port}"
     sampler = Sampler()
     t0 = time.time()
@@ -387,13 +390,31 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {key: median([r[key] for r in runs]) for key, *_ in METRICS}
 
 
+# fedloom's two layouts of ``fedloom serve``, by their key in the results.
+LAYOUTS = {"fedloom": "fedloom serve", "fedloom_one": "fedloom serve --one-process"}
+COLOURS = {"flower": "C0", "fedloom": "C1", "fedloom_one": "C2"}
+
+
 def rows(res: dict[str, Any]) -> list[list[str]]:
-    fl, fe = res["median"]["flower"], res["median"]["fedloom"]
+    fl = res["median"]["flower"]
     out = []
     for key, label, fmt, scale in METRICS:
-        ratio = f"{fe[key] / fl[key]:.2f}" if fl.get(key) else "-"
-        out.append([label, fmt.format(fl[key] / scale), fmt.format(fe[key] / scale), ratio])
+        row = [label, fmt.format(fl[key] / scale)]
+        for side in LAYOUTS:
+            fe = res["median"][side]
+            row += [fmt.format(fe[key] / scale), f"{fe[key] / fl[key]:.2f}" if fl.get(key) else "-"]
+        out.append(row)
     return out
+
+
+def checks(fl: dict[str, float], fe: dict[str, float]) -> dict[str, bool]:
+    """The issue's targets for one fedloom layout against Flower's medians."""
+    return {
+        "start-up to round 1 no worse than Flower's": fe["startup_s"] <= fl["startup_s"],
+        "server-side peak RSS no worse than Flower's": fe["rss_server_bytes"] <= fl["rss_server_bytes"],
+        "wall time at most 0.1 of Flower's": fe["wall_s"] <= 0.1 * fl["wall_s"],
+        "CPU at most 0.1 of Flower's": fe["cpu_total_s"] <= 0.1 * fl["cpu_total_s"],
+    }
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -403,14 +424,14 @@ def plot(res: dict[str, Any], path: Path) -> None:
         for i, run in enumerate(runs):
             rr = sorted(run["accuracy"], key=int)
             axes[0].plot([int(r) for r in rr], [run["accuracy"][r] for r in rr], marker=".",
-                         label=side if i == 0 else None, color="C0" if side == "flower" else "C1")  # fmt: skip
+                         label=side if i == 0 else None, color=COLOURS[side])  # fmt: skip
     axes[0].set_xlabel("round")
     axes[0].set_ylabel("test accuracy")
     axes[0].legend()
     keys = ["startup_s", "wall_s"]
-    for j, side in enumerate(("flower", "fedloom")):
-        axes[1].bar([k + j * 0.4 for k in range(len(keys))], [res["median"][side][k] for k in keys], 0.4, label=side)
-    axes[1].set_xticks([k + 0.2 for k in range(len(keys))], ["start-up to round 1", "wall time"])
+    for j, side in enumerate(COLOURS):
+        axes[1].bar([k + j * 0.27 for k in range(len(keys))], [res["median"][side][k] for k in keys], 0.27, label=side)
+    axes[1].set_xticks([k + 0.27 for k in range(len(keys))], ["start-up to round 1", "wall time"])
     axes[1].set_ylabel("seconds (median)")
     axes[1].legend()
     save_figure(fig, path)
@@ -423,17 +444,16 @@ def breakdown(res: dict[str, Any], side: str) -> str:
 
 
 def section(res: dict[str, Any], info: dict[str, Any], image: str) -> str:
-    fl, fe = res["median"]["flower"], res["median"]["fedloom"]
-    checks = {
-        "start-up to round 1 no worse than Flower's": fe["startup_s"] <= fl["startup_s"],
-        "server-side peak RSS no worse than Flower's": fe["rss_server_bytes"] <= fl["rss_server_bytes"],
-        "wall time at most 0.1 of Flower's": fe["wall_s"] <= 0.1 * fl["wall_s"],
-        "CPU at most 0.1 of Flower's": fe["cpu_total_s"] <= 0.1 * fl["cpu_total_s"],
-    }
-    verdicts = "; ".join(f"{k}: **{'met' if ok else 'NOT met'}**" for k, ok in checks.items())
+    fl = res["median"]["flower"]
+    verdicts = "\n".join(
+        f"- `{name}`: "
+        + "; ".join(f"{k}: **{'met' if ok else 'NOT met'}**" for k, ok in checks(fl, res["median"][side]).items())
+        for side, name in LAYOUTS.items()
+    )
     same = all(
         abs(a["accuracy"][r] - b["accuracy"][r]) < 0.02
-        for a, b in zip(res["runs"]["flower"], res["runs"]["fedloom"], strict=True)
+        for side in LAYOUTS
+        for a, b in zip(res["runs"]["flower"], res["runs"][side], strict=True)
         for r in a["accuracy"]
     )
     return f"""## End to end against Flower
@@ -445,14 +465,19 @@ digits CNN, FedAvg weighted by samples, {res["clients"]} clients on fedloom's II
 (momentum 0.9), {DEMO_TRAINING["local_epochs"]} local epochs of batch {DEMO_TRAINING["batch_size"]} at learning
 rate {DEMO_TRAINING["learning_rate"]}, fedloom's training seeds and seeded initial weights, {res["rounds"]} rounds,
 the global model evaluated on the test split after each round. The Flower App
-(`benchmarks/flower_app`) trains and evaluates with fedloom's own loops. Every client process runs torch on
-one thread (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`), and so does each server's evaluation.
+(`benchmarks/flower_app`) trains and evaluates with fedloom's own loops. fedloom runs in both layouts of
+`fedloom serve`: the default, where the API and the worker are two processes (they scale out separately),
+and `--one-process`, where the API process runs the worker too (`docs/deployment.md`). Every client
+process runs torch on one thread (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`), and so does each
+server's evaluation.
 Medians of {res["runs_per_side"]} interleaved runs. {machine_line(info)}; load average
 {res["load_average"][0]:.1f} at the start, {res["load_average"][1]:.1f} at the end.
 
-{table(["", "Flower", "fedloom", "fedloom / Flower"], rows(res))}
+{table(["", "Flower", "fedloom", "/ Flower", "fedloom --one-process", "/ Flower"], rows(res))}
 
-{verdicts}. Per-round accuracy {
+{verdicts}
+
+Per-round accuracy {
         "agrees within 0.02 in every round of every run"
         if same
         else "differs by more than 0.02 in some round (see the JSON result)"
@@ -466,7 +491,9 @@ Medians of {res["runs_per_side"]} interleaved runs. {machine_line(info)}; load a
   Flower's `flwr run` client took a further {
         median([r["cpu_flwr_run_cli_s"] for r in res["runs"]["flower"]]):.1f} s (not counted).
 - Peak RSS is the largest sum of the live processes' peaks seen in one sample (every 0.2 s). Server side,
-  first run: Flower: {breakdown(res, "flower")}; fedloom: {breakdown(res, "fedloom")}.
+  first run: Flower: {breakdown(res, "flower")}; fedloom: {breakdown(res, "fedloom")};
+  fedloom --one-process: {breakdown(res, "fedloom_one")}. fedloom's `serve` process becomes a small
+  standard-library supervisor once its children are planned (`fedloom_tools/supervisor.py`).
 - Flower starts a fresh `flwr-clientapp` process (importing torch) for each message on each node, which
   is where most of its wall time and CPU go; a fedloom client stays up across rounds.
 
@@ -481,14 +508,16 @@ def main() -> int:
     clients, rounds, runs = (2, 2, 1) if args.quick else (5, 10, args.runs)
     have_flower = flower_bin(create=not args.quick) is not None
     load = [os.getloadavg()[0]]
-    results: dict[str, list[dict[str, Any]]] = {"flower": [], "fedloom": []}
+    results: dict[str, list[dict[str, Any]]] = {"flower": [], "fedloom": [], "fedloom_one": []}
     with tempfile.TemporaryDirectory(prefix="fedloom-bench-vs-flower-") as tmp:
         for i in range(runs):
             if have_flower:
                 results["flower"].append(run_flower(Path(tmp) / f"flower-{i}", clients, rounds))
                 print("flower", {k: results["flower"][-1][k] for k, *_ in METRICS}, flush=True)
-            results["fedloom"].append(run_fedloom(Path(tmp) / f"fedloom-{i}", clients, rounds))
-            print("fedloom", {k: results["fedloom"][-1][k] for k, *_ in METRICS}, flush=True)
+            for side in LAYOUTS:
+                work = Path(tmp) / f"{side}-{i}"
+                results[side].append(run_fedloom(work, clients, rounds, one_process=side == "fedloom_one"))
+                print(side, {k: results[side][-1][k] for k, *_ in METRICS}, flush=True)
     load.append(os.getloadavg()[0])
     res: dict[str, Any] = {
         "quick": args.quick, "clients": clients, "rounds": rounds, "runs_per_side": runs,
@@ -497,7 +526,7 @@ def main() -> int:
         "median": {side: medians(r) for side, r in results.items() if r},
     }  # fmt: skip
     if have_flower:
-        print(table(["", "Flower", "fedloom", "ratio"], rows(res)))
+        print(table(["", "Flower", "fedloom", "ratio", "fedloom --one-process", "ratio"], rows(res)))
     elif not args.quick:
         raise SystemExit("Flower's virtualenv could not be made")
     publish(args, NAME, res, plot if have_flower else _plot_fedloom, lambda info, img: section(res, info, img))

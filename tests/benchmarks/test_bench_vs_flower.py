@@ -25,7 +25,7 @@ def test_bench_vs_flower_quick(tmp_path: Path) -> None:
     assert (tmp_path / "bench_vs_flower.png").stat().st_size > 0
     result = json.loads((tmp_path / "vs_flower.json").read_text())
     assert result["benchmark"] == "vs_flower" and result["rounds"] == 2
-    sides = ["fedloom"] + (["flower"] if result["flwr"] else [])
+    sides = ["fedloom", "fedloom_one"] + (["flower"] if result["flwr"] else [])
     for side in sides:
         (run,) = result["runs"][side]
         assert 0 < run["startup_s"] < run["wall_s"]
@@ -33,7 +33,8 @@ def test_bench_vs_flower_quick(tmp_path: Path) -> None:
         assert run["rss_server_bytes"] > 0 and run["rss_client_bytes"] > 0
         assert sorted(run["accuracy"], key=int) == ["1", "2"] and 0 < run["final_accuracy"] <= 1
     if result["flwr"]:
-        fl, fe = result["runs"]["flower"][0], result["runs"]["fedloom"][0]
-        # Same model, data, seeds and initial weights: the same learning, round by round.
-        for rnd in ("1", "2"):
-            assert abs(fl["accuracy"][rnd] - fe["accuracy"][rnd]) < 0.02, (rnd, fl["accuracy"], fe["accuracy"])
+        fl = result["runs"]["flower"][0]
+        # Same model, data, seeds and initial weights: the same learning, round by round, in both layouts.
+        for fe in (result["runs"]["fedloom"][0], result["runs"]["fedloom_one"][0]):
+            for rnd in ("1", "2"):
+                assert abs(fl["accuracy"][rnd] - fe["accuracy"][rnd]) < 0.02, (rnd, fl["accuracy"], fe["accuracy"])
