@@ -1,7 +1,8 @@
 // A resumable upload whose connection drops mid-chunk at 90% of the file, against a live server.
 // The request body of the chunk that crosses FEDLOOM_CUT_AT is a stream that sends the bytes up to
 // that point and then fails, so the connection is torn down mid-request as a real drop would.
-// Prints {cut, ranges, update} as JSON.
+// FEDLOOM_TARGET=initial_model uploads FEDLOOM_FILE as FEDLOOM_EXPERIMENT's initial model instead of
+// as FEDLOOM_CLIENT's update. Prints {cut, ranges, update} (or {cut, ranges, initial_model}) as JSON.
 import { readFileSync } from 'node:fs';
 import { FLAPIClient } from '../src/index.js';
 
@@ -37,9 +38,15 @@ async function cuttingFetch(url, init) {
 
 const client = new FLAPIClient(process.env.FEDLOOM_URL, process.env.FEDLOOM_KEY, { fetch: cuttingFetch });
 const file = readFileSync(process.env.FEDLOOM_FILE);
-const update = await client.uploadModelUpdate(process.env.FEDLOOM_CLIENT, file, { data_samples: 20 }, {
-  resumable: true,
-  experimentId: process.env.FEDLOOM_EXPERIMENT,
-  sleep: (ms) => new Promise((done) => setTimeout(done, Math.min(ms, 200))),
-});
-console.log(JSON.stringify({ cut, ranges, update }));
+const sleep = (ms) => new Promise((done) => setTimeout(done, Math.min(ms, 200)));
+if (process.env.FEDLOOM_TARGET === 'initial_model') {
+  const stored = await client.uploadInitialModel(process.env.FEDLOOM_EXPERIMENT, file, { resumable: true, sleep });
+  console.log(JSON.stringify({ cut, ranges, initial_model: stored }));
+} else {
+  const update = await client.uploadModelUpdate(process.env.FEDLOOM_CLIENT, file, { data_samples: 20 }, {
+    resumable: true,
+    experimentId: process.env.FEDLOOM_EXPERIMENT,
+    sleep,
+  });
+  console.log(JSON.stringify({ cut, ranges, update }));
+}

@@ -120,7 +120,20 @@ export class FLAPIClient {
   listExperiments(filters?: { status?: string; limit?: number; offset?: number }): Promise<JsonObject>;
   getExperiment(experimentId: string): Promise<JsonObject>;
   continueExperiment(experimentId: string, rounds: number): Promise<JsonObject>;
-  uploadInitialModel(experimentId: string, file: ModelFile): Promise<JsonObject>;
+  /** Files of RESUMABLE_THRESHOLD bytes or more (or with `resumable: true`) go through a resumable session. */
+  uploadInitialModel(
+    experimentId: string,
+    file: ModelFile,
+    options?: { resumable?: boolean } & Omit<ResumableOptions, 'experimentId'>,
+  ): Promise<JsonObject>;
+  /** Chunked upload of the round-0 weights that resumes from the server's committed offset after a drop. */
+  uploadInitialModelResumable(
+    experimentId: string,
+    file: ModelFile,
+    options?: Omit<ResumableOptions, 'experimentId'>,
+  ): Promise<JsonObject>;
+  /** `{upload_id, experiment_id, size, offset, complete, ..., model_id}` of an initial model's resumable upload. */
+  getInitialModelSession(experimentId: string, uploadId: string): Promise<JsonObject>;
 
   getGlobalModel(options?: { round?: number; format?: string; experimentId?: string }): Promise<JsonObject>;
   downloadModel(modelId: string, options?: { format?: string }): Promise<{ data: Uint8Array; sha256: string | null }>;

@@ -189,9 +189,34 @@ export class FLAPIClient {
     return this.request('POST', `/experiments/${encodeURIComponent(experimentId)}/continue`, { json: { rounds } });
   }
 
-  uploadInitialModel(experimentId, file) {
+  /**
+   * Store an experiment's round-0 weights (a safetensors or torch.save state_dict file). Files of
+   * RESUMABLE_THRESHOLD bytes or more (or with `resumable: true`) go through a resumable session
+   * (see uploadInitialModelResumable).
+   */
+  uploadInitialModel(experimentId, file, { resumable, ...options } = {}) {
+    const blob = asBlob(file);
+    if (resumable ?? blob.size >= RESUMABLE_THRESHOLD) {
+      return this.uploadInitialModelResumable(experimentId, blob, options);
+    }
     const path = `/experiments/${encodeURIComponent(experimentId)}/initial_model`;
-    return this.request('PUT', path, { body: asBlob(file), headers: { 'Content-Type': 'application/octet-stream' } });
+    return this.request('PUT', path, { body: blob, headers: { 'Content-Type': 'application/octet-stream' } });
+  }
+
+  /**
+   * Upload an experiment's round-0 weights through a resumable session
+   * (`/experiments/{id}/initial_model/sessions`), as uploadModelUpdateResumable does an update; answers
+   * as `PUT /experiments/{id}/initial_model` does.
+   */
+  async uploadInitialModelResumable(experimentId, file, options = {}) {
+    const base = `/experiments/${encodeURIComponent(experimentId)}/initial_model/sessions`;
+    return this.uploadInSession(base, {}, asBlob(file), options);
+  }
+
+  /** The committed offset and size of an initial model's resumable upload session. */
+  getInitialModelSession(experimentId, uploadId) {
+    const base = `/experiments/${encodeURIComponent(experimentId)}/initial_model/sessions`;
+    return this.request('GET', `${base}/${encodeURIComponent(uploadId)}`);
   }
 
   // Models and updates.
@@ -230,16 +255,20 @@ export class FLAPIClient {
    * by `GET` of the session and the upload goes on from the server's committed offset; it gives up
    * after `maxStalled` attempts in a row that move the offset no further.
    */
-  async uploadModelUpdateResumable(
-    clientId,
-    file,
-    metrics,
-    { chunkSize, maxStalled = 6, onProgress, experimentId, sleep = (ms) => new Promise((done) => setTimeout(done, ms)) } = {},
-  ) {
-    const blob = asBlob(file);
+  async uploadModelUpdateResumable(clientId, file, metrics, { experimentId, ...options } = {}) {
     const base = `/model/update/${encodeURIComponent(clientId)}/sessions`;
-    const opening = { size: blob.size, metrics: metrics ?? {}, ...(experimentId ? { experiment_id: experimentId } : {}) };
-    const opened = await this.request('POST', base, { json: opening });
+    const opening = { metrics: metrics ?? {}, ...(experimentId ? { experiment_id: experimentId } : {}) };
+    return this.uploadInSession(base, opening, asBlob(file), options);
+  }
+
+  /** The session loop of both resumable uploads: open at `base` with `opening` and the size, chunks, finish. */
+  async uploadInSession(
+    base,
+    opening,
+    blob,
+    { chunkSize, maxStalled = 6, onProgress, sleep = (ms) => new Promise((done) => setTimeout(done, ms)) } = {},
+  ) {
+    const opened = await this.request('POST', base, { json: { size: blob.size, ...opening } });
     const url = `${base}/${encodeURIComponent(opened.upload_id)}`;
     const chunk = Math.min(chunkSize ?? opened.chunk_max_bytes, opened.chunk_max_bytes);
     let offset = 0;
