@@ -7,8 +7,10 @@ The drop is a live ``fedloom serve`` (a raw socket closed mid-chunk); the guards
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +18,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedloom_core.errors import NotFound
+from fedloom_core.storage import upload_sessions as sessions
 from tests.api.test_initial_models import CUSTOM, _create
 from tests.api.test_training_api import assert_error, register, wait_task
 from tests.api.test_upload_sessions import _drop_mid_chunk, _put
@@ -166,3 +170,26 @@ def test_initial_model_sessions_guard_like_the_single_request(local_app) -> None
     url = f"{base}/{http.post(base, json={'size': len(data)}).json()['upload_id']}"
     assert http.delete(url).status_code == 204
     assert_error(http.get(url), 404, "NOT_FOUND")
+
+
+@pytest.mark.unit
+def test_the_store_keeps_kinds_apart_and_reads_sessions_written_before_kinds(tmp_path: Path) -> None:
+    initial = sessions.create(
+        tmp_path, client_id="", experiment_id="e1", round=0, size=4, metrics={}, sha256=None, kind="initial_model"
+    )
+    assert sessions.load(tmp_path, initial.upload_id, "e1", 60, kind="initial_model").owner == "e1"
+    for owner, kind in (("e1", "update"), ("", "update"), ("e2", "initial_model")):
+        with pytest.raises(NotFound):
+            sessions.load(tmp_path, initial.upload_id, owner, 60, kind=kind)
+    sessions.mark_finished(initial, None, {"model_id": "model_e1_round_0"})
+    again = sessions.load(tmp_path, initial.upload_id, "e1", 60, kind="initial_model")
+    assert again.finished and again.offset() == 4 and again.result == {"model_id": "model_e1_round_0"}
+    # A session opened before sessions had a kind (an API upgraded while it was open) is an update's.
+    update = sessions.create(tmp_path, client_id="c1", experiment_id="e1", round=1, size=4, metrics={}, sha256=None)
+    meta = update.directory / "meta.json"
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({k: v for k, v in record.items() if k not in ("kind", "result")}))
+    old = sessions.load(tmp_path, update.upload_id, "c1", 60)
+    assert old.kind == "update" and not old.finished and old.offset() == 0
+    with pytest.raises(NotFound):
+        sessions.load(tmp_path, update.upload_id, "e1", 60, kind="initial_model")
