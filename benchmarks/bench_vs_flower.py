@@ -467,7 +467,7 @@ rate {DEMO_TRAINING["learning_rate"]}, fedloom's training seeds and seeded initi
 the global model evaluated on the test split after each round. The Flower App
 (`benchmarks/flower_app`) trains and evaluates with fedloom's own loops. fedloom runs in both layouts of
 `fedloom serve`: the default, where the API and the worker are two processes (they scale out separately),
-and `--one-process`, where the API process runs the worker too (`docs/deployment.md`). Every client
+and `--one-process`, where the API process runs the worker too (`docs/running.md`). Every client
 process runs torch on one thread (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`), and so does each
 server's evaluation.
 Medians of {res["runs_per_side"]} interleaved runs. {machine_line(info)}; load average

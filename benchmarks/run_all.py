@@ -30,12 +30,14 @@ def main() -> int:
     parser.add_argument("--only", nargs="*")
     args = parser.parse_args()
     failed = []
+    took: dict[str, float] = {}
     started = time.perf_counter()
     for script in scripts(args.only):
         print(f"\n=== {script.name} ===", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run([sys.executable, str(script), *(["--quick"] if args.quick else [])]).returncode
-        print(f"=== {script.name}: exit {rc} in {time.perf_counter() - t0:.0f} s ===", flush=True)
+        took[script.name] = time.perf_counter() - t0
+        print(f"=== {script.name}: exit {rc} in {took[script.name]:.0f} s ===", flush=True)
         if rc:
             failed.append(script.name)
     total = time.perf_counter() - started
@@ -43,15 +45,20 @@ def main() -> int:
         sys.path.insert(0, str(HERE))
         from _common import machine, machine_line, order_sections, update_doc_section
 
-        update_doc_section(
-            "run",
-            f"## The whole run\n\n`make bench` ran the {len(scripts())} scripts above in {total:.0f} s "
-            f"(the Flower comparison is the longest: each of its Flower runs takes minutes); failed: "
-            f"{', '.join(failed) or 'none'}. {machine_line(machine())}.",
-        )
+        update_doc_section("run", whole_run(took, total, failed, machine_line(machine())))
         order_sections()
     print(f"\nall benchmarks: {total:.0f} s; failed: {', '.join(failed) or 'none'}")
     return 1 if failed else 0
+
+
+def whole_run(took: dict[str, float], total: float, failed: list[str], machine: str) -> str:
+    """The docs section on the whole run: how long it took, the longest scripts, what failed."""
+    longest = sorted(took.items(), key=lambda kv: -kv[1])[:3]
+    named = ", ".join(f"`{name}` {seconds:.0f} s" for name, seconds in longest)
+    return (
+        f"## The whole run\n\n`make bench` ran the {len(took)} scripts above in {total:.0f} s; the longest: "
+        f"{named}. Failed: {', '.join(failed) or 'none'}. {machine}."
+    )
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--one-process",
         action="store_true",
-        help="run the worker inside the API process: less memory, for small deployments (docs/deployment.md)",
+        help="run the worker inside the API process: less memory, for small deployments (docs/running.md)",
     )
     serve.set_defaults(func=_cmd_serve, require=require_server)
 
