@@ -84,9 +84,6 @@ def serve(
     # Temporal, the worker and the API share this machine's cores: OpenMP threads that spin while
     # waiting (the default) made each small evaluation ~15x slower on a busy 2-core machine.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # glibc gives each thread that allocates its own arena (up to 8 per core) and keeps what they free:
-    # two arenas cut the worker's peak by ~90 MB in the Flower comparison (docs/benchmarks.md).
-    env.setdefault("MALLOC_ARENA_MAX", "2")
     settings = Settings(_env_file=None, **({"data_dir": data_dir} if data_dir else {}))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env["FEDLOOM_DATA_DIR"] = str(settings.data_dir)
@@ -109,10 +106,16 @@ def serve(
         plan.children.append(("temporal", _temporal_command(settings, temporal_port, temporal_ui_port, headless)))
         plan.waits.append(("temporal", "127.0.0.1", temporal_port, 60))
     api = list(api_command or default_command("api"))
+    # glibc gives each thread that allocates its own arena (up to 8 per core) and keeps what they free:
+    # two arenas cut the worker's peak by ~90 MB, but slowed the API's 1 GB uploads by ~30%
+    # (docs/running.md), so the API keeps glibc's default unless it runs the worker too.
+    lean = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
     if one_process and not (api_command or worker_command):
         api.append("--with-worker")
+        plan.child_env["api"] = lean
     else:
         plan.children.append(("worker", list(worker_command or default_command("worker"))))
+        plan.child_env["worker"] = lean
     plan.children.append(("api", [*api, "--host", host, "--port", str(port)]))
     plan.waits.append(("api", host, port, 90))
     plan.announce = _announce(settings, host, port, address, None if headless else temporal_ui_port, embedded, created)

@@ -83,6 +83,8 @@ class Plan:
     waits: list[tuple[str, str, int, float]] = field(default_factory=list)
     announce: list[str] = field(default_factory=list)
     metrics_dir: str | None = None
+    # Settings for one child only, by name, on top of the shared environment.
+    child_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -103,11 +105,12 @@ class Child:
     cmd: list[str]
     log_path: Path
     proc: subprocess.Popen
+    env: dict[str, str]
 
     @classmethod
     def start(cls, name: str, cmd: list[str], env: dict[str, str], logs: Path) -> Child:
         log_path = logs / f"{name}.log"
-        return cls(name, cmd, log_path, spawn(cmd, env, log_path))
+        return cls(name, cmd, log_path, spawn(cmd, env, log_path), env)
 
 
 def run(plan: Plan, env: dict[str, str]) -> int:
@@ -125,7 +128,7 @@ def run(plan: Plan, env: dict[str, str]) -> int:
         # All start at once: the worker waits for Temporal, the API reports Temporal down on /health
         # until it is up. One after the other, start-up paid for Temporal's start, then the imports.
         for name, cmd in plan.children:
-            children.append(Child.start(name, cmd, env, Path(plan.logs)))
+            children.append(Child.start(name, cmd, env | plan.child_env.get(name, {}), Path(plan.logs)))
         by_name = {child.name: child for child in children}
         for name, host, port, timeout in plan.waits:
             wait_for_port(host, port, timeout, by_name[name].proc)
@@ -163,7 +166,7 @@ def supervise(
                 return 1
             print(f"fedloom: {child.name} exited with {code}; restarting it", file=sys.stderr, flush=True)
             forget_metrics(metrics_dir, child.proc.pid)
-            child.proc = spawn(child.cmd, env, child.log_path)
+            child.proc = spawn(child.cmd, child.env, child.log_path)
         time.sleep(0.3)
     return 0
 

@@ -23,6 +23,7 @@ def test_plan_round_trips_through_json() -> None:
         waits=[("temporal", "127.0.0.1", 7233, 60.0), ("api", "127.0.0.1", 8080, 90.0)],
         announce=["fedloom: API http://127.0.0.1:8080/api/v1"],
         metrics_dir="/tmp/prom",
+        child_env={"worker": {"MALLOC_ARENA_MAX": "2"}},
     )
     assert supervisor.Plan.from_json(plan.to_json()) == plan
 
@@ -66,6 +67,7 @@ def test_one_process_plan_has_no_worker_child(tmp_path: Path, monkeypatch) -> No
     """serve's plan: the worker is its own child by default, inside the API with one_process."""
     plans: list[supervisor.Plan] = []
     monkeypatch.delenv("FEDLOOM_TEMPORAL_ADDRESS", raising=False)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     monkeypatch.setattr("fedloom_tools.serve.run", lambda plan, env: plans.append(plan) or 0)
     monkeypatch.setattr("fedloom_tools.serve.temporal_binary", lambda: "temporal")
     for one in (False, True):
@@ -74,3 +76,6 @@ def test_one_process_plan_has_no_worker_child(tmp_path: Path, monkeypatch) -> No
     assert set(default) == {"temporal", "worker", "api"} and "--with-worker" not in default["api"]
     assert set(one_process) == {"temporal", "api"} and "--with-worker" in one_process["api"]
     assert [w[0] for w in plans[1].waits] == ["temporal", "api"]
+    # Two malloc arenas for the process that runs the worker; the API alone keeps glibc's default.
+    assert plans[0].child_env == {"worker": {"MALLOC_ARENA_MAX": "2"}}
+    assert plans[1].child_env == {"api": {"MALLOC_ARENA_MAX": "2"}}
