@@ -42,6 +42,19 @@ def custom_experiment(http: httpx.Client, name: str) -> str:
     return _create(http, body)
 
 
+def starts_from(http: httpx.Client, exp_id: str, model_id: str, data: bytes, prefix: str) -> bytes:
+    """Start ``exp_id`` with two new clients; the round-1 task hands out ``model_id``, whose bytes are ``data``."""
+    for cid in (f"{prefix}1", f"{prefix}2"):
+        register(http, cid)
+    started = http.post("/training/start", json={"experiment_config": {"experiment_id": exp_id}})
+    assert started.status_code == 200, started.text
+    task = wait_task(http, f"{prefix}1")
+    assert task["model_id"] == model_id
+    download = http.get(f"/model/download/{task['model_id']}").content
+    assert download == data
+    return download
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     live = start_serve(
@@ -97,15 +110,8 @@ def test_an_initial_model_dropped_at_90_percent_resumes_and_the_experiment_start
         assert http.get(url).json()["model_id"] == stored["model_id"]
         assert_error(_put(http, url, data[:CHUNK], 0, size), 409, "CONFLICT")
         # The experiment starts from these weights: its clients' round-1 task hands them out, byte for byte.
-        for cid in ("ims1", "ims2"):
-            register(http, cid)
-        started = http.post("/training/start", json={"experiment_config": {"experiment_id": exp_id}})
-        assert started.status_code == 200, started.text
-        task = wait_task(http, "ims1")
-        assert task["model_id"] == stored["model_id"]
-        download = http.get(f"/model/download/{task['model_id']}")
-        assert download.content == data
-        assert st_load(download.content).keys() == st_load(data).keys()
+        download = starts_from(http, exp_id, stored["model_id"], data, "ims")
+        assert st_load(download).keys() == st_load(data).keys()
         # Started: the weights are fixed, for a session as for the single request.
         assert_error(http.post(f"/experiments/{exp_id}/initial_model/sessions", json={"size": size}), 409, "CONFLICT")
         http.post("/training/stop", json={"experiment_id": exp_id, "reason": "test over"})

@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.test_initial_model_sessions import custom_experiment, custom_weights
-from tests.api.test_training_api import register, wait_task
+from tests.api.test_initial_model_sessions import custom_experiment, custom_weights, starts_from
 from tests.conftest import start_serve, stop_serve
 
 pytestmark = pytest.mark.e2e
@@ -57,13 +56,7 @@ def test_js_client_resumes_an_initial_model_dropped_at_90_percent(tmp_path: Path
             # After the drop it went on from the server's offset (past 80% of the file), not from the start.
             assert firsts[cut_index + 1] > 0.8 * len(data), out["ranges"][cut_index:]
             # The experiment starts from the file, byte for byte.
-            for cid in ("js1", "js2"):
-                register(http, cid)
-            started = http.post("/training/start", json={"experiment_config": {"experiment_id": exp_id}})
-            assert started.status_code == 200, started.text
-            task = wait_task(http, "js1")
-            assert task["model_id"] == stored["model_id"]
-            assert http.get(f"/model/download/{task['model_id']}").content == data
+            starts_from(http, exp_id, stored["model_id"], data, "js")
             http.post("/training/stop", json={"experiment_id": exp_id, "reason": "test over"})
     finally:
         stop_serve(server)

@@ -12,9 +12,8 @@ import pytest
 
 import fedloom._client
 from fedloom import FLClient
-from tests.api.test_initial_model_sessions import custom_weights
+from tests.api.test_initial_model_sessions import custom_weights, starts_from
 from tests.api.test_initial_models import CUSTOM
-from tests.api.test_training_api import register, wait_task
 from tests.conftest import LiveServer, start_serve, stop_serve
 from tests.sdk.test_resumable_upload import CutOnce
 
@@ -53,13 +52,7 @@ def test_initial_model_cut_at_90_percent_resumes_and_the_experiment_starts_from_
     assert firsts[cut_index + 1] >= cut_at - CHUNK and firsts[cut_index + 1] > 0.8 * size
     assert transport.sent < size + CHUNK
     with httpx.Client(base_url=server.api, headers=server.headers(), timeout=60) as http:
-        for cid in ("si1", "si2"):
-            register(http, cid)
-        started = http.post("/training/start", json={"experiment_config": {"experiment_id": exp_id}})
-        assert started.status_code == 200, started.text
-        task = wait_task(http, "si1")
-        assert task["model_id"] == stored["model_id"]
-        assert http.get(f"/model/download/{task['model_id']}").content == data
+        starts_from(http, exp_id, stored["model_id"], data, "si")
         http.post("/training/stop", json={"experiment_id": exp_id, "reason": "test over"})
 
 
