@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load
 
 from fedloom import FLClient, cli
@@ -96,6 +97,7 @@ def run(server: LiveServer, http: httpx.Client, tmp_path_factory: pytest.TempPat
             for fmt, extra in (("text", []), ("json", ["--json"]))
         }
         wait_registered(http, CLIENTS, procs)
+        wait_listening(server, len(watchers), watchers.values())
         started = run_cli(server, "experiments", "start", exp_id, "--file", str(tmp / "start.json"), "--json")
         assert started.returncode == 0, started.stderr
         outputs = {fmt: (*w.communicate(timeout=270), w.returncode) for fmt, w in watchers.items()}
@@ -106,6 +108,21 @@ def run(server: LiveServer, http: httpx.Client, tmp_path_factory: pytest.TempPat
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def wait_listening(server: LiveServer, count: int, procs: Any, timeout: float = 90) -> None:
+    """Wait until ``count`` event-stream listeners are subscribed (the API's listener gauge): a watcher
+    process still importing when the run starts would begin at the record, not at the run's first event."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=30) as metrics:
+        while True:
+            families = text_string_to_metric_families(metrics.get("/metrics").text)
+            listening = sum(s.value for f in families for s in f.samples if s.name == "fedloom_websocket_listeners")
+            if listening >= count:
+                return
+            assert all(p.poll() is None for p in procs), "a watcher exited before the run started"
+            assert time.monotonic() < deadline, f"{listening} of {count} watchers connected after {timeout}s"
+            time.sleep(0.2)
 
 
 def test_watch_follows_the_run_to_its_end(run: dict[str, Any], http: httpx.Client) -> None:
@@ -138,6 +155,8 @@ def test_watch_json_prints_the_events_then_the_record(run: dict[str, Any], http:
     assert completed == list(range(1, ROUNDS + 1))
     assert uploads == {(r, f"cli{i}") for r in range(1, ROUNDS + 1) for i in range(1, CLIENTS + 1)}
     assert events[-1]["type"] == "training_completed" and events[-1]["rounds_completed"] == ROUNDS
+    assert [e["round"] for e in events if e["type"] == "round_started"] == list(range(1, ROUNDS + 1))
+    assert [e["type"] for e in events].count("training_started") == 1
 
 
 def test_list_and_show_match_the_api(
