@@ -9,8 +9,8 @@ test split after each round; 10 rounds.
 - **Flower** (its own virtualenv, as in ``bench_aggregation.py``, with flwr 1.42 and the CPU build
   of torch): ``flower-superlink``, one ``flower-supernode`` per client and ``flwr run`` of the Flower
   App in ``benchmarks/flower_app`` (which trains with fedloom's own loop, so the work is identical).
-- **fedloom**, in both layouts of ``fedloom serve``: the default (the API and the worker as two
-  processes) and ``--one-process`` (the API process runs the worker too); one ``fedloom client``
+- **fedloom**, in both layouts of ``fedloom serve``: the default (the API process runs the worker
+  too) and ``--separate-worker`` (the API and the worker as two processes); one ``fedloom client``
   process per client.
 
 Every process is started at t0. Start-up is t0 to round 1's training being sent (Flower: the
@@ -20,7 +20,7 @@ finished). CPU seconds come from each process tree's rusage (and per-process /pr
 larger of the two); peak RSS is the largest sum, over one sample, of the peaks (VmHWM) of a side's
 live processes. Clients run torch on one thread on both sides (``OMP_NUM_THREADS=1`` and
 ``torch.set_num_threads(1)``); so do both servers' evaluations. Runs alternate Flower, fedloom,
-fedloom ``--one-process``.
+fedloom ``--separate-worker``.
 
     .venv/bin/python benchmarks/bench_vs_flower.py [--quick] [--out DIR] [--runs 3]
 """
@@ -301,14 +301,15 @@ def _events(work: Path) -> list[dict[str, Any]]:
 # -- fedloom -------------------------------------------------------------------------------------
 
 
-def run_fedloom(work: Path, clients: int, rounds: int, one_process: bool = False) -> dict[str, Any]:
+def run_fedloom(work: Path, clients: int, rounds: int, separate_worker: bool = False) -> dict[str, Any]:
     data_dir = work / "data"
     data_dir.mkdir(parents=True)
     port, admin = free_port(), secrets.token_urlsafe(32)
     base = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
     env = base | GENEROUS_LIMITS | {"FEDLOOM_DATA_DIR": str(data_dir), "FEDLOOM_ADMIN_API_KEY": admin}
     cmd = [sys.executable, "-m", "fedloom.cli", "serve", "--port", str(port), "--temporal-port", str(free_port())]
-    cmd += ["--temporal-ui-port", str(free_port()), "--temporal-headless"] + (["--one-process"] if one_process else [])
+    cmd += ["--temporal-ui-port", str(free_port()), "--temporal-headless"]
+    cmd += ["--separate-worker"] if separate_worker else []
     url = f"http://127.0.0.1:{port}"
     sampler = Sampler()
     t0 = time.time()
@@ -391,8 +392,8 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 # fedloom's two layouts of ``fedloom serve``, by their key in the results.
-LAYOUTS = {"fedloom": "fedloom serve", "fedloom_one": "fedloom serve --one-process"}
-COLOURS = {"flower": "C0", "fedloom": "C1", "fedloom_one": "C2"}
+LAYOUTS = {"fedloom": "fedloom serve", "fedloom_sep": "fedloom serve --separate-worker"}
+COLOURS = {"flower": "C0", "fedloom": "C1", "fedloom_sep": "C2"}
 
 
 def rows(res: dict[str, Any]) -> list[list[str]]:
@@ -466,14 +467,14 @@ digits CNN, FedAvg weighted by samples, {res["clients"]} clients on fedloom's II
 rate {DEMO_TRAINING["learning_rate"]}, fedloom's training seeds and seeded initial weights, {res["rounds"]} rounds,
 the global model evaluated on the test split after each round. The Flower App
 (`benchmarks/flower_app`) trains and evaluates with fedloom's own loops. fedloom runs in both layouts of
-`fedloom serve`: the default, where the API and the worker are two processes (they scale out separately),
-and `--one-process`, where the API process runs the worker too (`docs/running.md`). Every client
+`fedloom serve`: the default, where the API process runs the worker too, and `--separate-worker`, where
+the API and the worker are two processes (for heavy aggregation; `docs/running.md`). Every client
 process runs torch on one thread (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`), and so does each
 server's evaluation.
 Medians of {res["runs_per_side"]} interleaved runs. {machine_line(info)}; load average
 {res["load_average"][0]:.1f} at the start, {res["load_average"][1]:.1f} at the end.
 
-{table(["", "Flower", "fedloom", "/ Flower", "fedloom --one-process", "/ Flower"], rows(res))}
+{table(["", "Flower", "fedloom", "/ Flower", "fedloom --separate-worker", "/ Flower"], rows(res))}
 
 {verdicts}
 
@@ -492,7 +493,7 @@ Per-round accuracy {
         median([r["cpu_flwr_run_cli_s"] for r in res["runs"]["flower"]]):.1f} s (not counted).
 - Peak RSS is the largest sum of the live processes' peaks seen in one sample (every 0.2 s). Server side,
   first run: Flower: {breakdown(res, "flower")}; fedloom: {breakdown(res, "fedloom")};
-  fedloom --one-process: {breakdown(res, "fedloom_one")}. fedloom's `serve` process becomes a small
+  fedloom --separate-worker: {breakdown(res, "fedloom_sep")}. fedloom's `serve` process becomes a small
   standard-library supervisor once its children are planned (`fedloom_tools/supervisor.py`).
 - Flower starts a fresh `flwr-clientapp` process (importing torch) for each message on each node, which
   is where most of its wall time and CPU go; a fedloom client stays up across rounds.
@@ -508,7 +509,7 @@ def main() -> int:
     clients, rounds, runs = (2, 2, 1) if args.quick else (5, 10, args.runs)
     have_flower = flower_bin(create=not args.quick) is not None
     load = [os.getloadavg()[0]]
-    results: dict[str, list[dict[str, Any]]] = {"flower": [], "fedloom": [], "fedloom_one": []}
+    results: dict[str, list[dict[str, Any]]] = {"flower": [], "fedloom": [], "fedloom_sep": []}
     with tempfile.TemporaryDirectory(prefix="fedloom-bench-vs-flower-") as tmp:
         for i in range(runs):
             if have_flower:
@@ -516,7 +517,7 @@ def main() -> int:
                 print("flower", {k: results["flower"][-1][k] for k, *_ in METRICS}, flush=True)
             for side in LAYOUTS:
                 work = Path(tmp) / f"{side}-{i}"
-                results[side].append(run_fedloom(work, clients, rounds, one_process=side == "fedloom_one"))
+                results[side].append(run_fedloom(work, clients, rounds, separate_worker=side == "fedloom_sep"))
                 print(side, {k: results[side][-1][k] for k, *_ in METRICS}, flush=True)
     load.append(os.getloadavg()[0])
     res: dict[str, Any] = {
@@ -526,7 +527,7 @@ def main() -> int:
         "median": {side: medians(r) for side, r in results.items() if r},
     }  # fmt: skip
     if have_flower:
-        print(table(["", "Flower", "fedloom", "ratio", "fedloom --one-process", "ratio"], rows(res)))
+        print(table(["", "Flower", "fedloom", "ratio", "fedloom --separate-worker", "ratio"], rows(res)))
     elif not args.quick:
         raise SystemExit("Flower's virtualenv could not be made")
     publish(args, NAME, res, plot if have_flower else _plot_fedloom, lambda info, img: section(res, info, img))

@@ -42,7 +42,7 @@ def serve_options(args: argparse.Namespace) -> dict:
         "temporal_port": args.temporal_port,
         "temporal_ui_port": args.temporal_ui_port,
         "headless": args.temporal_headless,
-        "one_process": args.one_process,
+        "one_process": not args.separate_worker,
     }
 
 
@@ -174,10 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--temporal-port", type=int, default=7233, help="gRPC port of the embedded Temporal server")
     serve.add_argument("--temporal-ui-port", type=int, default=8233, help="Web UI port of the embedded Temporal server")
     serve.add_argument("--temporal-headless", action="store_true", help="do not start the Temporal Web UI")
-    serve.add_argument(
+    layout = serve.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--separate-worker",
+        action="store_true",
+        help="run the worker as its own process, apart from the API: for heavy aggregation (docs/running.md)",
+    )
+    layout.add_argument(
         "--one-process",
         action="store_true",
-        help="run the worker inside the API process: less memory, for small deployments (docs/running.md)",
+        help="run the worker inside the API process (the default; the least memory)",
     )
     serve.set_defaults(func=_cmd_serve, require=require_server)
 

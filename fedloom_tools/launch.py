@@ -152,12 +152,14 @@ def start_serve(
     headless: bool = True,
     timeout: float = 120,
     command: Sequence[str] | None = None,
+    separate_worker: bool = False,
 ) -> ServeProcess:
     """Start ``fedloom serve`` on ``data_dir`` and wait until its API answers healthy.
 
     The environment is this process's without any ``FEDLOOM_`` setting, plus ``env_extra``. Output
     goes to ``log_path`` (default ``<data_dir's parent>/serve-<data_dir's name>.log``). ``command``
-    replaces ``python -m fedloom.cli serve`` (it must take the same flags). Raises ``RuntimeError``
+    replaces ``python -m fedloom.cli serve`` (it must take the same flags); ``separate_worker`` adds
+    ``--separate-worker`` (the worker as its own child, not inside the API). Raises ``RuntimeError``
     if serve exits or is not healthy within ``timeout`` seconds.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +168,7 @@ def start_serve(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDLOOM_")}
     env.update({"FEDLOOM_DATA_DIR": str(data_dir), **(GENEROUS_LIMITS if generous_limits else {}), **(env_extra or {})})
     cmd = [*(command or [sys.executable, "-m", "fedloom.cli", "serve"])]
+    cmd += ["--separate-worker"] if separate_worker else []
     cmd += ["--port", str(port), "--temporal-port", str(temporal_port)]
     cmd += ["--temporal-ui-port", str(free_port())] + (["--temporal-headless"] if headless else [])
     log_path = log_path or data_dir.parent / f"serve-{data_dir.name}.log"

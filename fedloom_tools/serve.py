@@ -65,7 +65,7 @@ def serve(
     temporal_port: int = 7233,
     temporal_ui_port: int = 8233,
     headless: bool = False,
-    one_process: bool = False,
+    one_process: bool = True,
     api_command: Sequence[str] | None = None,
     worker_command: Sequence[str] | None = None,
     exec_supervisor: bool = False,
@@ -74,9 +74,10 @@ def serve(
 
     ``api_command`` and ``worker_command`` start the API (``--host`` and ``--port`` are appended) and
     the worker; by default ``python -m fedloom.cli api`` and ``... worker``. Tests pass their own.
-    ``one_process``: the API process runs the worker too (``fedloom api --with-worker``), one Python
-    process instead of two, for small deployments. ``exec_supervisor``: once the plan is made, this
-    process becomes the stdlib-only supervisor (``fedloom serve`` does this; in-process callers don't).
+    ``one_process`` (the default): the API process runs the worker too (``fedloom api --with-worker``),
+    one Python process instead of two; else the worker is its own child (``--separate-worker``).
+    ``exec_supervisor``: once the plan is made, this process becomes the stdlib-only supervisor
+    (``fedloom serve`` does this; in-process callers don't).
     """
     from fedloom_core.settings import Settings
 

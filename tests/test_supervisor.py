@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import multiprocess
 
+from fedloom.cli import build_parser, serve_options
 from fedloom_tools import supervisor
 from fedloom_tools.serve import serve
 
@@ -64,18 +66,27 @@ def test_forget_metrics_matches_prometheus_client(tmp_path: Path) -> None:
 
 
 def test_one_process_plan_has_no_worker_child(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """serve's plan: the worker is its own child by default, inside the API with one_process."""
+    """serve's plan from ``fedloom serve``'s flags: by default the worker runs inside the API process;
+    with ``--separate-worker`` it is its own child."""
     plans: list[supervisor.Plan] = []
     monkeypatch.delenv("FEDLOOM_TEMPORAL_ADDRESS", raising=False)
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     monkeypatch.setattr("fedloom_tools.serve.run", lambda plan, env: plans.append(plan) or 0)
     monkeypatch.setattr("fedloom_tools.serve.temporal_binary", lambda: "temporal")
-    for one in (False, True):
-        assert serve(data_dir=str(tmp_path / "data"), port=18080, headless=True, one_process=one) == 0
-    default, one_process = ({name: cmd for name, cmd in p.children} for p in plans)
-    assert set(default) == {"temporal", "worker", "api"} and "--with-worker" not in default["api"]
-    assert set(one_process) == {"temporal", "api"} and "--with-worker" in one_process["api"]
+    common = ["serve", "--data-dir", str(tmp_path / "data"), "--port", "18080", "--temporal-headless"]
+    for flags in (["--separate-worker"], []):
+        assert serve(**serve_options(build_parser().parse_args([*common, *flags]))) == 0
+    separate, default = ({name: cmd for name, cmd in p.children} for p in plans)
+    assert set(separate) == {"temporal", "worker", "api"} and "--with-worker" not in separate["api"]
+    assert set(default) == {"temporal", "api"} and "--with-worker" in default["api"]
     assert [w[0] for w in plans[1].waits] == ["temporal", "api"]
     # Two malloc arenas for the process that runs the worker; the API alone keeps glibc's default.
     assert plans[0].child_env == {"worker": {"MALLOC_ARENA_MAX": "2"}}
     assert plans[1].child_env == {"api": {"MALLOC_ARENA_MAX": "2"}}
+
+
+def test_serve_takes_one_layout_flag() -> None:
+    """``--one-process`` (the default, kept for scripts that name it) and ``--separate-worker`` exclude each other."""
+    assert serve_options(build_parser().parse_args(["serve", "--one-process"]))["one_process"] is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--one-process", "--separate-worker"])

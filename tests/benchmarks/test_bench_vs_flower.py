@@ -25,7 +25,7 @@ def test_bench_vs_flower_quick(tmp_path: Path) -> None:
     assert (tmp_path / "bench_vs_flower.png").stat().st_size > 0
     result = json.loads((tmp_path / "vs_flower.json").read_text())
     assert result["benchmark"] == "vs_flower" and result["rounds"] == 2
-    sides = ["fedloom", "fedloom_one"] + (["flower"] if result["flwr"] else [])
+    sides = ["fedloom", "fedloom_sep"] + (["flower"] if result["flwr"] else [])
     for side in sides:
         (run,) = result["runs"][side]
         assert 0 < run["startup_s"] < run["wall_s"]
@@ -35,6 +35,6 @@ def test_bench_vs_flower_quick(tmp_path: Path) -> None:
     if result["flwr"]:
         fl = result["runs"]["flower"][0]
         # Same model, data, seeds and initial weights: the same learning, round by round, in both layouts.
-        for fe in (result["runs"]["fedloom"][0], result["runs"]["fedloom_one"][0]):
+        for fe in (result["runs"]["fedloom"][0], result["runs"]["fedloom_sep"][0]):
             for rnd in ("1", "2"):
                 assert abs(fl["accuracy"][rnd] - fe["accuracy"][rnd]) < 0.02, (rnd, fl["accuracy"], fe["accuracy"])

@@ -182,17 +182,20 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     return _run(tmp_path_factory.mktemp("uninterrupted") / "run", None)
 
 
+SEPARATE_WORKER = [sys.executable, "-m", "fedloom.cli", "serve", "--separate-worker"]
+
+
 @pytest.mark.parametrize(
-    "kill",
-    [_kill_serve, _kill_child("worker")],
+    ("kill", "command"),
+    [(_kill_serve, None), (_kill_child("worker"), SEPARATE_WORKER)],
     ids=["whole-serve", "worker-while-waiting-for-uploads"],
 )
-def test_sigkill_mid_round_loses_nothing(reference: str, tmp_path: Path, kill) -> None:  # type: ignore[no-untyped-def]
-    assert _run(tmp_path / "killed", kill) == reference
+def test_sigkill_mid_round_loses_nothing(reference: str, tmp_path: Path, kill, command) -> None:  # type: ignore[no-untyped-def]
+    assert _run(tmp_path / "killed", kill, command=command) == reference
 
 
 def _kill_one_process(server: LiveServer, *_: object) -> LiveServer:
-    """SIGKILL ``serve --one-process``'s single Python child, the API with the workers inside."""
+    """SIGKILL the default ``fedloom serve``'s single Python child, the API with the workers inside."""
     assert set(server.children()) == {"api", "temporal"}, server.children()
     # fedloom serve has become the stdlib-only supervisor, which restarts the child.
     assert "supervisor.py" in Path(f"/proc/{server.proc.pid}/cmdline").read_text()
@@ -201,9 +204,9 @@ def _kill_one_process(server: LiveServer, *_: object) -> LiveServer:
 
 
 def test_one_process_serve_killed_mid_round_loses_nothing(reference: str, tmp_path: Path) -> None:
-    """``fedloom serve --one-process`` runs the same experiment to the same bytes, through a SIGKILL."""
-    command = [sys.executable, "-m", "fedloom.cli", "serve", "--one-process"]
-    assert _run(tmp_path / "killed", _kill_one_process, command=command) == reference
+    """The default ``fedloom serve`` (one Python process) runs the same experiment to the same bytes,
+    through a SIGKILL of that process."""
+    assert _run(tmp_path / "killed", _kill_one_process) == reference
 
 
 @pytest.mark.postgres
