@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run Temporal's dev server, a worker and the API on this machine")
+    serve = sub.add_parser("serve", help="run Temporal's dev server and the API with the workers on this machine")
     serve.add_argument("--data-dir", default=None, help="data directory (default: FEDLOOM_DATA_DIR or ./.fedloom)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080, help="API port")

@@ -148,7 +148,7 @@ async def run_workers(
 def run_beside_api(server: Any, settings: Settings) -> int:
     """Serve the API (a ``uvicorn.Server``) and run every worker in this one process and event loop.
 
-    ``fedloom serve --one-process`` runs this: one Python process instead of two (about 140 MB less).
+    ``fedloom serve`` runs this by default: one Python process instead of two (about 140 MB less).
     The process ends when the API stops, or with an error when the workers fail, so that serve's
     supervisor restarts it whole.
     """
