@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -49,10 +50,30 @@ class MLP(nn.Module):
 def build_model(architecture: str, input_shape: Sequence[int], num_classes: int, seed: int | None = None) -> nn.Module:
     """A fresh model; with ``seed`` its initial weights are reproducible."""
     arch = canonical_architecture(architecture)
-    if seed is not None:
-        torch.manual_seed(seed)
     model: nn.Module = CNN(input_shape, num_classes) if arch == "CNN" else MLP(input_shape, num_classes)
+    if seed is not None:
+        seeded_init(model, seed)
     return model
+
+
+def seeded_init(model: nn.Module, seed: int) -> None:
+    """Draw ``model``'s initial weights again from a generator of its own seeded with ``seed``.
+
+    The same values as ``torch.manual_seed(seed)`` before building it, but torch's global generator is
+    shared by every thread of the process: a worker building or evaluating another model meanwhile (its
+    warm-up, an API request in the same process) drew from it and changed the initial weights.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            # torch's default for both layers: kaiming-uniform weights, biases uniform in +-1/sqrt(fan_in).
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
+            if module.bias is not None:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                nn.init.uniform_(module.bias, -bound, bound, generator=gen)
+        elif any(True for _ in module.parameters(recurse=False)):
+            raise TypeError(f"no seeded initialisation for {type(module).__name__}")
 
 
 def parameters_count(model: nn.Module) -> int:
