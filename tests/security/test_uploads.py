@@ -141,14 +141,20 @@ def test_an_upload_that_may_not_land_is_refused_before_its_body(server: LiveServ
     assert http.get("/health").status_code == 200
 
 
-def test_a_stalled_upload_is_dropped_with_408_and_its_spool_file_removed(server: LiveServer) -> None:
+def test_a_stalled_upload_is_dropped_with_408_and_its_spool_file_removed(
+    server: LiveServer, http: httpx.Client
+) -> None:
     head = _part_head("model_file", "m.safetensors")
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(_request_head(server, "/model/validate/u1", 10 * MB) + head + b"\0" * (256 << 10))
+        # The read timeout runs from the last bytes the server took in, which it spools as it reads them.
+        deadline = time.monotonic() + 10
+        while not _spool(server):
+            assert time.monotonic() < deadline, "the file part was never spooled"
+            time.sleep(0.02)
         started = time.monotonic()
-        time.sleep(0.5)
-        assert len(_spool(server)) == 1, "the file part was being spooled"
+        assert len(_spool(server)) == 1
         status, body = _read_answer(sock)
         took = time.monotonic() - started
     _assert_spec_error(status, body, 408, "INVALID_REQUEST")
@@ -187,7 +193,7 @@ def test_a_stalled_initial_model_is_dropped_with_408_and_its_spool_file_removed(
     assert http.get(f"/experiments/{exp_id}").json()["status"] == "created"
 
 
-def test_a_trickled_upload_is_dropped_once_below_the_floor_rate(server: LiveServer) -> None:
+def test_a_trickled_upload_is_dropped_once_below_the_floor_rate(server: LiveServer, http: httpx.Client) -> None:
     """A byte every 0.2 s never stalls for the read timeout, but falls behind the minimum rate."""
 
     def trickle() -> Iterator[bytes]:
