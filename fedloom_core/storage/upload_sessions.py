@@ -21,6 +21,7 @@ import secrets
 import shutil
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ _DIGESTS: OrderedDict[str, tuple[int, Any]] = OrderedDict()
 _DIGESTS_MAX = 256
 KIND_UPDATE = "update"
 KIND_INITIAL_MODEL = "initial_model"
+# A chunk's bytes go to disk in batches of this size, on these threads (see Writer).
+WRITE_BYTES = 1 << 20
+_WRITE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="upload-write")
 
 
 @dataclass
@@ -161,7 +165,12 @@ def mark_finished(sess: Session, update_id: str | None, result: dict[str, Any] |
 
 
 class Writer:
-    """Appends one chunk to a session's data, under an exclusive lock; its digest follows along."""
+    """Appends one chunk to a session's data, under an exclusive lock; its digest follows along.
+
+    Pieces are gathered into ``WRITE_BYTES`` batches, each written and hashed on a pool thread while the
+    caller (the API's event loop) receives the next: a large chunk then costs the longer of receiving
+    and writing, not their sum. At most one batch is in flight and one gathering per writer.
+    """
 
     def __init__(self, sess: Session) -> None:
         self.sess = sess
@@ -175,15 +184,34 @@ class Writer:
         known = _DIGESTS.get(sess.upload_id)
         self._digest = known[1].copy() if known is not None and known[0] == self.start else None
         self.written = 0
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._in_flight: Future[None] | None = None
 
     def write(self, piece: bytes | memoryview) -> None:
-        self._fh.write(piece)
+        self._batch.append(bytes(piece))
+        self._batched += len(piece)
         self.written += len(piece)
-        if self._digest is not None:
-            self._digest.update(piece)
+        if self._batched >= WRITE_BYTES:
+            self._settle()  # the previous batch is on disk (or its error is raised) before the next goes
+            batch, self._batch, self._batched = self._batch, [], 0
+            self._in_flight = _WRITE_POOL.submit(self._write_out, batch)
+
+    def _write_out(self, batch: list[bytes]) -> None:
+        for piece in batch:
+            self._fh.write(piece)
+            if self._digest is not None:
+                self._digest.update(piece)
+
+    def _settle(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
 
     def rollback(self) -> None:
         """Forget this chunk: the data goes back to where the chunk started."""
+        self._settle()
+        self._batch, self._batched = [], 0
         self._fh.flush()
         self._fh.truncate(self.start)
         self.written = 0
@@ -192,14 +220,19 @@ class Writer:
 
     def close(self) -> int:
         """Keep what was written (all of it, or what arrived before a drop); return the new offset."""
-        self._fh.flush()
+        try:
+            self._settle()
+            batch, self._batch, self._batched = self._batch, [], 0
+            self._write_out(batch)
+            self._fh.flush()
+        finally:
+            self._fh.close()
         end = self.start + self.written
         if self._digest is not None:
             _DIGESTS[self.sess.upload_id] = (end, self._digest)
             _DIGESTS.move_to_end(self.sess.upload_id)
             _trim_digests()
         os.utime(self.sess.directory)
-        self._fh.close()
         return end
 
 

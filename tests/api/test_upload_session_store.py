@@ -64,3 +64,50 @@ def test_start_up_cleaning_keeps_live_sessions_and_expires_old_ones(tmp_path: Pa
     assert live.directory.exists() and not old.directory.exists()
     with pytest.raises(NotFound):
         sessions.load(tmp_path, old.upload_id, "c1", 3600)
+
+
+def test_a_chunk_of_many_batches_lands_whole_and_in_order(tmp_path: Path) -> None:
+    """Pieces go to disk in WRITE_BYTES batches on a pool thread: every byte, in order, and the digest."""
+    data = os.urandom(3 * sessions.WRITE_BYTES + 12345)
+    sess = _open(tmp_path, len(data) + 10)
+    w = sessions.Writer(sess)
+    w.write(b"head")
+    for i in range(4, len(data), 65536):
+        w.write(memoryview(data)[i : i + 65536])
+    assert w.close() == len(data) == sess.offset()
+    assert sess.data.read_bytes() == b"head" + data[4:]
+    assert sessions.digest(sess) == hashlib.sha256(b"head" + data[4:]).hexdigest()
+
+
+def test_a_rollback_after_batches_went_to_disk_restores_the_offset(tmp_path: Path) -> None:
+    first, second = os.urandom(1000), os.urandom(2 * sessions.WRITE_BYTES + 5)
+    sess = _open(tmp_path, len(first) + len(second))
+    w = sessions.Writer(sess)
+    w.write(first)
+    assert w.close() == len(first)
+    w = sessions.Writer(sess)
+    for i in range(0, len(second), 1 << 16):
+        w.write(second[i : i + (1 << 16)])
+    w.rollback()
+    assert w.close() == len(first) and sess.data.read_bytes() == first
+    assert sessions.digest(sess) == hashlib.sha256(first).hexdigest()
+
+
+def test_a_failed_batch_write_is_raised_and_the_file_closed(tmp_path: Path) -> None:
+    sess = _open(tmp_path, 4 * sessions.WRITE_BYTES)
+    w = sessions.Writer(sess)
+    real = w._fh
+
+    class Full:
+        def write(self, _piece: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(real, name)
+
+    w._fh = Full()  # type: ignore[assignment]
+    w.write(b"x" * sessions.WRITE_BYTES)  # handed to the pool; its failure shows at the next settle
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+    assert real.closed
+    sessions.Writer(sess).close()  # the lock went with the file: the session takes a writer again
