@@ -187,6 +187,7 @@ class Writer:
         self._batch: list[bytes] = []
         self._batched = 0
         self._in_flight: Future[None] | None = None
+        self._broken = False
 
     def write(self, piece: bytes | memoryview) -> None:
         self._batch.append(bytes(piece))
@@ -206,7 +207,11 @@ class Writer:
     def _settle(self) -> None:
         if self._in_flight is not None:
             in_flight, self._in_flight = self._in_flight, None
-            in_flight.result()
+            try:
+                in_flight.result()
+            except BaseException:
+                self._broken = True  # nothing more is appended: the file keeps an in-order prefix
+                raise
 
     def rollback(self) -> None:
         """Forget this chunk: the data goes back to where the chunk started."""
@@ -214,6 +219,7 @@ class Writer:
         self._batch, self._batched = [], 0
         self._fh.flush()
         self._fh.truncate(self.start)
+        self._fh.seek(self.start)
         self.written = 0
         self._digest = None
         _DIGESTS.pop(self.sess.upload_id, None)
@@ -222,12 +228,16 @@ class Writer:
         """Keep what was written (all of it, or what arrived before a drop); return the new offset."""
         try:
             self._settle()
-            batch, self._batch, self._batched = self._batch, [], 0
-            self._write_out(batch)
+            if not self._broken:
+                batch, self._batch, self._batched = self._batch, [], 0
+                self._write_out(batch)
             self._fh.flush()
+            end = self._fh.tell()
         finally:
             self._fh.close()
-        end = self.start + self.written
+        if self._broken:  # a batch failed (its error went to write()): the digest may hold bytes not on disk
+            self._digest = None
+            _DIGESTS.pop(self.sess.upload_id, None)
         if self._digest is not None:
             _DIGESTS[self.sess.upload_id] = (end, self._digest)
             _DIGESTS.move_to_end(self.sess.upload_id)

@@ -111,3 +111,30 @@ def test_a_failed_batch_write_is_raised_and_the_file_closed(tmp_path: Path) -> N
         w.close()
     assert real.closed
     sessions.Writer(sess).close()  # the lock went with the file: the session takes a writer again
+
+
+def test_after_a_failed_batch_nothing_more_is_appended(tmp_path: Path) -> None:
+    """A batch fails mid-chunk: the error reaches write(); close() then appends nothing after it, so the
+    data stays an in-order prefix, the offset is the file's size and the digest is taken from the file."""
+    sess = _open(tmp_path, 4 * sessions.WRITE_BYTES)
+    w = sessions.Writer(sess)
+    real, calls = w._fh, []
+
+    class FailsOnce:
+        def write(self, piece: bytes) -> int:
+            calls.append(len(piece))
+            if len(calls) == 2:
+                raise OSError(5, "I/O error")
+            return real.write(piece)
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(real, name)
+
+    w._fh = FailsOnce()  # type: ignore[assignment]
+    piece = os.urandom(sessions.WRITE_BYTES // 2)
+    with pytest.raises(OSError, match="I/O error"):
+        for _ in range(8):
+            w.write(piece)
+    assert w.close() == len(piece) == sess.offset()
+    assert sess.data.read_bytes() == piece
+    assert sessions.digest(sess) == hashlib.sha256(piece).hexdigest()
