@@ -134,7 +134,7 @@ def run(plan: Plan, env: dict[str, str]) -> int:
             wait_for_port(host, port, timeout, by_name[name].proc)
         for line in plan.announce:
             print(line, flush=True)
-        return supervise(children, env, lambda: stopping, plan.metrics_dir)
+        return supervise(children, lambda: stopping, plan.metrics_dir)
     finally:
         stop_all([child.proc for child in children])
 
@@ -146,10 +146,9 @@ def forget_metrics(metrics_dir: str | None, pid: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def supervise(
-    children: list[Child], env: dict[str, str], stopping: Callable[[], bool], metrics_dir: str | None = None
-) -> int:
-    """Restart children that exit until ``stopping()``; 1 if they crash in a loop, else 0.
+def supervise(children: list[Child], stopping: Callable[[], bool], metrics_dir: str | None = None) -> int:
+    """Restart children that exit (each with its own command and environment) until ``stopping()``;
+    1 if they crash in a loop, else 0.
 
     A crashed child is restarted: the workflow resumes from Temporal's history and clients retry.
     """
